@@ -1,0 +1,57 @@
+# fjmcp developer entry points.  `make check` is the one test command; it
+# builds everything it needs (virtualenv, the pinned forgejo-mcp) itself.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(CURDIR)/bin
+FORGEJO_MCP_VERSION := $(shell cat deploy/forgejo-mcp.version)
+FORGEJO_MCP_MODULE := codeberg.org/goern/forgejo-mcp/v2
+TRIAL_JOBS ?= 2
+
+.PHONY: all venv forgejo-mcp check lint test demo clean
+
+all: check
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -e '.[test,dev]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+# Builds the pinned forgejo-mcp into ./bin.  When the Go module proxy refuses
+# the module (this happens on networks that only reach a filtered proxy), the
+# refusal is recorded in bin/.forgejo-mcp.unavailable and the tests that need
+# the binary skip with that reason; any other build failure fails the build.
+forgejo-mcp:
+	@mkdir -p $(BIN)
+	@if [ -x $(BIN)/forgejo-mcp ] && [ "$$(cat $(BIN)/.forgejo-mcp.version 2>/dev/null)" = "$(FORGEJO_MCP_VERSION)" ]; then \
+		echo "forgejo-mcp $(FORGEJO_MCP_VERSION) already built in $(BIN)"; exit 0; fi; \
+	rm -f $(BIN)/.forgejo-mcp.unavailable; \
+	if ! command -v go >/dev/null 2>&1; then \
+		echo "Go is not installed: cannot build forgejo-mcp" | tee $(BIN)/.forgejo-mcp.unavailable; exit 0; fi; \
+	echo "building $(FORGEJO_MCP_MODULE)@$(FORGEJO_MCP_VERSION) into $(BIN)"; \
+	if GOBIN=$(BIN) GOFLAGS=-mod=mod go install $(FORGEJO_MCP_MODULE)@$(FORGEJO_MCP_VERSION) 2> $(BIN)/.forgejo-mcp.log; then \
+		echo $(FORGEJO_MCP_VERSION) > $(BIN)/.forgejo-mcp.version; \
+	elif grep -qE '403 Forbidden|404 Not Found|410 Gone|not available|no such host' $(BIN)/.forgejo-mcp.log; then \
+		{ echo "the Go module proxy refused $(FORGEJO_MCP_MODULE)@$(FORGEJO_MCP_VERSION):"; cat $(BIN)/.forgejo-mcp.log; } > $(BIN)/.forgejo-mcp.unavailable; \
+		echo "WARNING: forgejo-mcp is not available here; see $(BIN)/.forgejo-mcp.unavailable" >&2; \
+	else cat $(BIN)/.forgejo-mcp.log >&2; exit 1; fi
+
+lint: venv
+	$(VENV)/bin/ruff check fjmcp tests twisted
+	$(VENV)/bin/ruff format --check fjmcp tests twisted
+	$(VENV)/bin/mypy
+
+test: venv forgejo-mcp
+	PATH="$(BIN):$$PATH" $(VENV)/bin/trial -j$(TRIAL_JOBS) tests
+
+check: lint test
+
+# The broker and a Forgejo stand-in on this machine, with the real forgejo-mcp.
+demo: venv forgejo-mcp
+	PATH="$(BIN):$$PATH" $(VENV)/bin/fjmcp-demo
+
+clean:
+	rm -rf $(VENV) $(BIN) _trial_temp* .demo build *.egg-info

@@ -1,0 +1,502 @@
+"""
+Configuration: the C{twistd fjmcp} command line, its environment fallbacks,
+and the validated, immutable L{Config} the rest of the broker is built from.
+
+Every option is a flag and an environment variable C{FJMCP_<NAME>}; a flag
+wins, and an empty variable counts as unset, so one daemon runs the same from
+a systemd C{EnvironmentFile}, a container's environment or a shell.  Raw
+strings are turned into typed values here and nowhere else, and every mistake
+is collected so an operator sees all of them in one start attempt.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+import os
+import re
+import shutil
+import stat
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import attrs
+from twisted.logger import LogLevel
+from twisted.python import usage
+
+ENV_PREFIX = "FJMCP_"
+DB_FILENAME = "broker.db"
+KEY_BYTES = 32
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class ConfigError(Exception):
+    """
+    The configuration is unusable.  C{problems} holds one line per mistake.
+    """
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = list(problems)
+
+
+@attrs.frozen
+class Config:
+    """
+    A complete, validated broker configuration.  Secrets are kept out of
+    C{repr} so a logged or printed config never leaks them.
+    """
+
+    listen: tuple[str, ...]
+    public_url: str
+    forgejo_url: str
+    forgejo_client_id: str
+    forgejo_client_secret: str = attrs.field(repr=False)
+    forgejo_scopes: tuple[str, ...]
+    forgejo_mcp: str
+    data_dir: Path
+    secret_key: bytes = attrs.field(repr=False)
+    max_sessions: int
+    max_sessions_per_user: int
+    session_idle_timeout: float
+    trusted_proxies: tuple[IPNetwork, ...]
+    log_format: str
+    log_level: LogLevel
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / DB_FILENAME
+
+    @property
+    def mcp_url(self) -> str:
+        return self.public_url + "/mcp"
+
+    def secrets(self) -> list[str]:
+        """
+        Every configured secret, in the forms it could appear in a log line.
+        """
+        key = self.secret_key
+        return [
+            self.forgejo_client_secret,
+            base64.b64encode(key).decode(),
+            base64.urlsafe_b64encode(key).decode(),
+            key.hex(),
+        ]
+
+
+# --- parsing of single values; each raises ValueError with an operator-facing message
+
+
+def parse_duration(text: str) -> float:
+    """
+    Parse C{"90"}, C{"90s"}, C{"15m"}, C{"2h"} or C{"1h30m"} into seconds.
+    """
+    text = text.strip().lower()
+    if re.fullmatch(r"\d+(\.\d+)?", text):
+        seconds = float(text)
+    else:
+        parts = re.findall(r"(\d+)([hms])", text)
+        if not parts or "".join(n + u for n, u in parts) != text:
+            raise ValueError(f"not a duration (use e.g. 900, 15m, 1h30m): {text!r}")
+        units = {"h": 3600, "m": 60, "s": 1}
+        seconds = float(sum(int(n) * units[u] for n, u in parts))
+    if seconds <= 0:
+        raise ValueError(f"must be longer than zero: {text!r}")
+    return seconds
+
+
+def parse_positive_int(text: str) -> int:
+    try:
+        value = int(text.strip())
+    except ValueError:
+        raise ValueError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise ValueError(f"must be at least 1: {text!r}")
+    return value
+
+
+def _is_loopback_host(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def parse_public_url(text: str) -> str:
+    """
+    The broker's public origin: https, or http only on a loopback host, and
+    no path, because the issuer and every endpoint hang off the bare origin.
+    """
+    parts = urlsplit(text.strip())
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        raise ValueError(f"not an http(s) URL: {text!r}")
+    if parts.scheme == "http" and not _is_loopback_host(parts.hostname):
+        raise ValueError(f"must use https (plain http is only allowed on loopback): {text!r}")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError(
+            f"must be a bare origin such as https://mcp.example.org, "
+            f"without path, query or fragment: {text!r}"
+        )
+    if parts.username or parts.password:
+        raise ValueError("must not contain credentials")
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def parse_forgejo_url(text: str) -> str:
+    parts = urlsplit(text.strip())
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        raise ValueError(f"not an http(s) URL: {text!r}")
+    if parts.query or parts.fragment or parts.username or parts.password:
+        raise ValueError(f"must not carry a query, fragment or credentials: {text!r}")
+    return text.strip().rstrip("/")
+
+
+def parse_scopes(text: str) -> tuple[str, ...]:
+    scopes = tuple(s for s in re.split(r"[\s,]+", text.strip()) if s)
+    if not scopes:
+        raise ValueError("no scopes given")
+    return scopes
+
+
+def parse_networks(text: str) -> tuple[IPNetwork, ...]:
+    networks = []
+    for item in re.split(r"[\s,]+", text.strip()):
+        if not item:
+            continue
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise ValueError(f"not an IP address or CIDR network: {item!r}") from None
+    return tuple(networks)
+
+
+def parse_log_level(text: str) -> LogLevel:
+    name = text.strip().lower()
+    if name == "warning":
+        name = "warn"
+    try:
+        return LogLevel.levelWithName(name)
+    except Exception:
+        raise ValueError(
+            f"unknown log level {text!r} (use debug, info, warn, error or critical)"
+        ) from None
+
+
+def parse_log_format(text: str) -> str:
+    value = text.strip().lower()
+    if value not in ("text", "json"):
+        raise ValueError(f"unknown log format {text!r} (use text or json)")
+    return value
+
+
+def parse_secret_key(data: bytes) -> bytes:
+    """
+    A key file holds 32 random bytes, base64-encoded (standard or URL-safe
+    alphabet), surrounding whitespace ignored.
+    """
+    text = data.strip()
+    try:
+        key = base64.b64decode(text.replace(b"-", b"+").replace(b"_", b"/"), validate=True)
+    except (binascii.Error, ValueError):
+        key = b""
+    if len(key) != KEY_BYTES:
+        raise ValueError(
+            f"must hold {KEY_BYTES} random bytes in base64; create one with "
+            "`python3 -c 'import secrets,base64; "
+            "print(base64.b64encode(secrets.token_bytes(32)).decode())' > FILE`"
+        )
+    return key
+
+
+def validate_listen(description: str) -> None:
+    from twisted.internet import endpoints, reactor
+
+    try:
+        endpoints.serverFromString(reactor, description)
+    except Exception as e:
+        raise ValueError(f"not a usable endpoint description {description!r}: {e}") from None
+
+
+# --- the option table
+
+
+@attrs.frozen
+class Option:
+    name: str
+    doc: str
+    default: str | None = None
+    secret: bool = False
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper().replace("-", "_")
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option(
+        "public-url",
+        "Public origin of the broker, e.g. https://mcp.example.org "
+        "(http only on loopback). Required.",
+    ),
+    Option("forgejo-url", "Base URL of the Forgejo instance. Required."),
+    Option(
+        "forgejo-client-id",
+        "Client ID of the broker's confidential OAuth2 application in Forgejo. Required.",
+    ),
+    Option(
+        "forgejo-client-secret",
+        "Client secret of that application (prefer --forgejo-client-secret-file).",
+        secret=True,
+    ),
+    Option("forgejo-client-secret-file", "File holding the client secret."),
+    Option(
+        "forgejo-scopes",
+        "Scopes the broker asks Forgejo for (space or comma separated).",
+        "read:user write:repository write:issue read:organization read:notification",
+    ),
+    Option("forgejo-mcp", "Path or name (on PATH) of the forgejo-mcp binary.", "forgejo-mcp"),
+    Option("data-dir", "Directory for broker.db and its -wal/-shm files.", "fjmcp-data"),
+    Option(
+        "secret-key-file",
+        "File with the base64 32-byte key that encrypts upstream tokens at rest. Required.",
+    ),
+    Option("max-sessions", "Most MCP sessions (child processes) at once.", "100"),
+    Option("max-sessions-per-user", "Most MCP sessions per Forgejo user.", "5"),
+    Option(
+        "session-idle-timeout",
+        "End a session after this long without requests (900, 15m, 1h30m).",
+        "30m",
+    ),
+    Option(
+        "trusted-proxies",
+        "Proxy addresses/networks whose X-Forwarded-* headers are believed "
+        "(space or comma separated).",
+        "",
+    ),
+    Option("log-format", "Log as 'text' or 'json' lines.", "text"),
+    Option("log-level", "Lowest level logged: debug, info, warn, error.", "info"),
+)
+
+DEFAULT_LISTEN = "tcp:8080:interface=127.0.0.1"
+
+
+def _from_environment(environ: Mapping[str, str], name: str) -> str | None:
+    value = environ.get(name, "")
+    return value if value.strip() else None
+
+
+def build_config(
+    flags: Mapping[str, Any],
+    listen_flags: Sequence[str],
+    environ: Mapping[str, str],
+    which: Callable[[str], str | None] = shutil.which,
+) -> Config:
+    """
+    Merge flags, environment and defaults, then validate everything.
+
+    @raise ConfigError: listing every problem found, one line each.
+    """
+    problems: list[str] = []
+    warnings: list[str] = []
+    raw: dict[str, str | None] = {}
+    origin: dict[str, str] = {}
+    for opt in OPTIONS:
+        value = flags.get(opt.name)
+        where = f"--{opt.name}"
+        if value is None:
+            value = _from_environment(environ, opt.env)
+            where = opt.env
+        if value is None:
+            value = opt.default
+            where = f"--{opt.name}"
+        raw[opt.name] = value
+        origin[opt.name] = where
+
+    def parse(name: str, parser: Callable[[str], Any], required: bool = False) -> Any:
+        text = raw[name]
+        if text is None:
+            if required:
+                problems.append(
+                    f"{origin[name]}: required (or set {ENV_PREFIX}"
+                    f"{name.upper().replace('-', '_')})"
+                )
+            return None
+        try:
+            return parser(text)
+        except ValueError as e:
+            problems.append(f"{origin[name]}: {e}")
+            return None
+
+    listen = tuple(listen_flags)
+    listen_origin = "--listen"
+    if not listen:
+        from_env = _from_environment(environ, ENV_PREFIX + "LISTEN")
+        if from_env is not None:
+            listen = tuple(from_env.split())
+            listen_origin = ENV_PREFIX + "LISTEN"
+        else:
+            listen = (DEFAULT_LISTEN,)
+    for description in listen:
+        try:
+            validate_listen(description)
+        except ValueError as e:
+            problems.append(f"{listen_origin}: {e}")
+
+    public_url = parse("public-url", parse_public_url, required=True)
+    forgejo_url = parse("forgejo-url", parse_forgejo_url, required=True)
+    client_id = parse("forgejo-client-id", str.strip, required=True)
+    scopes = parse("forgejo-scopes", parse_scopes)
+    max_sessions = parse("max-sessions", parse_positive_int)
+    max_per_user = parse("max-sessions-per-user", parse_positive_int)
+    idle = parse("session-idle-timeout", parse_duration)
+    proxies = parse("trusted-proxies", parse_networks)
+    log_format = parse("log-format", parse_log_format)
+    log_level = parse("log-level", parse_log_level)
+
+    client_secret = raw["forgejo-client-secret"]
+    secret_file = raw["forgejo-client-secret-file"]
+    if client_secret is not None and secret_file is not None:
+        problems.append("--forgejo-client-secret and --forgejo-client-secret-file: give only one")
+    elif secret_file is not None:
+        try:
+            client_secret = Path(secret_file).read_text().strip()
+        except OSError as e:
+            problems.append(
+                f"{origin['forgejo-client-secret-file']}: cannot read {secret_file}: {e.strerror}"
+            )
+        else:
+            if not client_secret:
+                problems.append(f"{origin['forgejo-client-secret-file']}: {secret_file} is empty")
+    elif client_secret is None:
+        problems.append(
+            "--forgejo-client-secret-file (or --forgejo-client-secret): required "
+            "(or set FJMCP_FORGEJO_CLIENT_SECRET_FILE)"
+        )
+
+    key: bytes | None = None
+    key_file = raw["secret-key-file"]
+    if key_file is None:
+        problems.append(
+            "--secret-key-file: required (or set FJMCP_SECRET_KEY_FILE); see README "
+            "for how to create one"
+        )
+    else:
+        try:
+            data = Path(key_file).read_bytes()
+            mode = os.stat(key_file).st_mode
+        except OSError as e:
+            problems.append(f"{origin['secret-key-file']}: cannot read {key_file}: {e.strerror}")
+        else:
+            try:
+                key = parse_secret_key(data)
+            except ValueError as e:
+                problems.append(f"{origin['secret-key-file']}: {key_file} {e}")
+            if mode & (stat.S_IRWXG | stat.S_IRWXO):
+                warnings.append(
+                    f"secret key file {key_file} is readable by group or others; chmod 600 it"
+                )
+
+    binary = raw["forgejo-mcp"] or ""
+    found = which(binary) if os.sep not in binary else binary
+    if not found or not os.path.isfile(found):
+        problems.append(
+            f"{origin['forgejo-mcp']}: forgejo-mcp binary {binary!r} not found "
+            "(build it with `make forgejo-mcp` or give its path)"
+        )
+    elif not os.access(found, os.X_OK):
+        problems.append(f"{origin['forgejo-mcp']}: {found} is not executable")
+    else:
+        binary = os.path.abspath(found)
+
+    data_dir = Path(raw["data-dir"] or "")
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        problems.append(f"{origin['data-dir']}: cannot create {data_dir}: {e.strerror}")
+    else:
+        if not os.access(data_dir, os.W_OK | os.X_OK):
+            problems.append(f"{origin['data-dir']}: {data_dir} is not writable")
+
+    if problems:
+        raise ConfigError(problems)
+    return Config(
+        listen=listen,
+        public_url=public_url,
+        forgejo_url=forgejo_url,
+        forgejo_client_id=client_id,
+        forgejo_client_secret=client_secret or "",
+        forgejo_scopes=scopes,
+        forgejo_mcp=binary,
+        data_dir=data_dir.resolve(),
+        secret_key=key or b"",
+        max_sessions=max_sessions,
+        max_sessions_per_user=max_per_user,
+        session_idle_timeout=idle,
+        trusted_proxies=proxies,
+        log_format=log_format,
+        log_level=log_level,
+        warnings=tuple(warnings),
+    )
+
+
+class Options(usage.Options):
+    """
+    C{twistd fjmcp} options.  Each option also reads C{FJMCP_<NAME>} from the
+    environment when the flag is not given; an empty variable counts as unset.
+    """
+
+    synopsis = "[options]"
+    optParameters = [
+        [
+            o.name,
+            None,
+            None,
+            f"{o.doc} [env {o.env}"
+            + (f", default: {o.default!r}" if o.default is not None else "")
+            + "]",
+        ]
+        for o in OPTIONS
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["listen"] = []
+        self.environ: Mapping[str, str] = os.environ
+        self.config: Config | None = None
+
+    def opt_listen(self, description: str) -> None:
+        """
+        Twisted endpoint to listen on; repeatable [env FJMCP_LISTEN, space separated, default: tcp:8080:interface=127.0.0.1]
+        """  # noqa: E501
+        self["listen"].append(description)
+
+    def opt_version(self) -> None:
+        """
+        Print the version and exit.
+        """
+        from fjmcp import __version__
+
+        print(f"fjmcp {__version__}")
+        raise SystemExit(0)
+
+    def postOptions(self) -> None:
+        try:
+            self.config = build_config(
+                {o.name: self[o.name] for o in OPTIONS}, self["listen"], self.environ
+            )
+        except ConfigError as e:
+            # twistd would print the whole usage text and a traceback-like
+            # line; an operator wants each mistake on its own line and a
+            # distinct exit status (2, as for any usage error).
+            for problem in e.problems:
+                sys.stderr.write(f"fjmcp: configuration error: {problem}\n")
+            sys.stderr.flush()
+            raise SystemExit(2) from None

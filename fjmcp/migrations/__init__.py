@@ -1,0 +1,3 @@
+"""
+Versioned schema migrations: C{NNNN_name.sql}, applied in order at start-up.
+"""

@@ -1,0 +1,351 @@
+"""
+The broker's state in SQLite, behind an async API.
+
+This module owns every SQL statement.  One C{adbapi.ConnectionPool} with a
+single connection runs all work off the reactor thread; every transaction has
+a name (for logs and errors); writers take the lock up front with
+C{BEGIN IMMEDIATE}, so two processes on the same file (the daemon and the
+admin command) wait for each other instead of failing on a lock upgrade.
+The schema is versioned by the files in L{fjmcp.migrations}.
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+import time
+from collections.abc import Callable
+from importlib import resources
+from pathlib import Path
+from typing import Any, TypeVar
+
+import attrs
+from twisted.enterprise import adbapi
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorCore, IReactorTime
+from twisted.logger import Logger
+
+T = TypeVar("T")
+Txn = Any  # adbapi.Transaction: a DB-API cursor with its connection attached
+
+BUSY_TIMEOUT_MS = 5000
+_MIGRATION_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+
+log = Logger()
+
+
+class StoreError(Exception):
+    """
+    The database cannot be used; the message says what to do about it.
+    """
+
+
+class SchemaTooNewError(StoreError):
+    """
+    The database was written by a newer fjmcp than this one.
+    """
+
+
+@attrs.frozen
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+
+def known_migrations() -> list[Migration]:
+    migrations = []
+    for entry in resources.files("fjmcp.migrations").iterdir():
+        match = _MIGRATION_NAME.match(entry.name)
+        if match:
+            migrations.append(
+                Migration(int(match.group(1)), match.group(2), entry.read_text("utf-8"))
+            )
+    migrations.sort(key=lambda m: m.version)
+    versions = [m.version for m in migrations]
+    if versions != list(range(1, len(versions) + 1)):
+        raise StoreError(f"migrations must be numbered 1..N without gaps, found {versions}")
+    return migrations
+
+
+@attrs.frozen
+class UpstreamUser:
+    """
+    A Forgejo account as C{GET /api/v1/user} describes it.
+    """
+
+    forgejo_user_id: int
+    login: str
+    full_name: str = ""
+
+
+@attrs.frozen
+class SealedCredential:
+    """
+    A user's Forgejo tokens as stored: sealed, never in the clear.
+    """
+
+    forgejo_user_id: int
+    access_token_enc: bytes = attrs.field(repr=False)
+    refresh_token_enc: bytes | None = attrs.field(repr=False)
+    expires_at: float
+    scope: str
+    generation: int
+    updated_at: float
+
+
+def configure_connection(conn: sqlite3.Connection) -> None:
+    """
+    Per-connection settings; run by the pool on every new connection.
+    """
+    mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+    if str(mode).lower() != "wal":
+        raise StoreError(
+            f"SQLite refused WAL mode (got {mode!r}); put the data directory on a local file system"
+        )
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+
+
+def make_pool(path: Path, reactor: IReactorCore | None = None) -> adbapi.ConnectionPool:
+    """
+    The one place a pool is built.  One connection: SQLite serialises writers
+    anyway, and a single connection keeps reads consistent with our writes.
+    """
+    kwargs: dict[str, Any] = {}
+    if reactor is not None:
+        kwargs["cp_reactor"] = reactor
+    return adbapi.ConnectionPool(
+        "sqlite3",
+        str(path),
+        # Autocommit at the driver level: we issue BEGIN ourselves so writers
+        # can ask for IMMEDIATE; adbapi still commits or rolls back at the end.
+        isolation_level=None,
+        check_same_thread=False,
+        timeout=BUSY_TIMEOUT_MS / 1000,
+        cp_min=1,
+        cp_max=1,
+        cp_openfun=configure_connection,
+        **kwargs,
+    )
+
+
+def apply_migrations(cursor: Any, path: Path | None, now: float) -> int:
+    """
+    Bring the schema up to date, one transaction per migration, and refuse a
+    database written by a newer fjmcp.  C{cursor} is a DB-API cursor on a
+    connection in autocommit mode.  Returns the schema version.
+    """
+    migrations = known_migrations()
+    cursor.execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations ("
+        " version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL NOT NULL)"
+    )
+    cursor.execute("SELECT COALESCE(MAX(version), 0) FROM schema_migrations")
+    current = int(cursor.fetchone()[0])
+    latest = migrations[-1].version if migrations else 0
+    if current > latest:
+        raise SchemaTooNewError(
+            f"{path or 'the database'} has schema version {current}, but this fjmcp "
+            f"only knows up to {latest}: run the newer fjmcp that wrote it, or restore "
+            "a backup"
+        )
+    pending = [m for m in migrations if m.version > current]
+    if pending and current > 0 and path is not None:
+        _backup_before_upgrade(cursor.connection, path, current)
+    for m in pending:
+        log.info("applying schema migration {version} ({name})", version=m.version, name=m.name)
+        # executescript would commit an open transaction first, so the whole
+        # migration, its bookkeeping row and the COMMIT go in one script; a
+        # failure leaves the transaction open for the caller to roll back.
+        try:
+            cursor.executescript(
+                "BEGIN IMMEDIATE;\n"
+                + m.sql
+                + f";\nINSERT INTO schema_migrations VALUES ({m.version}, '{m.name}', "
+                f"{now!r});\nCOMMIT;"
+            )
+        except Exception:
+            if cursor.connection.in_transaction:
+                cursor.connection.rollback()
+            raise
+    return latest
+
+
+def _backup_before_upgrade(conn: sqlite3.Connection, path: Path, version: int) -> None:
+    target = path.with_name(f"{path.name}.v{version}.bak")
+    dest = sqlite3.connect(str(target))
+    try:
+        conn.backup(dest)
+    finally:
+        dest.close()
+    log.info("backed up the database to {target} before upgrading", target=str(target))
+
+
+def migrate_database(path: Path, now: float | None = None) -> int:
+    """
+    Open (creating if needed) and migrate the database at C{path}
+    synchronously.  For start-up only, before the reactor runs: a daemon that
+    cannot use its database should refuse to start, not half-start.
+    """
+    conn = sqlite3.connect(str(path), isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
+    try:
+        configure_connection(conn)
+        return apply_migrations(conn.cursor(), path, time.time() if now is None else now)
+    finally:
+        conn.close()
+
+
+class Store:
+    """
+    Every read and write of broker state.  Methods return Deferreds (or are
+    coroutines the caller wraps); none blocks the reactor.
+    """
+
+    def __init__(
+        self,
+        pool: adbapi.ConnectionPool,
+        clock: IReactorTime,
+        path: Path | None = None,
+    ) -> None:
+        self._pool = pool
+        self._clock = clock
+        self.path = path
+
+    @classmethod
+    def open(cls, path: Path, reactor: Any) -> Store:
+        return cls(make_pool(path, reactor), reactor, path)
+
+    def close(self) -> None:
+        if self._pool.running or self._pool.startID:
+            self._pool.close()
+
+    def _now(self) -> float:
+        return self._clock.seconds()
+
+    def _read(self, desc: str, fn: Callable[[Txn], T]) -> Deferred[T]:
+        def interaction(txn: Txn) -> T:
+            txn.execute("BEGIN")
+            return fn(txn)
+
+        return self._run(desc, interaction)
+
+    def _write(self, desc: str, fn: Callable[[Txn], T]) -> Deferred[T]:
+        def interaction(txn: Txn) -> T:
+            txn.execute("BEGIN IMMEDIATE")
+            return fn(txn)
+
+        return self._run(desc, interaction)
+
+    def _run(self, desc: str, interaction: Callable[[Txn], T]) -> Deferred[T]:
+        started = time.monotonic()
+        d: Deferred[T] = self._pool.runInteraction(interaction)
+
+        def done(result: T) -> T:
+            log.debug(
+                "store {desc} took {ms:.1f} ms", desc=desc, ms=(time.monotonic() - started) * 1e3
+            )
+            return result
+
+        return d.addCallback(done)
+
+    # --- schema
+
+    def migrate(self) -> Deferred[int]:
+        """
+        Bring the schema up to date through the pool; see L{apply_migrations}.
+        """
+        return self._run("migrate", lambda txn: apply_migrations(txn, self.path, self._now()))
+
+    def schema_version(self) -> Deferred[int]:
+        def q(txn: Txn) -> int:
+            txn.execute("SELECT COALESCE(MAX(version), 0) FROM schema_migrations")
+            return int(txn.fetchone()[0])
+
+        return self._read("schema_version", q)
+
+    def check(self) -> Deferred[None]:
+        """
+        Fires when the database answers a query; fails otherwise.
+        """
+
+        def q(txn: Txn) -> None:
+            txn.execute("SELECT COUNT(*) FROM schema_migrations")
+            txn.fetchone()
+
+        return self._read("check", q)
+
+    # --- users and their one upstream credential
+
+    def replace_upstream_credential(
+        self,
+        user: UpstreamUser,
+        access_token_enc: bytes,
+        refresh_token_enc: bytes | None,
+        expires_at: float,
+        scope: str,
+    ) -> Deferred[int]:
+        """
+        Record C{user} and make the given sealed tokens their only upstream
+        credential, atomically.  Fires with the credential's new generation
+        (1 for a first login, +1 on every replacement).
+        """
+        now = self._now()
+
+        def q(txn: Txn) -> int:
+            txn.execute(
+                "INSERT INTO users (forgejo_user_id, login, full_name, created_at, updated_at)"
+                " VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT (forgejo_user_id) DO UPDATE SET"
+                " login = excluded.login, full_name = excluded.full_name,"
+                " updated_at = excluded.updated_at",
+                (user.forgejo_user_id, user.login, user.full_name, now, now),
+            )
+            txn.execute(
+                "INSERT INTO upstream_credentials (forgejo_user_id, access_token_enc,"
+                " refresh_token_enc, expires_at, scope, generation, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, 1, ?)"
+                " ON CONFLICT (forgejo_user_id) DO UPDATE SET"
+                " access_token_enc = excluded.access_token_enc,"
+                " refresh_token_enc = excluded.refresh_token_enc,"
+                " expires_at = excluded.expires_at, scope = excluded.scope,"
+                " generation = upstream_credentials.generation + 1,"
+                " updated_at = excluded.updated_at"
+                " RETURNING generation",
+                (
+                    user.forgejo_user_id,
+                    access_token_enc,
+                    refresh_token_enc,
+                    expires_at,
+                    scope,
+                    now,
+                ),
+            )
+            return int(txn.fetchone()[0])
+
+        return self._write("replace_upstream_credential", q)
+
+    def get_upstream_credential(self, forgejo_user_id: int) -> Deferred[SealedCredential | None]:
+        def q(txn: Txn) -> SealedCredential | None:
+            txn.execute(
+                "SELECT forgejo_user_id, access_token_enc, refresh_token_enc, expires_at,"
+                " scope, generation, updated_at FROM upstream_credentials"
+                " WHERE forgejo_user_id = ?",
+                (forgejo_user_id,),
+            )
+            row = txn.fetchone()
+            return SealedCredential(*row) if row else None
+
+        return self._read("get_upstream_credential", q)
+
+    def get_user(self, forgejo_user_id: int) -> Deferred[UpstreamUser | None]:
+        def q(txn: Txn) -> UpstreamUser | None:
+            txn.execute(
+                "SELECT forgejo_user_id, login, full_name FROM users WHERE forgejo_user_id = ?",
+                (forgejo_user_id,),
+            )
+            row = txn.fetchone()
+            return UpstreamUser(*row) if row else None
+
+        return self._read("get_user", q)

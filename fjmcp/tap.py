@@ -1,0 +1,124 @@
+"""
+Service wiring for C{twistd fjmcp}: options in, one C{MultiService} out.
+
+Start-up work that must succeed before anything listens (log set-up and the
+database schema) happens here, before the reactor runs; everything that
+runs afterwards is a service, started and stopped in order.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from typing import Any
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import MultiService, Service
+from twisted.internet import endpoints
+from twisted.logger import Logger
+from twisted.web.server import Site
+
+from fjmcp import __version__
+from fjmcp.children import ChildSupervisor
+from fjmcp.config import Config
+from fjmcp.config import Options as _ConfigOptions
+from fjmcp.logs import prepare_twistd_observer
+from fjmcp.store import Store, StoreError, migrate_database
+from fjmcp.web import BrokerApp, access_log_line
+
+log = Logger()
+
+
+class Options(_ConfigOptions):
+    def postOptions(self) -> None:
+        super().postOptions()
+        assert self.config is not None
+        parent = getattr(self, "parent", None)
+        if parent is not None:
+            # twistd builds its log observer from this factory after options
+            # are parsed; that is how --log-format and --log-level apply to
+            # twistd's own lines too.
+            # twistd only takes a factory by name, hence the hand-over.
+            prepare_twistd_observer(self.config, parent.get("logfile"))
+            parent["logger"] = "fjmcp.logs.twistd_observer"
+
+
+class StoreService(Service):
+    """
+    Owns the connection pool's life: closed when the daemon stops, after
+    the services that use it.
+    """
+
+    name = "store"
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.store.close()
+
+
+class CleanShutdown(Service):
+    """
+    SIGTERM means "stop cleanly" here: the services wind down in order and
+    the process exits 0.  (twistd's own handler re-raises the signal at
+    exit, which shows up as status 143 under podman and in CI.)
+    """
+
+    def __init__(self, reactor: Any) -> None:
+        self._reactor = reactor
+
+    def startService(self) -> None:
+        super().startService()
+        # After startup, so this replaces the handler the reactor installs.
+        self._reactor.callWhenRunning(signal.signal, signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        log.info("received SIGTERM, shutting down")
+        self._reactor.callFromThread(self._reactor.stop)
+
+
+def makeService(options: Options, reactor: Any = None) -> MultiService:
+    if reactor is None:
+        from twisted.internet import reactor as _reactor
+
+        reactor = _reactor
+    config: Config | None = options.config
+    assert config is not None
+    try:
+        version = migrate_database(config.db_path)
+    except (StoreError, OSError, Exception) as e:
+        # A database we cannot open or upgrade is an operator problem, not a
+        # crash: say what and where, then refuse to start.
+        sys.stderr.write(f"fjmcp: cannot use the database {config.db_path}: {e}\n")
+        raise SystemExit(1) from None
+    top = build_service(config, reactor, schema_version=version)
+    CleanShutdown(reactor).setServiceParent(top)
+    return top
+
+
+def build_service(config: Config, reactor: Any, schema_version: int) -> MultiService:
+    top = MultiService()
+    store = Store.open(config.db_path, reactor)
+    # Order matters: MultiService stops children in reverse, so listeners
+    # close first, then children end, then the pool closes.
+    StoreService(store).setServiceParent(top)
+    children = ChildSupervisor(reactor)
+    children.setServiceParent(top)
+    site = Site(BrokerApp(store, children, reactor).resource(), logFormatter=access_log_line)
+    site.displayTracebacks = False
+    for description in config.listen:
+        endpoint = endpoints.serverFromString(reactor, description)
+        StreamServerEndpointService(endpoint, site).setServiceParent(top)
+    for warning in config.warnings:
+        log.warn("{warning}", warning=warning)
+    log.info(
+        "fjmcp {version} for {forgejo} at {public} (schema {schema}, data in {data})",
+        version=__version__,
+        forgejo=config.forgejo_url,
+        public=config.public_url,
+        schema=schema_version,
+        data=str(config.data_dir),
+    )
+    return top
