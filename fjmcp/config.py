@@ -221,6 +221,13 @@ def validate_listen(description: str) -> None:
 
     try:
         endpoints.serverFromString(reactor, description)
+    except (IndexError, KeyError) as e:
+        if description.startswith("systemd:"):
+            raise ValueError(
+                f"{description!r}: systemd passed no such socket (LISTEN_FDS/LISTEN_FDNAMES); "
+                "start fjmcp through its .socket unit"
+            ) from None
+        raise ValueError(f"not a usable endpoint description {description!r}: {e}") from None
     except Exception as e:
         raise ValueError(f"not a usable endpoint description {description!r}: {e}") from None
 
@@ -471,6 +478,8 @@ class Options(usage.Options):
         self["listen"] = []
         self.environ: Mapping[str, str] = os.environ
         self.config: Config | None = None
+        # twistd wants a clean exit; tests want the ConfigError itself.
+        self.exit_on_error = True
 
     def opt_listen(self, description: str) -> None:
         """
@@ -493,6 +502,8 @@ class Options(usage.Options):
                 {o.name: self[o.name] for o in OPTIONS}, self["listen"], self.environ
             )
         except ConfigError as e:
+            if not self.exit_on_error:
+                raise
             # twistd would print the whole usage text and a traceback-like
             # line; an operator wants each mistake on its own line and a
             # distinct exit status (2, as for any usage error).

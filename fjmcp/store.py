@@ -131,13 +131,16 @@ def make_pool(path: Path, reactor: IReactorCore | None = None) -> adbapi.Connect
     )
 
 
-def apply_migrations(cursor: Any, path: Path | None, now: float) -> int:
+def apply_migrations(
+    cursor: Any, path: Path | None, now: float, migrations: list[Migration] | None = None
+) -> int:
     """
     Bring the schema up to date, one transaction per migration, and refuse a
     database written by a newer fjmcp.  C{cursor} is a DB-API cursor on a
     connection in autocommit mode.  Returns the schema version.
     """
-    migrations = known_migrations()
+    if migrations is None:
+        migrations = known_migrations()
     cursor.execute(
         "CREATE TABLE IF NOT EXISTS schema_migrations ("
         " version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL NOT NULL)"

@@ -1,0 +1,178 @@
+"""
+The real forgejo-mcp binary, at the pinned version, against the Forgejo
+stand-in over stdio: what every MCP session will run.
+
+The binary comes from `make forgejo-mcp`.  Without it these tests skip with
+the reason; in CI (CI=true) a missing binary fails the run, except when the
+Go module proxy itself refused the module (recorded by the Makefile in
+bin/.forgejo-mcp.unavailable), which no change of ours can fix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.trial.unittest import SkipTest, TestCase
+
+from fjmcp.children import ChildExit, ChildSupervisor, JSONRPCChildProtocol, child_environment
+from fjmcp.standin.model import Forge, seed
+from fjmcp.standin.web import StandinForgejo
+from tests.helpers import serve
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = ROOT / "bin"
+PINNED = (ROOT / "deploy" / "forgejo-mcp.version").read_text().strip()
+
+
+def find_forgejo_mcp() -> str:
+    """
+    The binary to test, or SkipTest / failure with an operator-readable reason.
+    """
+    explicit = os.environ.get("FJMCP_TEST_FORGEJO_MCP")
+    candidates = [explicit] if explicit else [str(BIN / "forgejo-mcp"), shutil.which("forgejo-mcp")]
+    for candidate in candidates:
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    unavailable = BIN / ".forgejo-mcp.unavailable"
+    if unavailable.exists():
+        reason = unavailable.read_text().strip().splitlines()[0]
+        raise SkipTest(f"forgejo-mcp {PINNED} could not be built here: {reason}")
+    if os.environ.get("CI"):
+        raise AssertionError(
+            f"forgejo-mcp {PINNED} is missing in CI: `make forgejo-mcp` should have built "
+            f"it into {BIN}"
+        )
+    raise SkipTest(f"forgejo-mcp not built: run `make forgejo-mcp` (pinned {PINNED})")
+
+
+class StdioClient:
+    """
+    Just enough of an MCP client to talk to a child over newline-delimited
+    JSON-RPC.
+    """
+
+    def __init__(self, test: TestCase, binary: str, forgejo_url: str, token: str) -> None:
+        self.pending: dict[int, Deferred[Any]] = {}
+        self.stderr: list[str] = []
+        self.next_id = 0
+        supervisor = ChildSupervisor(reactor, stdin_grace=2.0, term_grace=2.0)
+        supervisor.startService()
+        test.addCleanup(supervisor.stopService)
+        self.protocol = JSONRPCChildProtocol(self.on_message, on_stderr=self.stderr.append)
+        self.child = supervisor.spawn(
+            binary,
+            ["--transport", "stdio"],
+            child_environment(forgejo_url, token),
+            self.protocol,
+            "forgejo-mcp-test",
+        )
+        self.protocol.exited.addCallback(self.on_exit)
+
+    def on_message(self, message: Any) -> None:
+        key = message.get("id") if isinstance(message, dict) else None
+        d = self.pending.pop(key, None) if isinstance(key, int) else None
+        if d is not None:
+            d.callback(message)
+
+    def on_exit(self, exit: ChildExit) -> ChildExit:
+        for d in self.pending.values():
+            d.errback(AssertionError(f"forgejo-mcp {exit.reason}:\n" + "\n".join(self.stderr)))
+        self.pending.clear()
+        return exit
+
+    def request(self, method: str, params: dict[str, Any] | None = None) -> Deferred[Any]:
+        self.next_id += 1
+        d: Deferred[Any] = Deferred()
+        self.pending[self.next_id] = d
+        self.protocol.send(
+            {"jsonrpc": "2.0", "id": self.next_id, "method": method, "params": params or {}}
+        )
+        return d.addTimeout(30, reactor)
+
+    def notify(self, method: str) -> None:
+        self.protocol.send({"jsonrpc": "2.0", "method": method})
+
+    async def initialize(self) -> dict[str, Any]:
+        response = await self.request(
+            "initialize",
+            {
+                "protocolVersion": "2025-06-18",
+                "capabilities": {},
+                "clientInfo": {"name": "fjmcp-tests", "version": "0"},
+            },
+        )
+        self.notify("notifications/initialized")
+        return response
+
+    async def call(self, tool: str, arguments: dict[str, Any] | None = None) -> Any:
+        response = await self.request("tools/call", {"name": tool, "arguments": arguments or {}})
+        if "error" in response:
+            raise AssertionError(f"{tool}: {response['error']}")
+        text = response["result"]["content"][0]["text"]
+        return json.loads(text)["Result"]
+
+
+class ForgejoMCPTests(TestCase):
+    def setUp(self) -> None:
+        self.binary = find_forgejo_mcp()
+        self.forge = Forge(reactor.seconds)
+        seed(self.forge)
+        self.app = self.forge.add_app("fjmcp", ["http://127.0.0.1/cb"], confidential=True)
+        self.url = serve(self, StandinForgejo(self.forge, "http://placeholder").resource())
+
+    def token_for(self, login: str, scope: str) -> str:
+        user = self.forge.user_by_login(login)
+        assert user is not None
+        grant = self.forge.ensure_grant(user.id, self.app.client_id, scope)
+        code = self.forge.issue_code(grant, "http://127.0.0.1/cb", "", "")
+        return self.forge.exchange_code(self.app, code, "", "").access_token
+
+    async def test_initialize_list_and_call(self) -> None:
+        token = self.token_for("alice", "read:user read:repository read:issue")
+        client = StdioClient(self, self.binary, self.url, token)
+        init = await client.initialize()
+        self.assertIn("tools", init["result"]["capabilities"])
+        tools = await client.request("tools/list")
+        names = {t["name"] for t in tools["result"]["tools"]}
+        for expected in ("get_my_user_info", "list_my_repos", "get_issue_by_index"):
+            self.assertIn(expected, names)
+        me = await client.call("get_my_user_info")
+        self.assertEqual((me["login"], me["id"]), ("alice", 1))
+        repos = await client.call("list_my_repos", {"page": 1, "limit": 10})
+        self.assertEqual(
+            sorted(r["full_name"] for r in repos), ["alice/hello-world", "alice/secret-plans"]
+        )
+        issue = await client.call(
+            "get_issue_by_index", {"owner": "alice", "repo": "hello-world", "index": 1}
+        )
+        self.assertEqual(issue["title"], "Say hello in French")
+        exit = await client.child.stop()
+        self.assertEqual(exit.code, 0)
+
+    async def test_each_user_sees_their_own(self) -> None:
+        bob = StdioClient(
+            self, self.binary, self.url, self.token_for("bob", "read:user read:repository")
+        )
+        await bob.initialize()
+        self.assertEqual((await bob.call("get_my_user_info"))["login"], "bob")
+        repos = await bob.call("list_my_repos", {"page": 1, "limit": 10})
+        self.assertEqual([r["full_name"] for r in repos], ["bob/widgets"])
+
+    async def test_token_without_read_user_exits(self) -> None:
+        """
+        forgejo-mcp checks GET /api/v1/user at start; the stand-in's 403 for
+        a token without read:user makes it exit instead of serving.
+        """
+        client = StdioClient(
+            self, self.binary, self.url, self.token_for("alice", "read:repository")
+        )
+        with self.assertRaises(AssertionError):
+            await client.initialize()
+        exit = await client.protocol.exited
+        self.assertNotEqual(exit.code, 0)
