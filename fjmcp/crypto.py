@@ -6,6 +6,7 @@ operator's key.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import os
@@ -39,6 +40,23 @@ def token_hash(token: str) -> bytes:
     long, so an unsalted digest is enough and lets us look rows up by it.
     """
     return hashlib.sha256(token.encode("utf-8")).digest()
+
+
+def pkce_s256(verifier: str) -> str:
+    """
+    The S256 code challenge for C{verifier} (RFC 7636 section 4.2).
+    """
+    digest = hashlib.sha256(verifier.encode("ascii")).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
+
+
+def new_pkce_pair() -> tuple[str, str]:
+    """
+    A fresh PKCE verifier (43 characters of the unreserved set) and its S256
+    challenge.
+    """
+    verifier = secrets.token_urlsafe(32)
+    return verifier, pkce_s256(verifier)
 
 
 def constant_time_equal(a: str, b: str) -> bool:

@@ -10,7 +10,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from fjmcp.crypto import DecryptionError, SecretBox, new_token, token_hash
+from fjmcp.crypto import (
+    DecryptionError,
+    SecretBox,
+    new_pkce_pair,
+    new_token,
+    pkce_s256,
+    token_hash,
+)
 
 
 class SecretBoxTests(SynchronousTestCase):
@@ -65,3 +72,20 @@ class TokenTests(SynchronousTestCase):
     def test_hash_is_injective_in_practice(self, a: str, b: str) -> None:
         self.assertEqual(token_hash(a) == token_hash(b), a == b)
         self.assertEqual(len(token_hash(a)), 32)
+
+
+class PKCETests(SynchronousTestCase):
+    def test_rfc7636_example(self) -> None:
+        """
+        The worked example of RFC 7636 appendix B.
+        """
+        self.assertEqual(
+            pkce_s256("dBjftJeZ4CVP-1mB92jKMKpQEyFxv7Xa2gxNnzmvnSd"),
+            "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM",
+        )
+
+    def test_pairs(self) -> None:
+        verifier, challenge = new_pkce_pair()
+        self.assertEqual(pkce_s256(verifier), challenge)
+        self.assertTrue(43 <= len(verifier) <= 128)
+        self.assertNotEqual(new_pkce_pair(), new_pkce_pair())
