@@ -80,7 +80,7 @@ class PKCETests(SynchronousTestCase):
         The worked example of RFC 7636 appendix B.
         """
         self.assertEqual(
-            pkce_s256("dBjftJeZ4CVP-1mB92jKMKpQEyFxv7Xa2gxNnzmvnSd"),
+            pkce_s256("dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk"),
             "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM",
         )
 
