@@ -71,7 +71,7 @@ async def serve(reactor: Any, options: Options) -> None:
     if not options["base-url"]:
         host = address.host if ":" not in address.host else f"[{address.host}]"
         url = f"http://{host}:{address.port}"
-        standin.base_url = standin.api.base_url = url
+        standin.base_url = url
     print(f"forgejo-standin listening on {standin.base_url}", flush=True)
     from twisted.internet.defer import Deferred
 

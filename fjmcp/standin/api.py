@@ -60,33 +60,48 @@ class ForgejoAPI:
             request, {"message": e.message, "url": self.base_url + "/api/swagger"}, e.status
         )
 
-    def _authenticate(self, request: Request, required: str) -> tuple[User, set[str]]:
+    def _doer(self, request: Request) -> tuple[User, set[str]] | None:
         """
-        Forgejo's rules: C{Authorization: token X} or C{Bearer X} (or Basic
-        with a password for the UI-less API); 401 without a valid token, 403
-        when the token lacks the scope.
+        Forgejo's API auth middleware, which runs before every route:
+        C{Authorization: token X} (that exact word) or C{Bearer X} (any case),
+        or Basic with a password.  A token that is not valid (unknown,
+        expired, revoked) is a 401 on every route, even C{/version}; no
+        credentials at all is anonymous.
         """
         header = (request.getHeader(b"authorization") or b"").decode("latin-1")
-        kind, _, value = header.partition(" ")
-        value = value.strip()
-        found: tuple[User, set[str]] | None = None
-        if kind.lower() in ("token", "bearer") and value:
+        parts = header.split()
+        if len(parts) != 2:
+            return None
+        kind, value = parts
+        if kind == "token" or kind.lower() == "bearer":
             found = self.forge.user_for_access_token(value)
-        elif kind.lower() == "basic" and value:
+            if found is None:
+                raise APIError(401, "user does not exist [uid: 0, name: ]")
+            return found
+        if kind.lower() == "basic":
             try:
                 login, _, password = base64.b64decode(value).decode().partition(":")
             except ValueError:
-                login, password = "", ""
+                return None
             user = self.forge.user_by_login(login)
             if user is not None and password == user.password:
-                found = (user, {"all"})
+                return (user, {"all"})
+        return None
+
+    def _authenticate(self, request: Request, *required: str) -> tuple[User, set[str]]:
+        """
+        Forgejo's rules for a route that needs a signed-in user: 401 without
+        credentials, 403 naming the first scope (of the route's groups, outer
+        first) that the token lacks.
+        """
+        found = self._doer(request)
         if found is None:
             raise APIError(401, "token is required")
-        user, scopes = found
-        if not scope_allows(scopes, required):
-            raise APIError(
-                403, f"token does not have at least one of required scope(s): [{required}]"
-            )
+        for scope in required:
+            if not scope_allows(found[1], scope):
+                raise APIError(
+                    403, f"token does not have at least one of required scope(s): [{scope}]"
+                )
         return found
 
     def _page(self, request: Request, items: list[Any], default_limit: int = 30) -> list[Any]:
@@ -217,6 +232,7 @@ class ForgejoAPI:
 
     @app.route("/version", methods=["GET"])
     def version(self, request: Request) -> bytes:
+        self._doer(request)
         return self._json(request, {"version": VERSION})
 
     @app.route("/user", methods=["GET"])
@@ -226,7 +242,8 @@ class ForgejoAPI:
 
     @app.route("/user/repos", methods=["GET"])
     def my_repos(self, request: Request) -> bytes:
-        user, scopes = self._authenticate(request, "read:repository")
+        # /user/repos sits in the /user group (user scope) and adds its own.
+        user, scopes = self._authenticate(request, "read:user", "read:repository")
         repos = [
             r
             for r in self.forge.repos_of(user)
@@ -359,13 +376,17 @@ class ForgejoAPI:
         user, _ = self._authenticate(request, "write:user")
         try:
             body = json.loads(read_body(request) or b"{}")
-            name = str(body["name"])
+            name = str(body.get("name") or "")
             uris = [str(u) for u in body.get("redirect_uris") or []]
-        except (ValueError, KeyError, TypeError):
+            # Omitted means false: a public client, which must use PKCE.
+            confidential = bool(body.get("confidential_client", False))
+        except (ValueError, TypeError, AttributeError):
             raise APIError(422, "[Name]: Required") from None
-        app = self.forge.add_app(
-            name, uris, bool(body.get("confidential_client", True)), owner_id=user.id
-        )
+        if not name:
+            raise APIError(422, "[Name]: Required")
+        if not uris:
+            raise APIError(422, "[RedirectURIs]: Required")
+        app = self.forge.add_app(name, uris, confidential, owner_id=user.id)
         return self._json(
             request,
             {
@@ -382,4 +403,5 @@ class ForgejoAPI:
 
     @app.route("/", branch=True)
     def not_found(self, request: Request) -> bytes:
+        self._doer(request)
         raise APIError(404, "The target couldn't be found.")

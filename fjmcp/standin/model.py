@@ -174,15 +174,21 @@ def redirect_uri_matches(registered: list[str], given: str, public_client: bool)
 
     candidates = {norm(given)}
     if public_client:
-        parts = urlsplit(given)
-        if parts.scheme == "http" and parts.port is not None and parts.hostname:
-            try:
-                loopback = ipaddress.ip_address(parts.hostname).is_loopback
-            except ValueError:
-                loopback = False
-            if loopback:
-                host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
-                candidates.add(norm(urlunsplit(parts._replace(netloc=host))))
+        # A URI Python cannot parse (bad port, bad IPv6 literal) just gets
+        # no loopback leniency: it is a 400, not a crash.
+        try:
+            parts = urlsplit(given)
+            hostname = parts.hostname or ""
+            loopback = (
+                parts.scheme == "http"
+                and parts.port is not None
+                and ipaddress.ip_address(hostname).is_loopback
+            )
+        except ValueError:
+            loopback = False
+        if loopback:
+            host = f"[{hostname}]" if ":" in hostname else hostname
+            candidates.add(norm(urlunsplit(parts._replace(netloc=host))))
     return any(norm(r) in candidates for r in registered)
 
 
@@ -239,6 +245,9 @@ class Forge:
         self._signing_key = secrets.token_bytes(32)
         self.access_token_lifetime = access_token_lifetime
         self.invalidate_refresh_tokens = invalidate_refresh_tokens
+        # The id_token's C{iss}: Forgejo's AppURL without its trailing slash
+        # (the web side sets it to its base URL).
+        self.issuer = "http://forgejo.invalid"
         self.users: dict[int, User] = {}
         self.repos: list[Repo] = []
         self.apps: dict[str, App] = {}
@@ -397,9 +406,9 @@ class Forge:
             user = self.users[grant.user_id]
             id_token = self._sign(
                 {
-                    "iss": "forgejo-standin",
+                    "iss": self.issuer,
                     "sub": str(user.id),
-                    "aud": app.client_id,
+                    "aud": [app.client_id],
                     "exp": now + self.access_token_lifetime,
                     "iat": now,
                     "name": user.full_name,
@@ -452,7 +461,8 @@ class Forge:
 
     def refresh(self, app: App, refresh_token: str) -> TokenResponse:
         claims = self._verify(refresh_token)
-        if claims is None or claims.get("exp", 0) < self.now():
+        # A JWT is expired from its C{exp} second on (RFC 7519, and golang-jwt).
+        if claims is None or claims.get("exp", 0) <= self.now():
             raise OAuthError("unauthorized_client", "unable to parse refresh token")
         grant = self.grants.get(claims.get("gnt", -1))
         if grant is None:
@@ -473,7 +483,7 @@ class Forge:
         if (
             claims is None
             or (access_only and claims.get("tt") != 0)
-            or claims.get("exp", 0) < now
+            or claims.get("exp", 0) <= now
             or claims.get("iat", 0) > now + 60
         ):
             return None

@@ -64,11 +64,24 @@ class StandinForgejo:
 
     def __init__(self, forge: Forge, base_url: str, test_login: bool = False) -> None:
         self.forge = forge
-        self.base_url = base_url.rstrip("/")
         self.test_login = test_login
-        self.api = ForgejoAPI(forge, self.base_url)
+        self.api = ForgejoAPI(forge, base_url)
+        self.base_url = base_url
         # session id -> {"uid": int, "csrf": str, "authorize": {...}}
         self._sessions: dict[str, dict[str, Any]] = {}
+
+    @property
+    def base_url(self) -> str:
+        """
+        The stand-in's public URL (Forgejo's AppURL without its trailing
+        slash); setting it also updates the API's and the id_token issuer.
+        """
+        return self.api.base_url
+
+    @base_url.setter
+    def base_url(self, url: str) -> None:
+        self.api.base_url = url.rstrip("/")
+        self.forge.issuer = self.api.base_url
 
     def resource(self) -> Any:
         return self.app.resource()
@@ -76,12 +89,18 @@ class StandinForgejo:
     # --- sessions
 
     def _session(self, request: Request, create: bool = False) -> dict[str, Any] | None:
-        sid = (request.getCookie(SESSION_COOKIE) or b"").decode()
+        # A session created earlier in this same request wins over the cookie
+        # the request came with, so one request never starts two sessions.
+        sid = (
+            getattr(request, "_standin_sid", None)
+            or (request.getCookie(SESSION_COOKIE) or b"").decode()
+        )
         session = self._sessions.get(sid)
         if session is None and create:
             sid = secrets.token_urlsafe(16)
             session = self._sessions[sid] = {"csrf": secrets.token_urlsafe(16)}
             request.addCookie(SESSION_COOKIE, sid.encode(), path=b"/", httpOnly=True)
+            setattr(request, "_standin_sid", sid)  # noqa: B010
         return session
 
     def _signed_in(self, request: Request) -> User | None:
@@ -146,7 +165,7 @@ class StandinForgejo:
         target = unquote((request.getCookie(b"redirect_to") or b"").decode()) or "/"
         if not target.startswith("/") or target.startswith("//"):
             target = "/"
-        request.addCookie(b"redirect_to", b"", path=b"/", max_age=0)
+        request.addCookie(b"redirect_to", b"", path=b"/", max_age=b"0")
         request.redirect(target.encode())
         request.setResponseCode(303)
         return b""
@@ -348,11 +367,13 @@ class StandinForgejo:
         if scheme.lower() != "basic":
             return client_id, secret
         try:
-            basic_id, _, basic_secret = (
+            basic_id, colon, basic_secret = (
                 base64.b64decode(value.strip(), validate=True).decode().partition(":")
             )
         except (binascii.Error, UnicodeDecodeError):
-            raise OAuthError("invalid_request", "cannot parse basic auth header") from None
+            colon = ""
+        if not colon:
+            raise OAuthError("invalid_request", "cannot parse basic auth header")
         basic_id, basic_secret = unquote(basic_id), unquote(basic_secret)
         if client_id and client_id != basic_id:
             raise OAuthError(
@@ -371,13 +392,14 @@ class StandinForgejo:
         args = self._args(request)
         request.setHeader(b"cache-control", b"no-store")
         try:
+            # Forgejo reads the Basic header before it looks at grant_type.
+            client_id, secret = self._client_credentials(request, args)
             grant_type = args.get("grant_type", "")
             if grant_type not in ("authorization_code", "refresh_token"):
                 raise OAuthError(
                     "unsupported_grant_type",
                     "Only refresh_token or authorization_code grant type is supported",
                 )
-            client_id, secret = self._client_credentials(request, args)
             app = self.forge.authenticate_client(client_id, secret, grant_type)
             if grant_type == "refresh_token":
                 tokens = self.forge.refresh(app, args.get("refresh_token", ""))
@@ -395,10 +417,11 @@ class StandinForgejo:
 
     def _bearer_user(self, request: Request) -> User | None:
         header = (request.getHeader(b"authorization") or b"").decode("latin-1")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer":
+        # Forgejo's parseToken: exactly two fields, "token" or any-case "bearer".
+        parts = header.split()
+        if len(parts) != 2 or not (parts[0] == "token" or parts[0].lower() == "bearer"):
             return None
-        found = self.forge.user_for_access_token(token.strip())
+        found = self.forge.user_for_access_token(parts[1])
         return found[0] if found else None
 
     @app.route("/login/oauth/userinfo", methods=["GET", "POST"])
@@ -472,13 +495,28 @@ class StandinForgejo:
                     "sub",
                     "name",
                     "preferred_username",
+                    "profile",
+                    "picture",
+                    "website",
+                    "locale",
+                    "updated_at",
                     "email",
                     "email_verified",
+                    "groups",
                 ],
                 "code_challenge_methods_supported": ["plain", "S256"],
                 "grant_types_supported": ["authorization_code", "refresh_token"],
             }
         ).encode()
+
+    @app.route("/login/oauth/keys", methods=["GET"])
+    def keys(self, request: Request) -> bytes:
+        """
+        The JWKS.  With an HMAC signing key (ours is HS256) Forgejo publishes
+        only the key's type and algorithm, never the secret.
+        """
+        request.setHeader(b"content-type", b"application/json")
+        return json.dumps({"keys": [{"kty": "oct", "alg": "HS256", "use": "sig"}]}).encode()
 
     @app.route("/api/v1/", branch=True)
     def api_v1(self, request: Request) -> Any:
