@@ -20,6 +20,7 @@ from twisted.web.server import Site
 
 from fjmcp import __version__
 from fjmcp.children import ChildSupervisor
+from fjmcp.clients import ClientRegistry
 from fjmcp.config import Config
 from fjmcp.config import Options as _ConfigOptions
 from fjmcp.logs import prepare_twistd_observer
@@ -106,7 +107,8 @@ def build_service(config: Config, reactor: Any, schema_version: int) -> MultiSer
     StoreService(store).setServiceParent(top)
     children = ChildSupervisor(reactor)
     children.setServiceParent(top)
-    site = Site(BrokerApp(store, children, reactor).resource(), logFormatter=access_log_line)
+    app = BrokerApp(config, store, children, reactor, clients=ClientRegistry(store))
+    site = Site(app.resource(), logFormatter=access_log_line)
     site.displayTracebacks = False
     for description in config.listen:
         endpoint = endpoints.serverFromString(reactor, description)

@@ -4,13 +4,18 @@ Shared test plumbing: real loopback HTTP without leaving the reactor dirty.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 from treq.client import HTTPClient
 from twisted.internet import reactor
+from twisted.logger import LogLevel
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.server import Site
+
+from fjmcp.config import Config
 
 
 def http_client() -> HTTPClient:
@@ -33,3 +38,30 @@ def serve(test: TestCase, resource: Any) -> str:
     test.addCleanup(port.stopListening)
     address: Any = port.getHost()
     return f"http://127.0.0.1:{address.port}"
+
+
+def make_config(tmp: str, public_url: str = "https://mcp.example.org", **overrides: Any) -> Config:
+    """
+    A valid Config for tests that need one without going through argv.
+    """
+    data = Path(tmp).resolve()
+    data.mkdir(parents=True, exist_ok=True)
+    values: dict[str, Any] = dict(
+        listen=("tcp:0:interface=127.0.0.1",),
+        public_url=public_url,
+        forgejo_url="http://127.0.0.1:3000",
+        forgejo_client_id="fjmcp",
+        forgejo_client_secret="gto_test-client-secret",
+        forgejo_scopes=("read:user", "read:repository"),
+        forgejo_mcp="/bin/false",
+        data_dir=data,
+        secret_key=os.urandom(32),
+        max_sessions=10,
+        max_sessions_per_user=3,
+        session_idle_timeout=1800.0,
+        trusted_proxies=(),
+        log_format="text",
+        log_level=LogLevel.info,
+    )
+    values.update(overrides)
+    return Config(**values)

@@ -15,7 +15,7 @@ from twisted.trial.unittest import TestCase
 from fjmcp import __version__
 from fjmcp.store import Store, migrate_database
 from fjmcp.web import BrokerApp
-from tests.helpers import http_client, serve
+from tests.helpers import http_client, make_config, serve
 
 
 class BrokenStore:
@@ -28,6 +28,10 @@ class HangingStore:
         return Deferred()
 
 
+def app_over(test: TestCase, store: object, clock: object) -> BrokerApp:
+    return BrokerApp(make_config(test.mktemp()), store, [], clock)  # type: ignore[arg-type]
+
+
 class HealthTests(TestCase):
     async def test_healthy(self) -> None:
         path = Path(self.mktemp())
@@ -37,7 +41,7 @@ class HealthTests(TestCase):
         self.addCleanup(store.close)
         # The store answers from its thread, so this one goes over a real
         # loopback socket rather than StubTreq's in-memory pipe.
-        url = serve(self, BrokerApp(store, [1, 2], reactor).resource())
+        url = serve(self, BrokerApp(make_config(self.mktemp()), store, [1, 2], reactor).resource())
         response = await http_client().get(url + "/healthz")
         self.assertEqual(response.code, 200)
         self.assertEqual(response.headers.getRawHeaders("content-type"), ["application/json"])
@@ -47,7 +51,7 @@ class HealthTests(TestCase):
         )
 
     async def test_store_failure_is_503(self) -> None:
-        stub = StubTreq(BrokerApp(BrokenStore(), [], reactor).resource())
+        stub = StubTreq(app_over(self, BrokenStore(), reactor).resource())
         response = await stub.get("http://broker.test/healthz")
         self.assertEqual(response.code, 503)
         body = await response.json()
@@ -58,7 +62,7 @@ class HealthTests(TestCase):
 
     def test_store_hang_is_503_after_timeout(self) -> None:
         clock = Clock()
-        stub = StubTreq(BrokerApp(HangingStore(), [], clock).resource())
+        stub = StubTreq(app_over(self, HangingStore(), clock).resource())
         d = stub.get("http://broker.test/healthz")
         self.assertNoResult(d)
         clock.advance(5)
@@ -67,6 +71,6 @@ class HealthTests(TestCase):
         self.assertEqual(response.code, 503)
 
     async def test_unknown_path_is_404(self) -> None:
-        stub = StubTreq(BrokerApp(BrokenStore(), [], reactor).resource())
+        stub = StubTreq(app_over(self, BrokenStore(), reactor).resource())
         response = await stub.get("http://broker.test/nope")
         self.assertEqual(response.code, 404)
