@@ -61,10 +61,16 @@ CREATE TABLE login_sessions (
     expires_at      REAL NOT NULL
 );
 
--- An authorization request waiting for the user to come back from Forgejo.
--- Stored (not in memory) so an in-flight login survives a broker restart.
+-- An authorization request between the consent page and the user's return
+-- from Forgejo.  Stored (not in memory) so an in-flight login survives a
+-- broker restart.  The consent form's token and the upstream state are
+-- different random values, each single use; the browser cookie ties the
+-- consent form to the browser that opened it.
 CREATE TABLE pending_authorizations (
-    state_hash            BLOB PRIMARY KEY,   -- our single-use upstream state
+    id                    INTEGER PRIMARY KEY,
+    consent_hash          BLOB NOT NULL UNIQUE,
+    browser_hash          BLOB NOT NULL,
+    state_hash            BLOB UNIQUE,        -- set when the user approves
     client_id             TEXT NOT NULL REFERENCES clients(client_id) ON DELETE CASCADE,
     redirect_uri          TEXT NOT NULL,
     client_state          TEXT,
@@ -72,7 +78,7 @@ CREATE TABLE pending_authorizations (
     code_challenge_method TEXT NOT NULL,
     scope                 TEXT NOT NULL,
     resource              TEXT NOT NULL,
-    upstream_verifier_enc BLOB NOT NULL,      -- our PKCE verifier toward Forgejo
+    upstream_verifier_enc BLOB,               -- our PKCE verifier toward Forgejo
     created_at            REAL NOT NULL,
     expires_at            REAL NOT NULL
 );

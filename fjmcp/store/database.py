@@ -1,17 +1,17 @@
 """
-The broker's state in SQLite, behind an async API.
+The database underneath the store: the connection pool, transactions and
+schema migrations.
 
-This module owns every SQL statement.  One C{adbapi.ConnectionPool} with a
+The store package owns every SQL statement.  One C{adbapi.ConnectionPool} with a
 single connection runs all work off the reactor thread; every transaction has
 a name (for logs and errors); writers take the lock up front with
 C{BEGIN IMMEDIATE}, so two processes on the same file (the daemon and the
 admin command) wait for each other instead of failing on a lock upgrade.
-The schema is versioned by the files in L{fjmcp.migrations}.
+The schema is versioned by the files in L{fjmcp.store.migrations}.
 """
 
 from __future__ import annotations
 
-import json
 import re
 import sqlite3
 import time
@@ -27,6 +27,7 @@ from twisted.internet.interfaces import IReactorCore, IReactorTime
 from twisted.logger import Logger
 
 T = TypeVar("T")
+D = TypeVar("D", bound="Database")
 Txn = Any  # adbapi.Transaction: a DB-API cursor with its connection attached
 
 BUSY_TIMEOUT_MS = 5000
@@ -56,7 +57,7 @@ class Migration:
 
 def known_migrations() -> list[Migration]:
     migrations = []
-    for entry in resources.files("fjmcp.migrations").iterdir():
+    for entry in resources.files("fjmcp.store.migrations").iterdir():
         match = _MIGRATION_NAME.match(entry.name)
         if match:
             migrations.append(
@@ -67,46 +68,6 @@ def known_migrations() -> list[Migration]:
     if versions != list(range(1, len(versions) + 1)):
         raise StoreError(f"migrations must be numbered 1..N without gaps, found {versions}")
     return migrations
-
-
-@attrs.frozen
-class UpstreamUser:
-    """
-    A Forgejo account as C{GET /api/v1/user} describes it.
-    """
-
-    forgejo_user_id: int
-    login: str
-    full_name: str = ""
-
-
-@attrs.frozen
-class SealedCredential:
-    """
-    A user's Forgejo tokens as stored: sealed, never in the clear.
-    """
-
-    forgejo_user_id: int
-    access_token_enc: bytes = attrs.field(repr=False)
-    refresh_token_enc: bytes | None = attrs.field(repr=False)
-    expires_at: float
-    scope: str
-    generation: int
-    updated_at: float
-
-
-@attrs.frozen
-class ClientRecord:
-    """
-    A registered (or fetched) client as stored.
-    """
-
-    client_id: str
-    kind: str
-    client_secret_hash: bytes | None = attrs.field(repr=False)
-    metadata: dict[str, Any]
-    created_at: float
-    last_used_at: float | None
 
 
 def configure_connection(conn: sqlite3.Connection) -> None:
@@ -215,10 +176,10 @@ def migrate_database(path: Path, now: float | None = None) -> int:
         conn.close()
 
 
-class Store:
+class Database:
     """
-    Every read and write of broker state.  Methods return Deferreds (or are
-    coroutines the caller wraps); none blocks the reactor.
+    The pool and the transaction helpers every store mixin builds on.
+    Methods return Deferreds; none blocks the reactor.
     """
 
     def __init__(
@@ -232,7 +193,7 @@ class Store:
         self.path = path
 
     @classmethod
-    def open(cls, path: Path, reactor: Any) -> Store:
+    def open(cls: type[D], path: Path, reactor: Any) -> D:
         return cls(make_pool(path, reactor), reactor, path)
 
     def close(self) -> None:
@@ -293,124 +254,3 @@ class Store:
             txn.fetchone()
 
         return self._read("check", q)
-
-    # --- users and their one upstream credential
-
-    def replace_upstream_credential(
-        self,
-        user: UpstreamUser,
-        access_token_enc: bytes,
-        refresh_token_enc: bytes | None,
-        expires_at: float,
-        scope: str,
-    ) -> Deferred[int]:
-        """
-        Record C{user} and make the given sealed tokens their only upstream
-        credential, atomically.  Fires with the credential's new generation
-        (1 for a first login, +1 on every replacement).
-        """
-        now = self._now()
-
-        def q(txn: Txn) -> int:
-            txn.execute(
-                "INSERT INTO users (forgejo_user_id, login, full_name, created_at, updated_at)"
-                " VALUES (?, ?, ?, ?, ?)"
-                " ON CONFLICT (forgejo_user_id) DO UPDATE SET"
-                " login = excluded.login, full_name = excluded.full_name,"
-                " updated_at = excluded.updated_at",
-                (user.forgejo_user_id, user.login, user.full_name, now, now),
-            )
-            txn.execute(
-                "INSERT INTO upstream_credentials (forgejo_user_id, access_token_enc,"
-                " refresh_token_enc, expires_at, scope, generation, updated_at)"
-                " VALUES (?, ?, ?, ?, ?, 1, ?)"
-                " ON CONFLICT (forgejo_user_id) DO UPDATE SET"
-                " access_token_enc = excluded.access_token_enc,"
-                " refresh_token_enc = excluded.refresh_token_enc,"
-                " expires_at = excluded.expires_at, scope = excluded.scope,"
-                " generation = upstream_credentials.generation + 1,"
-                " updated_at = excluded.updated_at"
-                " RETURNING generation",
-                (
-                    user.forgejo_user_id,
-                    access_token_enc,
-                    refresh_token_enc,
-                    expires_at,
-                    scope,
-                    now,
-                ),
-            )
-            return int(txn.fetchone()[0])
-
-        return self._write("replace_upstream_credential", q)
-
-    def get_upstream_credential(self, forgejo_user_id: int) -> Deferred[SealedCredential | None]:
-        def q(txn: Txn) -> SealedCredential | None:
-            txn.execute(
-                "SELECT forgejo_user_id, access_token_enc, refresh_token_enc, expires_at,"
-                " scope, generation, updated_at FROM upstream_credentials"
-                " WHERE forgejo_user_id = ?",
-                (forgejo_user_id,),
-            )
-            row = txn.fetchone()
-            return SealedCredential(*row) if row else None
-
-        return self._read("get_upstream_credential", q)
-
-    def get_user(self, forgejo_user_id: int) -> Deferred[UpstreamUser | None]:
-        def q(txn: Txn) -> UpstreamUser | None:
-            txn.execute(
-                "SELECT forgejo_user_id, login, full_name FROM users WHERE forgejo_user_id = ?",
-                (forgejo_user_id,),
-            )
-            row = txn.fetchone()
-            return UpstreamUser(*row) if row else None
-
-        return self._read("get_user", q)
-
-    # --- clients
-
-    def create_client(
-        self,
-        client_id: str,
-        kind: str,
-        client_secret_hash: bytes | None,
-        metadata: dict[str, Any],
-    ) -> Deferred[ClientRecord]:
-        now = self._now()
-
-        def q(txn: Txn) -> ClientRecord:
-            txn.execute(
-                "INSERT INTO clients (client_id, kind, client_secret_hash,"
-                " token_endpoint_auth_method, redirect_uris, grant_types, response_types,"
-                " client_name, metadata, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    client_id,
-                    kind,
-                    client_secret_hash,
-                    metadata["token_endpoint_auth_method"],
-                    json.dumps(metadata["redirect_uris"]),
-                    json.dumps(metadata["grant_types"]),
-                    json.dumps(metadata["response_types"]),
-                    metadata.get("client_name"),
-                    json.dumps(metadata),
-                    now,
-                ),
-            )
-            return ClientRecord(client_id, kind, client_secret_hash, metadata, now, None)
-
-        return self._write("create_client", q)
-
-    def get_client(self, client_id: str) -> Deferred[ClientRecord | None]:
-        def q(txn: Txn) -> ClientRecord | None:
-            txn.execute(
-                "SELECT client_id, kind, client_secret_hash, metadata, created_at, last_used_at"
-                " FROM clients WHERE client_id = ?",
-                (client_id,),
-            )
-            row = txn.fetchone()
-            if row is None:
-                return None
-            return ClientRecord(row[0], row[1], row[2], json.loads(row[3]), row[4], row[5])
-
-        return self._read("get_client", q)
