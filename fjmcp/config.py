@@ -67,6 +67,11 @@ class Config:
     trusted_proxies: tuple[IPNetwork, ...]
     log_format: str
     log_level: LogLevel
+    access_token_lifetime: float = 3600.0
+    refresh_token_lifetime: float = 30 * 86400.0
+    refresh_grace_period: float = 60.0
+    # Test-only: lets client ID metadata documents be fetched from loopback.
+    cimd_allow_loopback: bool = False
     warnings: tuple[str, ...] = ()
 
     @property
@@ -95,16 +100,16 @@ class Config:
 
 def parse_duration(text: str) -> float:
     """
-    Parse C{"90"}, C{"90s"}, C{"15m"}, C{"2h"} or C{"1h30m"} into seconds.
+    Parse C{"90"}, C{"90s"}, C{"15m"}, C{"2h"}, C{"1h30m"} or C{"30d"} into seconds.
     """
     text = text.strip().lower()
     if re.fullmatch(r"\d+(\.\d+)?", text):
         seconds = float(text)
     else:
-        parts = re.findall(r"(\d+)([hms])", text)
+        parts = re.findall(r"(\d+)([dhms])", text)
         if not parts or "".join(n + u for n, u in parts) != text:
-            raise ValueError(f"not a duration (use e.g. 900, 15m, 1h30m): {text!r}")
-        units = {"h": 3600, "m": 60, "s": 1}
+            raise ValueError(f"not a duration (use e.g. 900, 15m, 1h30m, 30d): {text!r}")
+        units = {"d": 86400, "h": 3600, "m": 60, "s": 1}
         seconds = float(sum(int(n) * units[u] for n, u in parts))
     if seconds <= 0:
         raise ValueError(f"must be longer than zero: {text!r}")
@@ -288,6 +293,16 @@ OPTIONS: tuple[Option, ...] = (
         "(space or comma separated).",
         "",
     ),
+    Option("access-token-lifetime", "Lifetime of the access tokens fjmcp issues.", "1h"),
+    Option(
+        "refresh-token-lifetime", "Lifetime of the refresh tokens fjmcp issues.", "30d"
+    ),
+    Option(
+        "refresh-grace-period",
+        "How long a just-rotated refresh token still works, to absorb clients that "
+        "refresh concurrently; reuse after it revokes the whole grant.",
+        "60s",
+    ),
     Option("log-format", "Log as 'text' or 'json' lines.", "text"),
     Option("log-level", "Lowest level logged: debug, info, warn, error.", "info"),
 )
@@ -365,6 +380,9 @@ def build_config(
     max_per_user = parse("max-sessions-per-user", parse_positive_int)
     idle = parse("session-idle-timeout", parse_duration)
     proxies = parse("trusted-proxies", parse_networks)
+    access_lifetime = parse("access-token-lifetime", parse_duration)
+    refresh_lifetime = parse("refresh-token-lifetime", parse_duration)
+    grace = parse("refresh-grace-period", parse_duration)
     log_format = parse("log-format", parse_log_format)
     log_level = parse("log-level", parse_log_level)
 
@@ -450,6 +468,9 @@ def build_config(
         trusted_proxies=proxies,
         log_format=log_format,
         log_level=log_level,
+        access_token_lifetime=access_lifetime,
+        refresh_token_lifetime=refresh_lifetime,
+        refresh_grace_period=grace,
         warnings=tuple(warnings),
     )
 

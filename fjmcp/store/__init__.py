@@ -7,6 +7,7 @@ Each module holds the tables of one concern as a mixin over L{Database}
 data store.
 """
 
+from fjmcp.store.authorizations import AuthorizationStore
 from fjmcp.store.clients import ClientRecord, ClientStore
 from fjmcp.store.credentials import CredentialStore, SealedCredential, UpstreamUser
 from fjmcp.store.database import (
@@ -20,9 +21,10 @@ from fjmcp.store.database import (
     make_pool,
     migrate_database,
 )
+from fjmcp.store.tokens import TokenStore
 
 
-class Store(ClientStore, CredentialStore, Database):
+class Store(AuthorizationStore, ClientStore, CredentialStore, TokenStore, Database):
     """
     Every read and write of broker state.
     """
