@@ -374,7 +374,7 @@ class StandinForgejo:
             colon = ""
         if not colon:
             raise OAuthError("invalid_request", "cannot parse basic auth header")
-        basic_id, basic_secret = unquote(basic_id), unquote(basic_secret)
+        # Forgejo takes Basic credentials as they are, without form-decoding them.
         if client_id and client_id != basic_id:
             raise OAuthError(
                 "invalid_request",
