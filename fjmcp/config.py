@@ -294,9 +294,7 @@ OPTIONS: tuple[Option, ...] = (
         "",
     ),
     Option("access-token-lifetime", "Lifetime of the access tokens fjmcp issues.", "1h"),
-    Option(
-        "refresh-token-lifetime", "Lifetime of the refresh tokens fjmcp issues.", "30d"
-    ),
+    Option("refresh-token-lifetime", "Lifetime of the refresh tokens fjmcp issues.", "30d"),
     Option(
         "refresh-grace-period",
         "How long a just-rotated refresh token still works, to absorb clients that "

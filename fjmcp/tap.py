@@ -10,21 +10,31 @@ from __future__ import annotations
 
 import signal
 import sys
+from http.cookiejar import DefaultCookiePolicy
 from typing import Any
 
+from treq.client import HTTPClient
+from treq.cookies import IndexableCookieJar
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
 from twisted.internet import endpoints
 from twisted.logger import Logger
+from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.server import Site
 
 from fjmcp import __version__
+from fjmcp.authorize import AuthorizationFlow
 from fjmcp.children import ChildSupervisor
+from fjmcp.cimd import ClientMetadataFetcher
 from fjmcp.clients import ClientRegistry
 from fjmcp.config import Config
 from fjmcp.config import Options as _ConfigOptions
+from fjmcp.credentials import UpstreamCredentials
+from fjmcp.crypto import SecretBox
 from fjmcp.logs import prepare_twistd_observer
 from fjmcp.store import Store, StoreError, migrate_database
+from fjmcp.tokens import TokenService
+from fjmcp.upstream import ForgejoClient
 from fjmcp.web import BrokerApp, access_log_line
 
 log = Logger()
@@ -107,7 +117,40 @@ def build_service(config: Config, reactor: Any, schema_version: int) -> MultiSer
     StoreService(store).setServiceParent(top)
     children = ChildSupervisor(reactor)
     children.setServiceParent(top)
-    app = BrokerApp(config, store, children, reactor, clients=ClientRegistry(store))
+    clients = ClientRegistry(store)
+    box = SecretBox(config.secret_key)
+    # Its own HTTP client, and one that keeps no cookies: treq's would carry
+    # whatever Forgejo sets from one user's requests into the next user's.
+    no_cookies = IndexableCookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
+    upstream = ForgejoClient(
+        HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor)), cookiejar=no_cookies),
+        reactor,
+        config.forgejo_url,
+        config.forgejo_client_id,
+        config.forgejo_client_secret,
+        config.public_url + "/oauth/callback",
+        config.forgejo_scopes,
+    )
+    credentials = UpstreamCredentials(store, box, upstream, reactor)
+    flow = AuthorizationFlow(
+        config,
+        store,
+        clients,
+        upstream,
+        credentials,
+        box,
+        reactor,
+        cimd=ClientMetadataFetcher(reactor, allow_loopback=config.cimd_allow_loopback),
+    )
+    app = BrokerApp(
+        config,
+        store,
+        children,
+        reactor,
+        clients=clients,
+        flow=flow,
+        tokens=TokenService(store, config, reactor),
+    )
     site = Site(app.resource(), logFormatter=access_log_line)
     site.displayTracebacks = False
     for description in config.listen:

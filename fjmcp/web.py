@@ -12,13 +12,27 @@ from typing import Any, Protocol
 from klein import Klein
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
 from twisted.web.server import Request
+from werkzeug.exceptions import HTTPException
 
 from fjmcp import __version__
+from fjmcp.authorize import (
+    LOGIN_SESSION_LIFETIME,
+    AuthorizationFlow,
+    Completed,
+    PageError,
+    Redirect,
+)
 from fjmcp.clients import ClientRegistry
 from fjmcp.config import Config
+from fjmcp.crypto import new_token
 from fjmcp.discovery import authorization_server_metadata, protected_resource_metadata
+from fjmcp.pages import consent_page, error_page
 from fjmcp.registration import RegistrationError
+from fjmcp.tokens import MAX_BODY as MAX_TOKEN_BODY
+from fjmcp.tokens import TokenService
 
 HEALTH_TIMEOUT = 3.0
 
@@ -118,12 +132,22 @@ class BrokerApp:
         sessions: SessionCount,
         clock: Any,
         clients: ClientRegistry | None = None,
+        flow: AuthorizationFlow | None = None,
+        tokens: TokenService | None = None,
     ) -> None:
         self._config = config
         self._store = store
         self._sessions = sessions
         self._clock = clock
         self._clients = clients
+        self._flow = flow
+        self._tokens = tokens
+        secure = config.public_url.startswith("https://")
+        # __Host- cookies need Secure, which plain-http loopback development lacks.
+        prefix = b"__Host-" if secure else b""
+        self._secure = secure
+        self._browser_cookie = prefix + b"fjmcp-browser"
+        self._login_cookie = prefix + b"fjmcp-login"
 
     def resource(self) -> Any:
         return self.app.resource()
@@ -198,3 +222,174 @@ class BrokerApp:
             method=registered["token_endpoint_auth_method"],
         )
         return json_response(request, 201, registered)
+
+    # --- the token and revocation endpoints (fjmcp.tokens does the work)
+
+    @app.route("/oauth/token", methods=["POST"])
+    async def token(self, request: Request) -> bytes:
+        allow_cross_origin(request)
+        assert self._tokens is not None
+        status, headers, body = await self._tokens.token_response(
+            read_body(request, MAX_TOKEN_BODY), oauth_request_headers(request)
+        )
+        return _send(request, status, headers, body)
+
+    @app.route("/oauth/revoke", methods=["POST"])
+    async def revoke(self, request: Request) -> bytes:
+        allow_cross_origin(request)
+        assert self._tokens is not None
+        status, headers, body = await self._tokens.revoke(
+            read_body(request, MAX_TOKEN_BODY), oauth_request_headers(request)
+        )
+        return _send(request, status, headers, body)
+
+    # --- the authorization flow (pages a person sees)
+
+    def _page(self, request: Request, status: int, body: bytes) -> bytes:
+        request.setResponseCode(status)
+        request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
+        request.setHeader(b"Cache-Control", b"no-store")
+        request.setHeader(b"X-Frame-Options", b"DENY")
+        request.setHeader(
+            b"Content-Security-Policy",
+            b"default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'; "
+            b"base-uri 'none'",
+        )
+        request.setHeader(b"Referrer-Policy", b"no-referrer")
+        return body
+
+    def _redirect(self, request: Request, location: str) -> bytes:
+        request.setResponseCode(303)
+        request.setHeader(b"Location", location.encode("utf-8"))
+        request.setHeader(b"Cache-Control", b"no-store")
+        request.setHeader(b"Referrer-Policy", b"no-referrer")
+        return b""
+
+    def _set_cookie(self, request: Request, name: bytes, value: str, max_age: int) -> None:
+        request.addCookie(
+            name,
+            value.encode("ascii"),
+            path=b"/",
+            max_age=str(max_age).encode(),
+            secure=self._secure,
+            httpOnly=True,
+            sameSite="lax",
+        )
+
+    @app.handle_errors(PageError)
+    def _page_error(self, request: IRequest, failure: Failure) -> bytes:
+        e = failure.value
+        assert isinstance(e, PageError) and isinstance(request, Request)
+        return self._page(request, e.status, error_page(e.title, e.message))
+
+    @app.handle_errors(Exception)
+    def _unexpected(self, request: IRequest, failure: Failure) -> bytes:
+        """
+        A bug or an outage below us: log it with the traceback, and answer
+        without one.
+        """
+        assert isinstance(request, Request)
+        if failure.check(HTTPException):
+            # Klein's own 404/405: not ours to hide.
+            e = failure.value
+            assert isinstance(e, HTTPException) and e.code is not None
+            request.setResponseCode(e.code)
+            request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+            return f"{e.code} {e.name}\n".encode()
+        log.failure("unexpected error on {path}", failure, path=request.path.decode("latin-1"))
+        return oauth_error(request, 500, "server_error", "an internal error occurred; see the log")
+
+    @app.route("/oauth/authorize", methods=["GET"])
+    async def authorize(self, request: Request) -> bytes:
+        assert self._flow is not None
+        browser = _cookie(request, self._browser_cookie) or new_token()
+        self._set_cookie(request, self._browser_cookie, browser, 3600)
+        result = await self._flow.begin(
+            query_args(request), browser, _cookie(request, self._login_cookie)
+        )
+        if isinstance(result, Redirect):
+            return self._redirect(request, result.location)
+        return self._page(
+            request,
+            200,
+            consent_page(
+                client_name=result.client_name,
+                client_id=result.client_id,
+                redirect_host=result.redirect_host,
+                forgejo_url=self._config.forgejo_url,
+                forgejo_scopes=self._config.forgejo_scopes,
+                consent_token=result.consent_token,
+                action="/oauth/authorize",
+                unverified_name=result.unverified_name,
+            ),
+        )
+
+    @app.route("/oauth/authorize", methods=["POST"])
+    async def decide(self, request: Request) -> bytes:
+        assert self._flow is not None
+        result = await self._flow.decide(
+            query_args(request), _cookie(request, self._browser_cookie)
+        )
+        return self._redirect(request, result.location)
+
+    @app.route("/oauth/callback", methods=["GET"])
+    async def callback(self, request: Request) -> bytes:
+        assert self._flow is not None
+        result = await self._flow.callback(query_args(request))
+        if isinstance(result, Completed):
+            self._set_cookie(
+                request, self._login_cookie, result.login_session, int(LOGIN_SESSION_LIFETIME)
+            )
+        return self._redirect(request, result.location)
+
+
+def _cookie(request: Request, name: bytes) -> str | None:
+    value = request.getCookie(name)
+    if not value:
+        return None
+    try:
+        return value.decode("ascii")
+    except UnicodeDecodeError:
+        return None
+
+
+def query_args(request: Request) -> dict[str, str]:
+    """
+    Query and form fields, first value of each, as text.  (Twisted merges
+    an urlencoded POST body into C{request.args}.)
+    """
+    out = {}
+    for key, values in request.args.items():
+        if values:
+            try:
+                out[key.decode("utf-8")] = values[0].decode("utf-8")
+            except UnicodeDecodeError:
+                continue
+    return out
+
+
+def read_body(request: Request, limit: int) -> bytes:
+    """
+    The request body, read to at most one byte past C{limit} so the caller
+    can tell that it was too large without holding more of it.
+    """
+    return request.content.read(limit + 1) if request.content is not None else b""
+
+
+def oauth_request_headers(request: Request) -> dict[str, str]:
+    """
+    The headers an OAuth endpoint looks at, as text.
+    """
+    out = {}
+    for name in (b"content-type", b"authorization"):
+        value = request.getHeader(name)
+        if value is not None:
+            out[name.decode()] = value.decode("latin-1")
+    return out
+
+
+def _send(request: Request, status: int, headers: dict[str, str], body: Any) -> bytes:
+    payload = json_response(request, status, body)
+    for name, value in headers.items():
+        request.setHeader(name.encode("latin-1"), value.encode("latin-1"))
+    return payload

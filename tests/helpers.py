@@ -13,6 +13,7 @@ from twisted.internet import reactor
 from twisted.logger import LogLevel
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from fjmcp.config import Config
@@ -27,17 +28,25 @@ def http_client() -> HTTPClient:
     return HTTPClient(Agent(reactor, pool=pool))
 
 
+def listen(test: TestCase, resource: Any = None) -> tuple[Site, str]:
+    """
+    A site on a loopback port for the length of C{test}, and its base URL.
+    Its C{resource} can be set later, once the URL is known.
+    """
+    site = Site(resource if resource is not None else Resource())
+    site.timeOut = None
+    port = reactor.listenTCP(0, site, interface="127.0.0.1")  # type: ignore[arg-type]
+    test.addCleanup(port.stopListening)
+    address: Any = port.getHost()
+    return site, f"http://127.0.0.1:{address.port}"
+
+
 def serve(test: TestCase, resource: Any) -> str:
     """
     Serve C{resource} on a loopback port for the length of C{test}; returns
     its base URL.
     """
-    site = Site(resource)
-    site.timeOut = None
-    port = reactor.listenTCP(0, site, interface="127.0.0.1")  # type: ignore[arg-type]
-    test.addCleanup(port.stopListening)
-    address: Any = port.getHost()
-    return f"http://127.0.0.1:{address.port}"
+    return listen(test, resource)[1]
 
 
 def make_config(tmp: str, public_url: str = "https://mcp.example.org", **overrides: Any) -> Config:

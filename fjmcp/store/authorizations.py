@@ -1,12 +1,202 @@
 """
 Logins in flight and remembered: pending authorization requests (consent
 page to Forgejo and back), users' consents per client, broker login sessions.
+
+Single use is enforced by the statements themselves (a row is claimed by the
+UPDATE or DELETE that uses it), so two concurrent requests cannot both win.
 """
 
 from __future__ import annotations
 
-from fjmcp.store.database import Database
+import attrs
+from twisted.internet.defer import Deferred
+
+from fjmcp.store.database import Database, Txn
+
+_PENDING_COLUMNS = (
+    "id, client_id, redirect_uri, client_state, code_challenge, code_challenge_method,"
+    " scope, resource, upstream_verifier_enc, expires_at"
+)
+
+
+@attrs.frozen
+class PendingAuthorization:
+    """
+    An authorization request between the consent page and the user's
+    return from Forgejo.
+    """
+
+    id: int
+    client_id: str
+    redirect_uri: str
+    client_state: str | None
+    code_challenge: str
+    code_challenge_method: str
+    scope: str
+    resource: str
+    upstream_verifier_enc: bytes | None = attrs.field(repr=False)
+    expires_at: float
 
 
 class AuthorizationStore(Database):
-    pass
+    def create_pending_authorization(
+        self,
+        consent_hash: bytes,
+        browser_hash: bytes,
+        client_id: str,
+        redirect_uri: str,
+        client_state: str | None,
+        code_challenge: str,
+        code_challenge_method: str,
+        scope: str,
+        resource: str,
+        expires_at: float,
+    ) -> Deferred[None]:
+        now = self._now()
+
+        def q(txn: Txn) -> None:
+            txn.execute(
+                "INSERT INTO pending_authorizations (consent_hash, browser_hash, client_id,"
+                " redirect_uri, client_state, code_challenge, code_challenge_method, scope,"
+                " resource, created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    consent_hash,
+                    browser_hash,
+                    client_id,
+                    redirect_uri,
+                    client_state,
+                    code_challenge,
+                    code_challenge_method,
+                    scope,
+                    resource,
+                    now,
+                    expires_at,
+                ),
+            )
+
+        return self._write("create_pending_authorization", q)
+
+    def approve_pending_authorization(
+        self,
+        consent_hash: bytes,
+        browser_hash: bytes,
+        state_hash: bytes,
+        upstream_verifier_enc: bytes,
+        expires_at: float,
+    ) -> Deferred[PendingAuthorization | None]:
+        """
+        The user approved: attach the upstream state and verifier.  Only
+        once, only from the browser that saw the form, only before expiry.
+        """
+        now = self._now()
+
+        def q(txn: Txn) -> PendingAuthorization | None:
+            txn.execute(
+                "UPDATE pending_authorizations SET state_hash = ?, upstream_verifier_enc = ?,"
+                " expires_at = ? WHERE consent_hash = ? AND browser_hash = ?"
+                " AND state_hash IS NULL AND expires_at > ?"
+                f" RETURNING {_PENDING_COLUMNS}",
+                (state_hash, upstream_verifier_enc, expires_at, consent_hash, browser_hash, now),
+            )
+            row = txn.fetchone()
+            return PendingAuthorization(*row) if row else None
+
+        return self._write("approve_pending_authorization", q)
+
+    def take_pending_authorization(
+        self,
+        consent_hash: bytes | None = None,
+        state_hash: bytes | None = None,
+        browser_hash: bytes | None = None,
+    ) -> Deferred[PendingAuthorization | None]:
+        """
+        Remove and return a live pending authorization, found by its consent
+        token (a denial: then the browser must match too) or by its upstream
+        state (the return from Forgejo).  A second call finds nothing.
+        """
+        now = self._now()
+        args: tuple[object, ...]
+        if state_hash is not None:
+            where, args = "state_hash = ?", (state_hash,)
+        else:
+            where, args = (
+                "consent_hash = ? AND browser_hash = ? AND state_hash IS NULL",
+                (consent_hash, browser_hash),
+            )
+
+        def q(txn: Txn) -> PendingAuthorization | None:
+            txn.execute(
+                f"DELETE FROM pending_authorizations WHERE {where} RETURNING {_PENDING_COLUMNS}",
+                args,
+            )
+            row = txn.fetchone()
+            if row is None or row[-1] <= now:
+                return None
+            return PendingAuthorization(*row)
+
+        return self._write("take_pending_authorization", q)
+
+    def remember_consent(self, forgejo_user_id: int, client_id: str, scope: str) -> Deferred[None]:
+        now = self._now()
+
+        def q(txn: Txn) -> None:
+            txn.execute(
+                "INSERT INTO consents (forgejo_user_id, client_id, scope, granted_at, last_used_at)"
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (forgejo_user_id, client_id) DO UPDATE SET"
+                " scope = excluded.scope, last_used_at = excluded.last_used_at",
+                (forgejo_user_id, client_id, scope, now, now),
+            )
+
+        return self._write("remember_consent", q)
+
+    def has_consent(self, forgejo_user_id: int, client_id: str) -> Deferred[bool]:
+        def q(txn: Txn) -> bool:
+            txn.execute(
+                "SELECT 1 FROM consents WHERE forgejo_user_id = ? AND client_id = ?",
+                (forgejo_user_id, client_id),
+            )
+            return txn.fetchone() is not None
+
+        return self._read("has_consent", q)
+
+    def create_login_session(
+        self, session_hash: bytes, forgejo_user_id: int, expires_at: float
+    ) -> Deferred[None]:
+        now = self._now()
+
+        def q(txn: Txn) -> None:
+            txn.execute(
+                "INSERT INTO login_sessions (session_hash, forgejo_user_id, created_at, expires_at)"
+                " VALUES (?, ?, ?, ?)",
+                (session_hash, forgejo_user_id, now, expires_at),
+            )
+
+        return self._write("create_login_session", q)
+
+    def login_session_user(self, session_hash: bytes) -> Deferred[int | None]:
+        now = self._now()
+
+        def q(txn: Txn) -> int | None:
+            txn.execute(
+                "SELECT forgejo_user_id FROM login_sessions WHERE session_hash = ?"
+                " AND expires_at > ?",
+                (session_hash, now),
+            )
+            row = txn.fetchone()
+            return int(row[0]) if row else None
+
+        return self._read("login_session_user", q)
+
+    def purge_expired_authorizations(self) -> Deferred[int]:
+        """
+        Forget abandoned logins and expired login sessions; returns how many.
+        """
+        now = self._now()
+
+        def q(txn: Txn) -> int:
+            txn.execute("DELETE FROM pending_authorizations WHERE expires_at <= ?", (now,))
+            count = int(txn.rowcount)
+            txn.execute("DELETE FROM login_sessions WHERE expires_at <= ?", (now,))
+            return count + int(txn.rowcount)
+
+        return self._write("purge_expired_authorizations", q)

@@ -115,7 +115,10 @@ CREATE TABLE access_tokens (
     family_id  TEXT NOT NULL REFERENCES token_families(family_id) ON DELETE CASCADE,
     created_at REAL NOT NULL,
     expires_at REAL NOT NULL,
-    revoked_at REAL
+    revoked_at REAL,
+    -- A refresh may ask for fewer scopes than the family was granted (RFC
+    -- 6749 section 6); NULL means the family's scope.
+    scope      TEXT
 );
 CREATE INDEX access_tokens_family ON access_tokens(family_id);
 

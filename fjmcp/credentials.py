@@ -1,0 +1,178 @@
+"""
+Users' Forgejo credentials: sealing them into the store, and handing out a
+usable Forgejo access token, refreshed when it is about to expire.
+
+Forgejo invalidates every older refresh token of a user on each issue, so a
+user's credential is refreshed by one request at a time: concurrent callers
+for the same user wait for the refresh already under way instead of starting
+their own (which would invalidate each other).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from fjmcp.crypto import DecryptionError, SecretBox
+from fjmcp.store import SealedCredential, Store, UpstreamUser
+from fjmcp.upstream import (
+    ForgejoClient,
+    ForgejoUser,
+    UpstreamError,
+    UpstreamRejectedError,
+    UpstreamTokens,
+)
+
+# Refresh a Forgejo token this long before it expires, so a child started
+# with it does not meet an expired token in the middle of a tool call.
+REFRESH_MARGIN = 300.0
+
+log = Logger()
+
+
+class LoginRequiredError(Exception):
+    """
+    The user's Forgejo credential is gone, refused or unreadable: they must
+    authorize again (our answer to the client is 401 invalid_token).
+    """
+
+
+def _context(forgejo_user_id: int, which: str) -> str:
+    return f"forgejo-user:{forgejo_user_id}:{which}"
+
+
+class UpstreamCredentials:
+    def __init__(
+        self,
+        store: Store,
+        box: SecretBox,
+        upstream: ForgejoClient,
+        clock: Any,
+        refresh_margin: float = REFRESH_MARGIN,
+    ) -> None:
+        self._store = store
+        self._box = box
+        self._upstream = upstream
+        self._clock = clock
+        self._margin = refresh_margin
+        self._refreshing: dict[int, _Shared] = {}
+
+    async def save(self, user: ForgejoUser, tokens: UpstreamTokens) -> int:
+        """
+        Make C{tokens} the user's only Forgejo credential; returns its generation.
+        """
+        refresh = tokens.refresh_token
+        return await self._store.replace_upstream_credential(
+            UpstreamUser(user.id, user.login, user.full_name),
+            self._box.seal(tokens.access_token, _context(user.id, "access")),
+            self._box.seal(refresh, _context(user.id, "refresh")) if refresh else None,
+            tokens.expires_at,
+            tokens.scope,
+        )
+
+    async def access_token(self, forgejo_user_id: int) -> str:
+        """
+        A Forgejo access token for the user that is good for at least the
+        refresh margin.
+
+        @raise LoginRequiredError: no credential, or Forgejo refused to renew it.
+        @raise fjmcp.upstream.UpstreamError: Forgejo could not be reached.
+        """
+        in_flight = self._refreshing.get(forgejo_user_id)
+        if in_flight is not None:
+            return await in_flight.wait()
+        cred = await self._store.get_upstream_credential(forgejo_user_id)
+        if cred is None:
+            raise LoginRequiredError("no Forgejo credential is stored for this user")
+        token = self._usable(cred)
+        if token is not None:
+            return token
+        in_flight = self._refreshing.get(forgejo_user_id)
+        if in_flight is None:
+            # Nobody started a refresh while we read the row: this call does it.
+            in_flight = _Shared(Deferred.fromCoroutine(self._refresh(forgejo_user_id)))
+            self._refreshing[forgejo_user_id] = in_flight
+
+            def forget(_: object, shared: _Shared = in_flight) -> None:
+                if self._refreshing.get(forgejo_user_id) is shared:
+                    del self._refreshing[forgejo_user_id]
+
+            in_flight.wait().addBoth(forget)
+        return await in_flight.wait()
+
+    def _usable(self, cred: SealedCredential) -> str | None:
+        if cred.expires_at - self._clock.seconds() <= self._margin:
+            return None
+        try:
+            return self._box.open(cred.access_token_enc, _context(cred.forgejo_user_id, "access"))
+        except DecryptionError as e:
+            raise LoginRequiredError(str(e)) from None
+
+    async def _refresh(self, forgejo_user_id: int) -> str:
+        # Read again: a refresh that finished while our caller was reading
+        # has already replaced the row, and its old refresh token is dead.
+        cred = await self._store.get_upstream_credential(forgejo_user_id)
+        if cred is None:
+            raise LoginRequiredError("no Forgejo credential is stored for this user")
+        token = self._usable(cred)
+        if token is not None:
+            return token
+        refresh_enc = cred.refresh_token_enc
+        if refresh_enc is None:
+            raise LoginRequiredError("the Forgejo credential expired and has no refresh token")
+        try:
+            refresh_token = self._box.open(refresh_enc, _context(forgejo_user_id, "refresh"))
+        except DecryptionError as e:
+            raise LoginRequiredError(str(e)) from None
+        try:
+            tokens = await self._upstream.refresh(refresh_token)
+        except UpstreamError as e:
+            if isinstance(e, UpstreamRejectedError):
+                log.info(
+                    "Forgejo refused to renew the token of user {user}: {error}",
+                    user=forgejo_user_id,
+                    error=str(e),
+                )
+                raise LoginRequiredError(str(e)) from None
+            raise
+        user = await self._store.get_user(forgejo_user_id)
+        assert user is not None
+        await self.save(ForgejoUser(user.forgejo_user_id, user.login, user.full_name), tokens)
+        log.info("renewed the Forgejo token of user {user}", user=forgejo_user_id)
+        return tokens.access_token
+
+
+class _Shared:
+    """
+    One result, many waiters: each gets its own Deferred, and the shared
+    one's failure is consumed here once everyone has been told.
+    """
+
+    def __init__(self, d: Deferred[str]) -> None:
+        self._waiters: list[Deferred[str]] = []
+        self._result: str | Failure | None = None
+        d.addBoth(self._fire)
+
+    def _fire(self, result: str | Failure) -> None:
+        self._result = result
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            self._deliver(waiter)
+
+    def _deliver(self, waiter: Deferred[str]) -> None:
+        if isinstance(self._result, Failure):
+            waiter.errback(self._result)
+        else:
+            assert self._result is not None
+            waiter.callback(self._result)
+
+    def wait(self) -> Deferred[str]:
+        waiter: Deferred[str] = Deferred()
+        if self._result is None:
+            self._waiters.append(waiter)
+        else:
+            self._deliver(waiter)
+        return waiter

@@ -1,0 +1,101 @@
+"""
+The few HTML pages a person sees: the consent page and error pages.
+Everything shown is escaped; the pages load nothing from elsewhere.
+"""
+
+from __future__ import annotations
+
+import html
+
+_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{title} · fjmcp</title>
+<style>
+body{{font-family:system-ui,sans-serif;max-width:34em;margin:3em auto;padding:0 1em;color:#222}}
+.box{{border:1px solid #ccc;border-radius:8px;padding:1em 1.5em}}
+code{{background:#f3f3f3;padding:0 .2em}}
+ul{{padding-left:1.2em}}
+button{{font-size:1em;padding:.5em 1.4em;margin:.3em .5em .3em 0;border-radius:6px;cursor:pointer}}
+.approve{{background:#2e7d32;color:#fff;border:1px solid #2e7d32}}
+.deny{{background:#fff;border:1px solid #999}}
+.warn{{color:#8a4b00}}
+</style></head>
+<body><div class="box"><h1>{title}</h1>{body}</div></body></html>
+"""
+
+# What each Forgejo scope lets an assistant do, in words a person reads.
+SCOPE_WORDS = {
+    "user": "see your Forgejo profile",
+    "repository": "repositories, their files, branches and pull requests",
+    "issue": "issues, labels, milestones and comments",
+    "organization": "organizations and teams",
+    "notification": "your notifications",
+    "misc": "miscellaneous Forgejo data",
+    "package": "packages",
+    "activitypub": "federation (ActivityPub) data",
+    "admin": "site administration",
+}
+
+
+def render(title: str, body: str) -> bytes:
+    return _PAGE.format(title=html.escape(title), body=body).encode("utf-8")
+
+
+def error_page(title: str, message: str) -> bytes:
+    return render(title, f"<p>{html.escape(message)}</p>")
+
+
+def describe_scopes(scopes: tuple[str, ...]) -> list[str]:
+    """
+    Turn Forgejo scopes such as C{write:repository} into sentences.
+    """
+    lines = []
+    for scope in scopes:
+        level, _, category = scope.partition(":")
+        what = SCOPE_WORDS.get(category)
+        if scope == "all":
+            lines.append("read and change everything your Forgejo account can")
+        elif what and level == "write":
+            lines.append(f"read and change {what}" if category != "user" else f"change and {what}")
+        elif what and level == "read":
+            lines.append(f"read {what}" if category != "user" else what)
+        else:
+            lines.append(scope)
+    return lines
+
+
+def consent_page(
+    *,
+    client_name: str,
+    client_id: str,
+    redirect_host: str,
+    forgejo_url: str,
+    forgejo_scopes: tuple[str, ...],
+    consent_token: str,
+    action: str,
+    unverified_name: bool,
+) -> bytes:
+    e = html.escape
+    abilities = "".join(f"<li>{e(line)}</li>" for line in describe_scopes(forgejo_scopes))
+    warning = (
+        '<p class="warn">This client registered itself; its name is its own claim. '
+        "Check where it will send you back.</p>"
+        if unverified_name
+        else ""
+    )
+    body = f"""
+<p><b>{e(client_name)}</b> wants to use your account at
+<code>{e(forgejo_url)}</code> through this MCP server.</p>
+{warning}
+<p>After you approve and sign in to Forgejo, you will be sent back to
+<b>{e(redirect_host)}</b>.</p>
+<p>It will be able to act as you in Forgejo, with these permissions:</p>
+<ul>{abilities}</ul>
+<p><small>Client ID: <code>{e(client_id)}</code>. You can revoke access later.</small></p>
+<form method="post" action="{e(action)}">
+<input type="hidden" name="consent" value="{e(consent_token)}">
+<button class="approve" type="submit" name="decision" value="approve">Approve</button>
+<button class="deny" type="submit" name="decision" value="deny">Deny</button>
+</form>"""
+    return render("Allow access to Forgejo?", body)

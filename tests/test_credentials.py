@@ -1,0 +1,159 @@
+"""
+Users' Forgejo credentials: sealed at rest, renewed before they expire, and
+renewed once per user however many requests need them at the same moment.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from pathlib import Path
+
+from treq.client import HTTPClient
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.task import Clock
+from twisted.trial.unittest import TestCase
+from twisted.web.client import Agent, HTTPConnectionPool
+
+from fjmcp.credentials import LoginRequiredError, UpstreamCredentials
+from fjmcp.crypto import SecretBox
+from fjmcp.standin.model import Forge, seed
+from fjmcp.standin.web import StandinForgejo
+from fjmcp.store import Store, migrate_database
+from fjmcp.upstream import ForgejoClient, ForgejoUser, UpstreamTokens
+from tests.helpers import serve
+
+
+class CredentialTests(TestCase):
+    def setUp(self) -> None:
+        self.forge = Forge(reactor.seconds)
+        seed(self.forge)
+        self.app = self.forge.add_app(
+            "fjmcp", ["http://127.0.0.1/cb"], confidential=True,
+            client_id="broker", client_secret="gto_secret",
+        )  # fmt: skip
+        url = serve(self, StandinForgejo(self.forge, "http://placeholder").resource())
+        path = Path(self.mktemp()).resolve()
+        path.mkdir()
+        migrate_database(path / "broker.db")
+        self.db = path / "broker.db"
+        self.store = Store.open(self.db, reactor)
+        self.addCleanup(self.store.close)
+        self.clock = Clock()
+        self.clock.advance(1_000_000)
+        self.upstream = ForgejoClient(
+            HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False))),
+            self.clock,
+            url,
+            "broker",
+            "gto_secret",
+            "http://127.0.0.1/cb",
+            ["read:user"],
+        )
+        self.refreshes = 0
+        real_refresh = self.upstream.refresh
+
+        async def counting_refresh(token: str) -> UpstreamTokens:
+            self.refreshes += 1
+            return await real_refresh(token)
+
+        self.upstream.refresh = counting_refresh  # type: ignore[method-assign, assignment]
+        self.key = os.urandom(32)
+        self.credentials = UpstreamCredentials(
+            self.store, SecretBox(self.key), self.upstream, self.clock
+        )
+
+    async def login(self, login: str = "alice", expires_in: float = 3600) -> UpstreamTokens:
+        """
+        What the callback does: a code exchange at Forgejo, then save.
+        """
+        user = self.forge.user_by_login(login)
+        assert user is not None
+        grant = self.forge.ensure_grant(user.id, "broker", "read:user")
+        code = self.forge.issue_code(grant, "http://127.0.0.1/cb", "", "")
+        issued = self.forge.exchange_code(self.app, code, "", "")
+        tokens = UpstreamTokens(
+            issued.access_token,
+            issued.refresh_token,
+            self.clock.seconds() + expires_in,
+            "read:user",
+        )
+        await self.credentials.save(ForgejoUser(user.id, user.login, user.full_name), tokens)
+        return tokens
+
+    async def test_fresh_token_is_used_as_is(self) -> None:
+        tokens = await self.login()
+        self.assertEqual(await self.credentials.access_token(1), tokens.access_token)
+        self.assertEqual(self.refreshes, 0)
+
+    async def test_sealed_at_rest(self) -> None:
+        tokens = await self.login()
+        conn = sqlite3.connect(self.db)
+        dump = "\n".join(conn.iterdump())
+        conn.close()
+        self.assertNotIn(tokens.access_token, dump)
+        assert tokens.refresh_token is not None
+        self.assertNotIn(tokens.refresh_token, dump)
+
+    async def test_near_expiry_is_renewed_and_stored(self) -> None:
+        old = await self.login(expires_in=100)
+        token = await self.credentials.access_token(1)
+        self.assertNotEqual(token, old.access_token)
+        self.assertEqual(self.refreshes, 1)
+        # Forgejo accepts the new one, and the stored row moved on.
+        self.assertEqual(self.forge.user_for_access_token(token)[0].login, "alice")  # type: ignore[index]
+        cred = await self.store.get_upstream_credential(1)
+        assert cred is not None
+        self.assertEqual(cred.generation, 2)
+        self.assertEqual(await self.credentials.access_token(1), token)
+        self.assertEqual(self.refreshes, 1)
+
+    async def test_concurrent_callers_share_one_refresh(self) -> None:
+        """
+        Twenty requests for the same user at once: one refresh at Forgejo
+        (a second would be refused there as a replayed refresh token), and
+        every caller gets the same, working token.
+        """
+        await self.login(expires_in=10)
+        tokens = await gatherResults(
+            [Deferred.fromCoroutine(self.credentials.access_token(1)) for _ in range(20)]
+        )
+        self.assertEqual(self.refreshes, 1)
+        self.assertEqual(len(set(tokens)), 1)
+        self.assertIsNotNone(self.forge.user_for_access_token(tokens[0]))
+
+    async def test_users_are_independent(self) -> None:
+        await self.login("alice", expires_in=10)
+        await self.login("bob", expires_in=10)
+        a, b = await gatherResults(
+            [
+                Deferred.fromCoroutine(self.credentials.access_token(1)),
+                Deferred.fromCoroutine(self.credentials.access_token(2)),
+            ]
+        )
+        self.assertEqual(self.refreshes, 2)
+        self.assertEqual(self.forge.user_for_access_token(a)[0].login, "alice")  # type: ignore[index]
+        self.assertEqual(self.forge.user_for_access_token(b)[0].login, "bob")  # type: ignore[index]
+
+    async def test_refused_refresh_means_login_again(self) -> None:
+        await self.login(expires_in=10)
+        self.forge.revoke_grant(1, "broker")
+        with self.assertRaises(LoginRequiredError):
+            await self.credentials.access_token(1)
+        # The failure is not remembered as "in flight".
+        with self.assertRaises(LoginRequiredError):
+            await self.credentials.access_token(1)
+        self.assertEqual(self.refreshes, 2)
+
+    async def test_no_credential(self) -> None:
+        with self.assertRaises(LoginRequiredError):
+            await self.credentials.access_token(42)
+
+    async def test_wrong_key(self) -> None:
+        await self.login()
+        other = UpstreamCredentials(
+            self.store, SecretBox(os.urandom(32)), self.upstream, self.clock
+        )
+        with self.assertRaises(LoginRequiredError):
+            await other.access_token(1)
