@@ -150,6 +150,7 @@ def build_service(config: Config, reactor: Any, schema_version: int) -> MultiSer
         clients=clients,
         flow=flow,
         tokens=TokenService(store, config, reactor),
+        credentials=credentials,
     )
     site = Site(app.resource(), logFormatter=access_log_line)
     site.displayTracebacks = False

@@ -27,12 +27,19 @@ from fjmcp.authorize import (
 )
 from fjmcp.clients import ClientRegistry
 from fjmcp.config import Config
+from fjmcp.credentials import LoginRequiredError, UpstreamCredentials
 from fjmcp.crypto import new_token
 from fjmcp.discovery import authorization_server_metadata, protected_resource_metadata
 from fjmcp.pages import consent_page, error_page
 from fjmcp.registration import RegistrationError
 from fjmcp.tokens import MAX_BODY as MAX_TOKEN_BODY
-from fjmcp.tokens import TokenService
+from fjmcp.tokens import (
+    InvalidTokenError,
+    MissingTokenError,
+    TokenService,
+    www_authenticate,
+)
+from fjmcp.upstream import UpstreamError
 
 HEALTH_TIMEOUT = 3.0
 
@@ -86,6 +93,10 @@ CORS_ALLOW_HEADERS = (
 MAX_REGISTRATION_BODY = 16 * 1024
 
 
+def jsonrpc_error(code: int, message: str) -> dict[str, Any]:
+    return {"jsonrpc": "2.0", "id": None, "error": {"code": code, "message": message}}
+
+
 def allow_cross_origin(request: Request) -> None:
     """
     Browser-based clients (MCP Inspector) call these routes from another
@@ -134,6 +145,7 @@ class BrokerApp:
         clients: ClientRegistry | None = None,
         flow: AuthorizationFlow | None = None,
         tokens: TokenService | None = None,
+        credentials: UpstreamCredentials | None = None,
     ) -> None:
         self._config = config
         self._store = store
@@ -142,6 +154,7 @@ class BrokerApp:
         self._clients = clients
         self._flow = flow
         self._tokens = tokens
+        self._credentials = credentials
         secure = config.public_url.startswith("https://")
         # __Host- cookies need Secure, which plain-http loopback development lacks.
         prefix = b"__Host-" if secure else b""
@@ -242,6 +255,58 @@ class BrokerApp:
             read_body(request, MAX_TOKEN_BODY), oauth_request_headers(request)
         )
         return _send(request, status, headers, body)
+
+    # --- the MCP endpoint: the resource server's gate
+
+    def _unauthorized(self, request: Request, error: str | None, description: str | None) -> bytes:
+        request.setHeader(b"WWW-Authenticate", www_authenticate(self._config, error, description))
+        body: dict[str, str] = {"error": error or "unauthorized"}
+        body["error_description"] = description or "this endpoint needs a bearer token"
+        return json_response(request, 401, body)
+
+    @app.route("/mcp", methods=["GET", "POST", "DELETE"])
+    @app.route("/mcp/", methods=["GET", "POST", "DELETE"], endpoint="mcp_slash")
+    async def mcp(self, request: Request) -> bytes:
+        """
+        Every request is authenticated on its own, sessions or not; a valid
+        token must also still stand for a usable Forgejo authorization.
+        """
+        allow_cross_origin(request)
+        assert self._tokens is not None and self._credentials is not None
+        header = request.getHeader(b"authorization")
+        try:
+            grant = await self._tokens.check_bearer(
+                header.decode("latin-1") if header is not None else None
+            )
+        except MissingTokenError:
+            return self._unauthorized(request, None, None)
+        except InvalidTokenError as e:
+            return self._unauthorized(request, "invalid_token", e.description)
+        try:
+            await self._credentials.access_token(grant.forgejo_user_id)
+        except LoginRequiredError:
+            return self._unauthorized(
+                request,
+                "invalid_token",
+                "the Forgejo authorization behind this token has ended; authorize again",
+            )
+        except UpstreamError as e:
+            log.warn("Forgejo could not renew a token: {error}", error=str(e))
+            request.setHeader(b"Retry-After", b"30")
+            return json_response(
+                request,
+                503,
+                jsonrpc_error(-32603, "Forgejo cannot be reached right now; try again shortly"),
+            )
+        # The session bridge to forgejo-mcp is the next piece of work; until it
+        # lands, an authenticated request gets an honest JSON-RPC error.
+        return json_response(
+            request,
+            501,
+            jsonrpc_error(
+                -32601, "this fjmcp version authenticates /mcp but does not run MCP sessions yet"
+            ),
+        )
 
     # --- the authorization flow (pages a person sees)
 

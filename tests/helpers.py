@@ -37,6 +37,7 @@ def listen(test: TestCase, resource: Any = None) -> tuple[Site, str]:
     site.timeOut = None
     port = reactor.listenTCP(0, site, interface="127.0.0.1")  # type: ignore[arg-type]
     test.addCleanup(port.stopListening)
+    site.port = port  # for tests that take a server down
     address: Any = port.getHost()
     return site, f"http://127.0.0.1:{address.port}"
 

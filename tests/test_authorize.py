@@ -8,178 +8,19 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from http.cookiejar import CookieJar
-from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlencode, urlsplit
+from urllib.parse import urlencode
 
-from treq.client import HTTPClient
-from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
-from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 
-from fjmcp.authorize import AuthorizationFlow
-from fjmcp.cimd import ClientMetadataFetcher
-from fjmcp.clients import ClientRegistry
-from fjmcp.credentials import UpstreamCredentials
-from fjmcp.crypto import SecretBox, new_pkce_pair
-from fjmcp.standin.model import Forge, seed
-from fjmcp.standin.web import StandinForgejo
-from fjmcp.store import Store, migrate_database
-from fjmcp.upstream import ForgejoClient
-from fjmcp.web import BrokerApp
-from tests.helpers import listen, make_config
-
-REDIRECT = "http://127.0.0.1:9/callback"
+from fjmcp.crypto import new_pkce_pair
+from tests.broker_support import REDIRECT, Broker, BrokerTestCase, browser, location, query
+from tests.helpers import listen
 
 
-class browser:
-    """
-    A client that keeps cookies like a browser and does not follow
-    redirects on its own, so each hop can be checked.
-    """
-
-    def __init__(self) -> None:
-        self._http = HTTPClient(
-            Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)),
-            cookiejar=CookieJar(),  # type: ignore[arg-type]
-        )
-
-    def get(self, url: str, **kwargs: Any) -> Any:
-        return self._http.get(url, allow_redirects=False, **kwargs)
-
-    def post(self, url: str, **kwargs: Any) -> Any:
-        return self._http.post(url, allow_redirects=False, **kwargs)
-
-
-class Broker:
-    """
-    The broker's routes over a real store, pointed at a stand-in Forgejo.
-    """
-
-    def __init__(self, test: TestCase, data: Path | None = None) -> None:
-        self.test = test
-        self.forgejo_site, self.forgejo_url = listen(test)
-        self.forge = Forge(reactor.seconds)
-        seed(self.forge)
-        self.site, self.url = listen(test)
-        self.data = data or Path(test.mktemp()).resolve()
-        self.config = make_config(
-            str(self.data),
-            public_url=self.url,
-            forgejo_url=self.forgejo_url,
-            forgejo_client_id="fjmcp-broker",
-            forgejo_client_secret="gto_brokersecret",
-            cimd_allow_loopback=True,
-        )
-        self.forge.add_app(
-            "fjmcp",
-            [self.url + "/oauth/callback"],
-            confidential=True,
-            client_id="fjmcp-broker",
-            client_secret="gto_brokersecret",
-        )
-        standin = StandinForgejo(self.forge, self.forgejo_url, test_login=True)
-        self.forgejo_site.resource = standin.resource()
-        self.start()
-
-    def start(self) -> None:
-        migrate_database(self.config.db_path)
-        self.store = Store.open(self.config.db_path, reactor)
-        self.test.addCleanup(self.store.close)
-        box = SecretBox(self.config.secret_key)
-        upstream = ForgejoClient(
-            HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False))),
-            reactor,
-            self.config.forgejo_url,
-            self.config.forgejo_client_id,
-            self.config.forgejo_client_secret,
-            self.url + "/oauth/callback",
-            self.config.forgejo_scopes,
-        )
-        self.clients = ClientRegistry(self.store)
-        self.credentials = UpstreamCredentials(self.store, box, upstream, reactor)
-        flow = AuthorizationFlow(
-            self.config,
-            self.store,
-            self.clients,
-            upstream,
-            self.credentials,
-            box,
-            reactor,
-            cimd=ClientMetadataFetcher(reactor, allow_loopback=True),
-        )
-        app = BrokerApp(self.config, self.store, [], reactor, clients=self.clients, flow=flow)
-        self.site.resource = app.resource()
-
-    def restart(self) -> None:
-        self.store.close()
-        self.start()
-
-    async def register(self, **metadata: Any) -> dict[str, Any]:
-        body = {"redirect_uris": [REDIRECT], "token_endpoint_auth_method": "none"}
-        body.update(metadata)
-        return await self.clients.register(body)
-
-
-def location(response: Any) -> str:
-    return response.headers.getRawHeaders(b"location")[0].decode()
-
-
-def query(url: str) -> dict[str, str]:
-    return {k: v[0] for k, v in parse_qs(urlsplit(url).query).items()}
-
-
-class FlowTests(TestCase):
-    def setUp(self) -> None:
-        self.broker = Broker(self)
-        self.browser = browser()
-        self.verifier, self.challenge = new_pkce_pair()
-
-    def authorize_url(self, client_id: str, **extra: str) -> str:
-        params = {
-            "response_type": "code",
-            "client_id": client_id,
-            "redirect_uri": REDIRECT,
-            "code_challenge": self.challenge,
-            "code_challenge_method": "S256",
-            "state": "client-state-1",
-            "scope": "claudeai offline_access",
-            "resource": self.broker.url + "/mcp",
-        }
-        params.update(extra)
-        return self.broker.url + "/oauth/authorize?" + urlencode(params)
-
-    async def consent(self, client_id: str, **extra: str) -> tuple[Any, str]:
-        response = await self.browser.get(self.authorize_url(client_id, **extra))
-        body = (await response.content()).decode()
-        return response, body
-
-    async def approve(self, body: str, decision: str = "approve") -> Any:
-        token = body.split('name="consent" value="')[1].split('"')[0]
-        return await self.browser.post(
-            self.broker.url + "/oauth/authorize",
-            data={"consent": token, "decision": decision},
-        )
-
-    async def through_forgejo(self, upstream_url: str, login: str = "alice") -> str:
-        """
-        The stand-in signs the user in (test switch) and sends them back.
-        """
-        response = await self.browser.get(
-            upstream_url, headers=Headers({b"X-Standin-Login": [login.encode()]})
-        )
-        await response.content()
-        self.assertEqual(response.code, 303)
-        back = location(response)
-        self.assertTrue(back.startswith(self.broker.url + "/oauth/callback?"), back)
-        response = await self.browser.get(back)
-        await response.content()
-        self.assertEqual(response.code, 303)
-        return location(response)
-
+class FlowTests(BrokerTestCase):
     async def test_full_flow(self) -> None:
         client = await self.broker.register(client_name="Test <Client>")
         response, body = await self.consent(client["client_id"])

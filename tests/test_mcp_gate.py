@@ -1,0 +1,127 @@
+"""
+/mcp as a resource server: who gets in, and what a client is told when it
+does not (the challenge that starts OAuth discovery).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.web.http_headers import Headers
+
+from fjmcp.upstream import UpstreamTokens
+from tests.broker_support import BrokerTestCase
+
+INITIALIZE = b'{"jsonrpc":"2.0","id":1,"method":"initialize","params":{}}'
+
+
+class GateTests(BrokerTestCase):
+    async def post_mcp(self, token: str | None, path: str = "/mcp") -> tuple[int, Any, Headers]:
+        headers = {b"Content-Type": [b"application/json"]}
+        if token is not None:
+            headers[b"Authorization"] = [b"Bearer " + token.encode()]
+        response = await self.browser.post(
+            self.broker.url + path, data=INITIALIZE, headers=Headers(headers)
+        )
+        return response.code, await response.json(), response.headers
+
+    def www_auth(self, headers: Headers) -> str:
+        values = headers.getRawHeaders(b"www-authenticate")
+        assert values is not None
+        return values[0].decode()
+
+    async def test_no_token(self) -> None:
+        code, _, headers = await self.post_mcp(None)
+        self.assertEqual(code, 401)
+        challenge = self.www_auth(headers)
+        self.assertIn(
+            f'resource_metadata="{self.broker.url}/.well-known/oauth-protected-resource/mcp"',
+            challenge,
+        )
+        self.assertNotIn("error=", challenge)
+        self.assertEqual(headers.getRawHeaders(b"access-control-allow-origin"), [b"*"])
+        exposed = (headers.getRawHeaders(b"access-control-expose-headers") or [b""])[0]
+        self.assertIn(b"WWW-Authenticate", exposed)
+
+    async def test_unknown_token(self) -> None:
+        code, _, headers = await self.post_mcp("not-a-token")
+        self.assertEqual(code, 401)
+        self.assertIn('error="invalid_token"', self.www_auth(headers))
+        self.assertIn("resource_metadata=", self.www_auth(headers))
+
+    async def test_valid_token_is_let_in_on_both_paths(self) -> None:
+        tokens = await self.login_tokens()
+        for path in ("/mcp", "/mcp/"):
+            code, body, headers = await self.post_mcp(tokens["access_token"], path)
+            # Authenticated: past the gate (the session bridge is not built yet).
+            self.assertEqual(code, 501, body)
+            self.assertEqual(body["error"]["code"], -32601)
+            self.assertIsNone(headers.getRawHeaders(b"location"))
+
+    async def test_revoked_token(self) -> None:
+        tokens = await self.login_tokens()
+        response = await self.browser.post(
+            self.broker.url + "/oauth/revoke",
+            data={"token": tokens["access_token"], "client_id": tokens["client"]["client_id"]},
+        )
+        await response.content()
+        self.assertEqual(response.code, 200)
+        code, _, headers = await self.post_mcp(tokens["access_token"])
+        self.assertEqual(code, 401)
+        self.assertIn('error="invalid_token"', self.www_auth(headers))
+
+    async def expire_upstream(self, user_id: int = 1) -> None:
+        """
+        Make the stored Forgejo token look as if it expires in a minute.
+        """
+        cred = await self.broker.store.get_upstream_credential(user_id)
+        assert cred is not None
+        token = await self.broker.credentials.access_token(user_id)
+        user = await self.broker.store.get_user(user_id)
+        assert user is not None
+        refresh = self.broker.credentials._box.open(
+            cred.refresh_token_enc or b"", f"forgejo-user:{user_id}:refresh"
+        )
+        from fjmcp.upstream import ForgejoUser
+
+        await self.broker.credentials.save(
+            ForgejoUser(user.forgejo_user_id, user.login, user.full_name),
+            UpstreamTokens(token, refresh, reactor.seconds() + 60, cred.scope),
+        )
+
+    async def test_forgejo_revoked_the_app(self) -> None:
+        """
+        The user removed the app in Forgejo: when the broker next needs to
+        renew their Forgejo token it is refused, and the client is told to
+        authorize again with a 401 invalid_token.
+        """
+        tokens = await self.login_tokens()
+        await self.expire_upstream()
+        self.broker.forge.revoke_grant(1, "fjmcp-broker")
+        code, _, headers = await self.post_mcp(tokens["access_token"])
+        self.assertEqual(code, 401)
+        self.assertIn('error="invalid_token"', self.www_auth(headers))
+
+    async def test_concurrent_requests_one_upstream_refresh(self) -> None:
+        tokens = await self.login_tokens()
+        await self.expire_upstream()
+        grant = self.broker.forge.grant_for(1, "fjmcp-broker")
+        assert grant is not None
+        before = grant.counter
+        results = await gatherResults(
+            [Deferred.fromCoroutine(self.post_mcp(tokens["access_token"])) for _ in range(10)]
+        )
+        self.assertEqual([r[0] for r in results], [501] * 10)
+        # One refresh at Forgejo: the grant counter moved once.
+        self.assertEqual(grant.counter, before + 1)
+
+    async def test_forgejo_down(self) -> None:
+        tokens = await self.login_tokens()
+        await self.expire_upstream()
+        await self.broker.forgejo_site.port.stopListening()
+        code, body, headers = await self.post_mcp(tokens["access_token"])
+        self.assertEqual(code, 503)
+        self.assertEqual(headers.getRawHeaders(b"retry-after"), [b"30"])
+        self.assertIn("Forgejo", body["error"]["message"])
