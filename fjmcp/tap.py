@@ -15,9 +15,10 @@ from typing import Any
 
 from treq.client import HTTPClient
 from treq.cookies import IndexableCookieJar
-from twisted.application.internet import StreamServerEndpointService
+from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import MultiService, Service
 from twisted.internet import endpoints
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.server import Site
@@ -32,10 +33,11 @@ from fjmcp.config import Options as _ConfigOptions
 from fjmcp.credentials import UpstreamCredentials
 from fjmcp.crypto import SecretBox
 from fjmcp.logs import prepare_twistd_observer
+from fjmcp.ratelimit import RateLimiter
 from fjmcp.store import Store, StoreError, migrate_database
 from fjmcp.tokens import TokenService
 from fjmcp.upstream import ForgejoClient
-from fjmcp.web import BrokerApp, access_log_line
+from fjmcp.web import BrokerApp, access_log_formatter
 
 log = Logger()
 
@@ -90,6 +92,31 @@ class CleanShutdown(Service):
         self._reactor.callFromThread(self._reactor.stop)
 
 
+PURGE_INTERVAL = 600.0
+# Used codes and rotated refresh tokens are kept a day past their expiry, so a
+# late replay is still recognised (and logged) as one.
+KEEP_EXPIRED = 86400.0
+
+
+async def purge_expired(store: Store, clock: Any) -> None:
+    """
+    Forget abandoned logins, expired login sessions and long-dead tokens.
+    One failure is logged and the next round tries again.
+    """
+    try:
+        logins = await store.purge_expired_authorizations()
+        tokens = await store.prune_tokens(clock.seconds() - KEEP_EXPIRED)
+    except Exception:
+        log.failure("purging expired rows failed; will retry")
+        return
+    if logins or tokens:
+        log.info(
+            "purged {logins} expired logins and {tokens} expired codes and tokens",
+            logins=logins,
+            tokens=tokens,
+        )
+
+
 def makeService(options: Options, reactor: Any = None) -> MultiService:
     if reactor is None:
         from twisted.internet import reactor as _reactor
@@ -115,6 +142,11 @@ def build_service(config: Config, reactor: Any, schema_version: int) -> MultiSer
     # Order matters: MultiService stops children in reverse, so listeners
     # close first, then children end, then the pool closes.
     StoreService(store).setServiceParent(top)
+    purge = TimerService(
+        PURGE_INTERVAL, lambda: Deferred.fromCoroutine(purge_expired(store, reactor))
+    )
+    purge.clock = reactor
+    purge.setServiceParent(top)
     children = ChildSupervisor(reactor)
     children.setServiceParent(top)
     clients = ClientRegistry(store)
@@ -151,8 +183,9 @@ def build_service(config: Config, reactor: Any, schema_version: int) -> MultiSer
         flow=flow,
         tokens=TokenService(store, config, reactor),
         credentials=credentials,
+        limiter=RateLimiter(reactor),
     )
-    site = Site(app.resource(), logFormatter=access_log_line)
+    site = Site(app.resource(), logFormatter=access_log_formatter(config.trusted_proxies))
     site.displayTracebacks = False
     for description in config.listen:
         endpoint = endpoints.serverFromString(reactor, description)

@@ -7,6 +7,8 @@ their own.
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from klein import Klein
@@ -26,11 +28,12 @@ from fjmcp.authorize import (
     Redirect,
 )
 from fjmcp.clients import ClientRegistry
-from fjmcp.config import Config
+from fjmcp.config import Config, IPNetwork
 from fjmcp.credentials import LoginRequiredError, UpstreamCredentials
 from fjmcp.crypto import new_token
 from fjmcp.discovery import authorization_server_metadata, protected_resource_metadata
 from fjmcp.pages import consent_page, error_page
+from fjmcp.ratelimit import RateLimiter, client_address
 from fjmcp.registration import RegistrationError
 from fjmcp.tokens import MAX_BODY as MAX_TOKEN_BODY
 from fjmcp.tokens import (
@@ -61,12 +64,29 @@ def json_response(request: Request, status: int, body: Any) -> bytes:
     return json.dumps(body).encode("utf-8")
 
 
-def access_log_line(timestamp: str, request: Any) -> str:
+def request_client_address(request: Any, trusted_proxies: Sequence[IPNetwork]) -> str:
+    """
+    The real client's address: the peer's, or X-Forwarded-For's when the
+    peer is a trusted proxy (see L{fjmcp.ratelimit.client_address}).
+    """
+    peer = getattr(request.getClientAddress(), "host", None)
+    forwarded = request.requestHeaders.getRawHeaders(b"x-forwarded-for") or []
+    return client_address(peer, [v.decode("latin-1") for v in forwarded], trusted_proxies)
+
+
+def access_log_formatter(trusted_proxies: Sequence[IPNetwork]) -> Callable[[str, Any], str]:
+    def line(timestamp: str, request: Any) -> str:
+        return access_log_line(timestamp, request, trusted_proxies)
+
+    return line
+
+
+def access_log_line(timestamp: str, request: Any, trusted_proxies: Sequence[IPNetwork] = ()) -> str:
     """
     One access-log line per request, without the query string: OAuth
     redirects carry codes and state there, and logs outlive them.
     """
-    client = getattr(request.getClientAddress(), "host", "-")
+    client = request_client_address(request, trusted_proxies)
     path = request.path.decode("latin-1", "replace")
     agent = (request.getHeader(b"user-agent") or b"-").decode("latin-1", "replace")
     return (
@@ -146,6 +166,7 @@ class BrokerApp:
         flow: AuthorizationFlow | None = None,
         tokens: TokenService | None = None,
         credentials: UpstreamCredentials | None = None,
+        limiter: RateLimiter | None = None,
     ) -> None:
         self._config = config
         self._store = store
@@ -155,6 +176,7 @@ class BrokerApp:
         self._flow = flow
         self._tokens = tokens
         self._credentials = credentials
+        self._limiter = limiter
         secure = config.public_url.startswith("https://")
         # __Host- cookies need Secure, which plain-http loopback development lacks.
         prefix = b"__Host-" if secure else b""
@@ -164,6 +186,35 @@ class BrokerApp:
 
     def resource(self) -> Any:
         return self.app.resource()
+
+    def client_address(self, request: Request) -> str:
+        return request_client_address(request, self._config.trusted_proxies)
+
+    def _too_many(self, request: Request, endpoint: str) -> bytes | None:
+        """
+        None if the caller may go on; otherwise the 429 answer, already set up.
+        """
+        if self._limiter is None:
+            return None
+        wait = self._limiter.check(endpoint, self.client_address(request))
+        if wait <= 0:
+            return None
+        seconds = max(1, math.ceil(wait))
+        request.setHeader(b"Retry-After", str(seconds).encode())
+        log.info(
+            "rate limit on {endpoint} for {client}",
+            endpoint=endpoint,
+            client=self.client_address(request),
+        )
+        if endpoint == "authorize":
+            return self._page(
+                request,
+                429,
+                error_page("Too many requests", f"Please wait {seconds} seconds and try again."),
+            )
+        return oauth_error(
+            request, 429, "invalid_request", f"too many requests; retry in {seconds} s"
+        )
 
     @app.route("/healthz", methods=["GET", "HEAD"])
     async def healthz(self, request: Request) -> bytes:
@@ -220,6 +271,8 @@ class BrokerApp:
     @app.route("/oauth/register", methods=["POST"])
     async def register(self, request: Request) -> bytes:
         allow_cross_origin(request)
+        if (limited := self._too_many(request, "register")) is not None:
+            return limited
         assert self._clients is not None
         body, error = read_json_body(request, MAX_REGISTRATION_BODY)
         if error is not None:
@@ -241,6 +294,8 @@ class BrokerApp:
     @app.route("/oauth/token", methods=["POST"])
     async def token(self, request: Request) -> bytes:
         allow_cross_origin(request)
+        if (limited := self._too_many(request, "token")) is not None:
+            return limited
         assert self._tokens is not None
         status, headers, body = await self._tokens.token_response(
             read_body(request, MAX_TOKEN_BODY), oauth_request_headers(request)
@@ -367,6 +422,8 @@ class BrokerApp:
     @app.route("/oauth/authorize", methods=["GET"])
     async def authorize(self, request: Request) -> bytes:
         assert self._flow is not None
+        if (limited := self._too_many(request, "authorize")) is not None:
+            return limited
         browser = _cookie(request, self._browser_cookie) or new_token()
         self._set_cookie(request, self._browser_cookie, browser, 3600)
         result = await self._flow.begin(
@@ -392,6 +449,8 @@ class BrokerApp:
     @app.route("/oauth/authorize", methods=["POST"])
     async def decide(self, request: Request) -> bytes:
         assert self._flow is not None
+        if (limited := self._too_many(request, "authorize")) is not None:
+            return limited
         result = await self._flow.decide(
             query_args(request), _cookie(request, self._browser_cookie)
         )

@@ -312,3 +312,41 @@ class CrashTests(StoreTestCase):
             self.assertGreaterEqual(int(scope), i)
         # And the database opens and migrates again as the next start would.
         migrate_database(self.path)
+
+
+class PurgeTests(StoreTestCase):
+    async def test_expired_logins_and_tokens_are_purged(self) -> None:
+        """
+        The periodic purge drops abandoned logins and expired sessions, and
+        keeps what is still alive.
+        """
+        from fjmcp.tap import purge_expired
+
+        store = self.open_store()
+        await store.replace_upstream_credential(UpstreamUser(1, "alice"), b"x", None, 0.0, "")
+        await store.create_client(
+            "c1",
+            "dcr",
+            None,
+            {
+                "redirect_uris": ["https://a/cb"],
+                "token_endpoint_auth_method": "none",
+                "grant_types": ["authorization_code"],
+                "response_types": ["code"],
+            },
+        )
+        now = reactor.seconds()
+        for i, expires in enumerate((now - 10, now + 600)):
+            await store.create_pending_authorization(
+                bytes([i]) * 32, b"b" * 32, "c1", "https://a/cb", None, "x" * 43, "S256",
+                "", "https://mcp.example.org/mcp", expires,
+            )  # fmt: skip
+        await store.create_login_session(b"s" * 32, 1, now - 1)
+        await store.create_login_session(b"t" * 32, 1, now + 600)
+        await purge_expired(store, reactor)
+        self.assertIsNone(await store.login_session_user(b"s" * 32))
+        self.assertEqual(await store.login_session_user(b"t" * 32), 1)
+        conn = sqlite3.connect(self.path)
+        left = conn.execute("SELECT COUNT(*) FROM pending_authorizations").fetchone()[0]
+        conn.close()
+        self.assertEqual(left, 1)
