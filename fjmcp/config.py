@@ -67,6 +67,8 @@ class Config:
     trusted_proxies: tuple[IPNetwork, ...]
     log_format: str
     log_level: LogLevel
+    allowed_origins: tuple[str, ...] = ()
+    max_request_body: int = 1024 * 1024
     access_token_lifetime: float = 3600.0
     refresh_token_lifetime: float = 30 * 86400.0
     refresh_grace_period: float = 60.0
@@ -162,6 +164,22 @@ def parse_forgejo_url(text: str) -> str:
     if parts.query or parts.fragment or parts.username or parts.password:
         raise ValueError(f"must not carry a query, fragment or credentials: {text!r}")
     return text.strip().rstrip("/")
+
+
+def parse_origins(text: str) -> tuple[str, ...]:
+    origins = []
+    for item in re.split(r"[\s,]+", text.strip()):
+        if not item:
+            continue
+        parts = urlsplit(item)
+        if (
+            parts.scheme not in ("http", "https")
+            or not parts.hostname
+            or parts.path not in ("", "/")
+        ):
+            raise ValueError(f"not an origin such as https://app.example: {item!r}")
+        origins.append(f"{parts.scheme}://{parts.netloc}".lower())
+    return tuple(origins)
 
 
 def parse_scopes(text: str) -> tuple[str, ...]:
@@ -293,6 +311,13 @@ OPTIONS: tuple[Option, ...] = (
         "(space or comma separated).",
         "",
     ),
+    Option(
+        "allowed-origins",
+        "Browser origins (besides the public URL's) allowed to call /mcp, e.g. "
+        "http://localhost:6274 for MCP Inspector (space or comma separated).",
+        "",
+    ),
+    Option("max-request-body", "Largest request body /mcp accepts, in bytes.", "1048576"),
     Option("access-token-lifetime", "Lifetime of the access tokens fjmcp issues.", "1h"),
     Option("refresh-token-lifetime", "Lifetime of the refresh tokens fjmcp issues.", "30d"),
     Option(
@@ -378,6 +403,8 @@ def build_config(
     max_per_user = parse("max-sessions-per-user", parse_positive_int)
     idle = parse("session-idle-timeout", parse_duration)
     proxies = parse("trusted-proxies", parse_networks)
+    origins = parse("allowed-origins", parse_origins)
+    max_body = parse("max-request-body", parse_positive_int)
     access_lifetime = parse("access-token-lifetime", parse_duration)
     refresh_lifetime = parse("refresh-token-lifetime", parse_duration)
     grace = parse("refresh-grace-period", parse_duration)
@@ -466,6 +493,8 @@ def build_config(
         trusted_proxies=proxies,
         log_format=log_format,
         log_level=log_level,
+        allowed_origins=origins,
+        max_request_body=max_body,
         access_token_lifetime=access_lifetime,
         refresh_token_lifetime=refresh_lifetime,
         refresh_grace_period=grace,

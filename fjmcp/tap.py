@@ -33,7 +33,9 @@ from fjmcp.config import Options as _ConfigOptions
 from fjmcp.credentials import UpstreamCredentials
 from fjmcp.crypto import SecretBox
 from fjmcp.logs import prepare_twistd_observer
+from fjmcp.mcp_http import MCPEndpoint
 from fjmcp.ratelimit import RateLimiter
+from fjmcp.sessions import SessionManager
 from fjmcp.store import Store, StoreError, migrate_database
 from fjmcp.tokens import TokenService
 from fjmcp.upstream import ForgejoClient
@@ -149,6 +151,18 @@ def build_service(config: Config, reactor: Any, schema_version: int) -> MultiSer
     purge.setServiceParent(top)
     children = ChildSupervisor(reactor)
     children.setServiceParent(top)
+    sessions = SessionManager(
+        reactor,
+        children,
+        config.forgejo_mcp,
+        config.forgejo_url,
+        config.max_sessions,
+        config.max_sessions_per_user,
+        config.session_idle_timeout,
+    )
+    # After the supervisor, so it stops first: sessions end (pending requests
+    # answered) before their children are stopped.
+    sessions.setServiceParent(top)
     clients = ClientRegistry(store)
     box = SecretBox(config.secret_key)
     # Its own HTTP client, and one that keeps no cookies: treq's would carry
@@ -177,13 +191,14 @@ def build_service(config: Config, reactor: Any, schema_version: int) -> MultiSer
     app = BrokerApp(
         config,
         store,
-        children,
+        sessions,
         reactor,
         clients=clients,
         flow=flow,
         tokens=TokenService(store, config, reactor),
         credentials=credentials,
         limiter=RateLimiter(reactor),
+        mcp=MCPEndpoint(sessions, store, reactor, max_body=config.max_request_body),
     )
     site = Site(app.resource(), logFormatter=access_log_formatter(config.trusted_proxies))
     site.displayTracebacks = False

@@ -32,6 +32,7 @@ from fjmcp.config import Config, IPNetwork
 from fjmcp.credentials import LoginRequiredError, UpstreamCredentials
 from fjmcp.crypto import new_token
 from fjmcp.discovery import authorization_server_metadata, protected_resource_metadata
+from fjmcp.mcp_http import MCPEndpoint
 from fjmcp.pages import consent_page, error_page
 from fjmcp.ratelimit import RateLimiter, client_address
 from fjmcp.registration import RegistrationError
@@ -167,6 +168,7 @@ class BrokerApp:
         tokens: TokenService | None = None,
         credentials: UpstreamCredentials | None = None,
         limiter: RateLimiter | None = None,
+        mcp: MCPEndpoint | None = None,
     ) -> None:
         self._config = config
         self._store = store
@@ -177,6 +179,8 @@ class BrokerApp:
         self._tokens = tokens
         self._credentials = credentials
         self._limiter = limiter
+        self._mcp = mcp
+        self._origins = {config.public_url.lower(), *config.allowed_origins}
         secure = config.public_url.startswith("https://")
         # __Host- cookies need Secure, which plain-http loopback development lacks.
         prefix = b"__Host-" if secure else b""
@@ -321,13 +325,20 @@ class BrokerApp:
 
     @app.route("/mcp", methods=["GET", "POST", "DELETE"])
     @app.route("/mcp/", methods=["GET", "POST", "DELETE"], endpoint="mcp_slash")
-    async def mcp(self, request: Request) -> bytes:
+    async def mcp(self, request: Request) -> bytes | None:
         """
         Every request is authenticated on its own, sessions or not; a valid
         token must also still stand for a usable Forgejo authorization.
         """
         allow_cross_origin(request)
         assert self._tokens is not None and self._credentials is not None
+        origin = request.getHeader(b"origin")
+        if origin is not None and origin.decode("latin-1").lower() not in self._origins:
+            # DNS rebinding and cross-site pages: a browser says where it
+            # comes from, and only known origins may talk to /mcp.
+            return json_response(
+                request, 403, jsonrpc_error(-32600, "Forbidden: this Origin may not use /mcp")
+            )
         header = request.getHeader(b"authorization")
         try:
             grant = await self._tokens.check_bearer(
@@ -338,7 +349,7 @@ class BrokerApp:
         except InvalidTokenError as e:
             return self._unauthorized(request, "invalid_token", e.description)
         try:
-            await self._credentials.access_token(grant.forgejo_user_id)
+            forgejo_token = await self._credentials.access_token(grant.forgejo_user_id)
         except LoginRequiredError:
             return self._unauthorized(
                 request,
@@ -353,15 +364,19 @@ class BrokerApp:
                 503,
                 jsonrpc_error(-32603, "Forgejo cannot be reached right now; try again shortly"),
             )
-        # The session bridge to forgejo-mcp is the next piece of work; until it
-        # lands, an authenticated request gets an honest JSON-RPC error.
-        return json_response(
-            request,
-            501,
-            jsonrpc_error(
-                -32601, "this fjmcp version authenticates /mcp but does not run MCP sessions yet"
-            ),
-        )
+        if self._mcp is None:
+            # Only a tree built without sessions (some tests) gets here.
+            return json_response(
+                request, 501, jsonrpc_error(-32601, "this broker runs no MCP sessions")
+            )
+        method = request.method
+        if method == b"POST":
+            return await self._mcp.post(
+                request, grant.forgejo_user_id, grant.client_id, forgejo_token
+            )
+        if method == b"GET":
+            return await self._mcp.get(request, grant.forgejo_user_id)
+        return self._mcp.delete(request, grant.forgejo_user_id)
 
     # --- the authorization flow (pages a person sees)
 

@@ -5,6 +5,8 @@ loopback, and a browser-like client that shows every redirect.
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Sequence
 from http.cookiejar import CookieJar
 from pathlib import Path
 from typing import Any
@@ -17,10 +19,13 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 
 from fjmcp.authorize import AuthorizationFlow
+from fjmcp.children import ChildSupervisor
 from fjmcp.cimd import ClientMetadataFetcher
 from fjmcp.clients import ClientRegistry
 from fjmcp.credentials import UpstreamCredentials
 from fjmcp.crypto import SecretBox, new_pkce_pair
+from fjmcp.mcp_http import MCPEndpoint
+from fjmcp.sessions import SessionManager
 from fjmcp.standin.model import Forge, seed
 from fjmcp.standin.web import StandinForgejo
 from fjmcp.store import Store, migrate_database
@@ -29,6 +34,7 @@ from fjmcp.upstream import ForgejoClient
 from fjmcp.web import BrokerApp
 from tests.helpers import listen, make_config
 
+SCRIPTED_CHILD = str(Path(__file__).resolve().parent / "scripted_child.py")
 REDIRECT = "http://127.0.0.1:9/callback"
 
 
@@ -56,8 +62,26 @@ class Broker:
     The broker's routes over a real store, pointed at a stand-in Forgejo.
     """
 
-    def __init__(self, test: TestCase, data: Path | None = None) -> None:
+    def __init__(
+        self,
+        test: TestCase,
+        data: Path | None = None,
+        tls_trust_root: Any = None,
+        child: Sequence[str] = (),
+        **config: Any,
+    ) -> None:
+        """
+        @param tls_trust_root: what the client metadata document fetcher
+            trusts for https (the platform's trust store by default), so a
+            test can serve documents with its own certificate.
+        @param child: behaviours of the scripted child
+            (C{tests/scripted_child.py}) each MCP session runs.
+        @param config: L{fjmcp.config.Config} fields to set (e.g.
+            C{access_token_lifetime}).
+        """
         self.test = test
+        self.child = list(child)
+        self.tls_trust_root = tls_trust_root
         self.forgejo_site, self.forgejo_url = listen(test)
         self.forge = Forge(reactor.seconds)
         seed(self.forge)
@@ -70,6 +94,7 @@ class Broker:
             forgejo_client_id="fjmcp-broker",
             forgejo_client_secret="gto_brokersecret",
             cimd_allow_loopback=True,
+            **config,
         )
         self.forge.add_app(
             "fjmcp",
@@ -106,18 +131,36 @@ class Broker:
             self.credentials,
             box,
             reactor,
-            cimd=ClientMetadataFetcher(reactor, allow_loopback=True),
+            cimd=ClientMetadataFetcher(
+                reactor, allow_loopback=True, tls_trust_root=self.tls_trust_root
+            ),
         )
         self.tokens = TokenService(self.store, self.config, reactor)
+        children = ChildSupervisor(reactor, stdin_grace=0.5, term_grace=0.5)
+        self.sessions = SessionManager(
+            reactor,
+            children,
+            sys.executable,
+            self.config.forgejo_url,
+            self.config.max_sessions,
+            self.config.max_sessions_per_user,
+            self.config.session_idle_timeout,
+            args_prefix=[SCRIPTED_CHILD, *self.child],
+        )
+        children.startService()
+        self.sessions.startService()
+        self.test.addCleanup(children.stopService)
+        self.test.addCleanup(self.sessions.stopService)
         app = BrokerApp(
             self.config,
             self.store,
-            [],
+            self.sessions,
             reactor,
             clients=self.clients,
             flow=flow,
             tokens=self.tokens,
             credentials=self.credentials,
+            mcp=MCPEndpoint(self.sessions, self.store, reactor, keepalive=1.0),
         )
         self.site.resource = app.resource()
 

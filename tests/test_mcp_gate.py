@@ -55,9 +55,10 @@ class GateTests(BrokerTestCase):
         tokens = await self.login_tokens()
         for path in ("/mcp", "/mcp/"):
             code, body, headers = await self.post_mcp(tokens["access_token"], path)
-            # Authenticated: past the gate (the session bridge is not built yet).
-            self.assertEqual(code, 501, body)
-            self.assertEqual(body["error"]["code"], -32601)
+            # Authenticated: a session starts and its child answers.
+            self.assertEqual(code, 200, body)
+            self.assertEqual(body["result"]["serverInfo"]["name"], "scripted-child")
+            self.assertTrue(headers.getRawHeaders(b"mcp-session-id"))
             self.assertIsNone(headers.getRawHeaders(b"location"))
 
     async def test_revoked_token(self) -> None:
@@ -113,7 +114,7 @@ class GateTests(BrokerTestCase):
         results = await gatherResults(
             [Deferred.fromCoroutine(self.post_mcp(tokens["access_token"])) for _ in range(10)]
         )
-        self.assertEqual([r[0] for r in results], [501] * 10)
+        self.assertEqual([r[0] for r in results], [200] * 10)
         # One refresh at Forgejo: the grant counter moved once.
         self.assertEqual(grant.counter, before + 1)
 

@@ -1,0 +1,430 @@
+"""
+An MCP client built on the official Python SDK (C{mcp}), run as a separate
+process by L{tests.test_sdk_oauth}: the SDK is asyncio/httpx based and the
+tests run a Twisted reactor, so the two meet over loopback sockets only.
+
+It connects to a broker's /mcp with C{mcp.client.auth.OAuthClientProvider}
+as the HTTP auth and lets the SDK do the OAuth dance: discovery, dynamic
+registration (or a client ID metadata document URL), authorization with
+PKCE, the token request, and the retried MCP request with the bearer token.
+The person at the browser is played by the redirect handler: it opens the
+authorization URL with its own cookie jar, submits the consent form as a
+browser would, signs in at the Forgejo stand-in with its test header, follows
+the broker's callback, and hands the code it is sent back to the SDK through
+the callback handler.  Nothing listens on the redirect URI.
+
+Every HTTP request the SDK makes is recorded (method, path, status, whether
+it carried a bearer token or HTTP Basic credentials); the last line on
+stdout is a JSON summary of the run.  Token values, client secrets and
+authorization codes are never printed, only whether they were there.
+
+Exit status: 0 when the flow ran to the end (the summary says how it went),
+1 on an error (the summary says which), 3 when the installed SDK lacks an
+API this script needs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import sys
+import traceback
+from typing import Any
+from urllib.parse import parse_qsl, urljoin, urlsplit
+
+try:
+    import anyio
+    import httpx2 as httpx
+    from mcp.client.auth import AuthorizationCodeResult, OAuthClientProvider
+    from mcp.client.session import ClientSession
+    from mcp.client.streamable_http import streamable_http_client
+    from mcp.shared.auth import OAuthClientInformationFull, OAuthClientMetadata, OAuthToken
+except ImportError as e:  # an SDK older than this script expects
+    print(json.dumps({"unsupported": f"{type(e).__name__}: {e}"}))
+    sys.exit(3)
+
+SECRET_FIELDS = frozenset({"client_secret", "code", "code_verifier", "refresh_token", "token"})
+CONSENT_FIELD = re.compile(r'name="consent" value="([^"]+)"')
+FORM_ACTION = re.compile(r'<form[^>]*action="([^"]*)"')
+
+
+class FlowError(Exception):
+    """
+    The browser leg did not go as a browser would expect.
+    """
+
+
+class MemoryStorage:
+    """
+    C{mcp.client.auth.TokenStorage} in memory: a fresh client every run.
+    """
+
+    def __init__(self) -> None:
+        self.tokens: OAuthToken | None = None
+        self.client_info: OAuthClientInformationFull | None = None
+
+    async def get_tokens(self) -> OAuthToken | None:
+        return self.tokens
+
+    async def set_tokens(self, tokens: OAuthToken) -> None:
+        self.tokens = tokens
+
+    async def get_client_info(self) -> OAuthClientInformationFull | None:
+        return self.client_info
+
+    async def set_client_info(self, client_info: OAuthClientInformationFull) -> None:
+        self.client_info = client_info
+
+
+def _origin(url: str) -> tuple[str, str]:
+    parts = urlsplit(url)
+    return parts.scheme, parts.netloc
+
+
+def _path(url: Any) -> str:
+    return urlsplit(str(url)).path
+
+
+def _form(request: Any) -> list[tuple[str, str]]:
+    """
+    The fields of an urlencoded request body (none if it cannot be read).
+    """
+    try:
+        body = request.content.decode("ascii")
+    except Exception:
+        return []
+    return parse_qsl(body, keep_blank_values=True)
+
+
+class Recorder:
+    """
+    httpx event hooks that note every request the SDK's client sends,
+    including those the OAuth provider makes on its own.
+    """
+
+    def __init__(self) -> None:
+        self.requests: list[dict[str, Any]] = []
+
+    async def on_request(self, request: Any) -> None:
+        authorization = request.headers.get("authorization", "")
+        entry: dict[str, Any] = {
+            "method": request.method,
+            "url": str(request.url.copy_with(query=None)),
+            "path": _path(request.url),
+            "bearer": authorization.lower().startswith("bearer "),
+            "basic": authorization.lower().startswith("basic "),
+            "status": None,
+        }
+        if request.method == "POST" and entry["path"].endswith("/token"):
+            # Which fields were sent, and the values of those that are no secret.
+            form = _form(request)
+            entry["form_keys"] = sorted({k for k, _ in form})
+            entry["form"] = {k: v for k, v in form if k not in SECRET_FIELDS}
+        request.extensions["fjmcp-test-entry"] = entry
+        self.requests.append(entry)
+
+    async def on_response(self, response: Any) -> None:
+        entry = response.request.extensions.get("fjmcp-test-entry")
+        if entry is None:
+            return
+        entry["status"] = response.status_code
+        challenge = response.headers.get("www-authenticate")
+        if challenge is not None:
+            entry["www_authenticate"] = challenge
+        if entry["method"] == "POST" and entry["path"].endswith("/register"):
+            await response.aread()
+            entry["response"] = _redacted_json(response)
+        elif entry["method"] == "POST" and entry["path"].endswith("/token"):
+            await response.aread()
+            body = _json(response)
+            entry["response"] = {
+                k: (bool(v) if k in ("access_token", "refresh_token") else v)
+                for k, v in body.items()
+            }
+
+
+def _json(response: Any) -> dict[str, Any]:
+    try:
+        body = json.loads(response.content)
+    except ValueError:
+        return {"unparsable": response.text[:200]}
+    return body if isinstance(body, dict) else {"not_an_object": True}
+
+
+def _redacted_json(response: Any) -> dict[str, Any]:
+    body = _json(response)
+    if "client_secret" in body:
+        body["client_secret"] = bool(body["client_secret"])
+    return body
+
+
+class Browser:
+    """
+    The person at the browser: consent, Forgejo sign-in, back to the client.
+    """
+
+    def __init__(self, login: str, redirect_uri: str, decision: str) -> None:
+        self.login = login
+        self.redirect_uri = redirect_uri
+        self.decision = decision
+        self.steps: list[dict[str, Any]] = []
+        self.authorization_params: dict[str, str] = {}
+        self.result: AuthorizationCodeResult | None = None
+        self.returned: dict[str, Any] = {}
+        self.error: str | None = None
+
+    async def _hop(
+        self, client: Any, step: str, method: str, url: str, expect: int, **kwargs: Any
+    ) -> Any:
+        response = await client.request(method, url, **kwargs)
+        record = {"step": step, "method": method, "url": url.split("?")[0]}
+        record["status"] = response.status_code
+        location = response.headers.get("location")
+        if location is not None:
+            record["location"] = location.split("?")[0]
+        self.steps.append(record)
+        if response.status_code != expect:
+            raise FlowError(
+                f"{step}: {method} {record['url']} answered {response.status_code}, not "
+                f"{expect}: {response.text[:300]}"
+            )
+        return response
+
+    async def redirect_handler(self, authorization_url: str) -> None:
+        try:
+            await self._drive(authorization_url)
+        except Exception as e:
+            self.error = f"{type(e).__name__}: {e}"
+            raise
+
+    async def _drive(self, authorization_url: str) -> None:
+        self.authorization_params = {
+            k: v
+            for k, v in parse_qsl(urlsplit(authorization_url).query, keep_blank_values=True)
+            if k not in ("state", "code_challenge")
+        }
+        async with httpx.AsyncClient(follow_redirects=False, timeout=20.0) as client:
+            page = await self._hop(client, "authorize", "GET", authorization_url, 200)
+            found = CONSENT_FIELD.search(page.text)
+            if found is None:
+                raise FlowError("the consent page has no consent token")
+            action = FORM_ACTION.search(page.text)
+            target = urljoin(authorization_url, action.group(1) if action else "")
+            response = await self._hop(
+                client,
+                "consent",
+                "POST",
+                target,
+                303,
+                data={"consent": found.group(1), "decision": self.decision},
+            )
+            upstream = urljoin(target, response.headers["location"])
+            if self.decision != "approve":
+                self._returned(upstream)
+                return
+            response = await self._hop(
+                client, "forgejo", "GET", upstream, 303, headers={"X-Standin-Login": self.login}
+            )
+            back = urljoin(upstream, response.headers["location"])
+            if _origin(back) != _origin(authorization_url):
+                raise FlowError(
+                    f"Forgejo sent the browser to {back.split('?')[0]}, not back to the broker "
+                    f"(did the stand-in refuse the login {self.login!r}?)"
+                )
+            response = await self._hop(client, "callback", "GET", back, 303)
+            self._returned(urljoin(back, response.headers["location"]))
+
+    def _returned(self, location: str) -> None:
+        if location.split("?")[0] != self.redirect_uri:
+            raise FlowError(f"sent to {location.split('?')[0]}, not the redirect URI")
+        params = dict(parse_qsl(urlsplit(location).query, keep_blank_values=True))
+        self.returned = {k: (v if k not in SECRET_FIELDS else bool(v)) for k, v in params.items()}
+        if "code" not in params:
+            raise FlowError(f"the client was sent no code: {self.returned}")
+        self.result = AuthorizationCodeResult(
+            code=params["code"], state=params.get("state"), iss=params.get("iss")
+        )
+
+    async def callback_handler(self) -> AuthorizationCodeResult:
+        if self.result is None:
+            raise FlowError("the browser leg ended without an authorization code")
+        return self.result
+
+
+async def run(options: argparse.Namespace, summary: dict[str, Any]) -> None:
+    storage = MemoryStorage()
+    browser = Browser(options.login, options.redirect_uri, options.decision)
+    recorder = Recorder()
+    summary["browser"] = browser.steps
+    summary["requests"] = recorder.requests
+    metadata: dict[str, Any] = {
+        "client_name": options.client_name,
+        "redirect_uris": [options.redirect_uri],
+        "grant_types": ["authorization_code", "refresh_token"],
+        "response_types": ["code"],
+    }
+    if options.auth_method != "omit":
+        metadata["token_endpoint_auth_method"] = options.auth_method
+    provider = OAuthClientProvider(
+        server_url=options.mcp_url,
+        client_metadata=OAuthClientMetadata.model_validate(metadata),
+        storage=storage,
+        redirect_handler=browser.redirect_handler,
+        callback_handler=browser.callback_handler,
+        client_metadata_url=options.client_metadata_url,
+    )
+    client = httpx.AsyncClient(
+        auth=provider,
+        timeout=20.0,
+        event_hooks={"request": [recorder.on_request], "response": [recorder.on_response]},
+    )
+    try:
+        async with (
+            client,
+            streamable_http_client(options.mcp_url, http_client=client) as (
+                read_stream,
+                write_stream,
+            ),
+        ):
+            async with ClientSession(read_stream, write_stream) as session:
+                summary["initialize"] = await exercise(session, first=True)
+                if options.again_after is not None:
+                    # By now the access token has expired (the test makes
+                    # them short-lived): the SDK refreshes it first.
+                    before = storage.tokens
+                    await anyio.sleep(options.again_after)
+                    summary["initialize_again"] = await exercise(session, first=False)
+                    after = storage.tokens
+                    summary["tokens_changed"] = {
+                        "access_token": after is not None
+                        and before is not None
+                        and after.access_token != before.access_token,
+                        "refresh_token": after is not None
+                        and before is not None
+                        and after.refresh_token != before.refresh_token,
+                    }
+    finally:
+        summary["authorization_request"] = browser.authorization_params
+        summary["authorization_response"] = browser.returned
+        if browser.error is not None:
+            summary["browser_error"] = browser.error
+        info = storage.client_info
+        summary["client_info"] = (
+            None
+            if info is None
+            else {
+                "client_id": info.client_id,
+                "token_endpoint_auth_method": info.token_endpoint_auth_method,
+                "client_secret_issued": info.client_secret is not None,
+            }
+        )
+        tokens = storage.tokens
+        summary["tokens"] = (
+            None
+            if tokens is None
+            else {
+                "access_token": bool(tokens.access_token),
+                "refresh_token": bool(tokens.refresh_token),
+                "token_type": tokens.token_type,
+                "expires_in": tokens.expires_in,
+                "scope": tokens.scope,
+            }
+        )
+
+
+async def exercise(session: ClientSession, first: bool) -> dict[str, Any]:
+    """
+    The MCP handshake (the first time), then a tool listing and a call;
+    how it went.
+    """
+    out: dict[str, Any] = {}
+    try:
+        if first:
+            result = await session.initialize()
+            out["protocol_version"] = result.protocol_version
+        tools = await session.list_tools()
+        out["tools"] = sorted(t.name for t in tools.tools)
+        called = await session.call_tool("echo", {"hello": "world"})
+        out["echo"] = [getattr(c, "text", None) for c in called.content]
+    except Exception as e:
+        error = getattr(e, "error", None)
+        out.update(
+            ok=False,
+            exception=type(e).__name__,
+            code=getattr(error, "code", None),
+            message=getattr(error, "message", str(e))[:300],
+        )
+        return out
+    out["ok"] = True
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("mcp_url", help="the broker's MCP endpoint, e.g. http://127.0.0.1:8080/mcp")
+    parser.add_argument(
+        "--auth-method",
+        default="none",
+        choices=["none", "client_secret_post", "client_secret_basic", "omit"],
+        help="token_endpoint_auth_method to register with (omit: leave it out)",
+    )
+    parser.add_argument(
+        "--client-metadata-url", default=None, help="use this client ID metadata document URL"
+    )
+    parser.add_argument("--login", default="alice", help="who signs in at the Forgejo stand-in")
+    parser.add_argument("--decision", default="approve", choices=["approve", "deny"])
+    parser.add_argument("--redirect-uri", default="http://127.0.0.1:9/callback")
+    parser.add_argument("--client-name", default="SDK Test Client")
+    parser.add_argument(
+        "--again-after",
+        type=float,
+        default=None,
+        help="after the first initialize, wait this many seconds and initialize again",
+    )
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds for the whole run")
+    parser.add_argument("--verbose", action="store_true", help="SDK debug logging on stderr")
+    options = parser.parse_args(argv)
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=logging.DEBUG if options.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    summary: dict[str, Any] = {"ok": False, "error": None}
+
+    async def bounded() -> None:
+        with anyio.fail_after(options.timeout):
+            await run(options, summary)
+
+    status = 0
+    try:
+        anyio.run(bounded)
+        summary["ok"] = True
+    except TimeoutError:
+        summary["error"] = f"timed out after {options.timeout} seconds"
+        status = 1
+    except BaseException as e:  # reported, with the traceback on stderr
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        traceback.print_exc(file=sys.stderr)
+        summary["error"] = _describe(e)
+        status = 1
+    if summary["error"] is not None:
+        print(f"sdk_oauth_client: {summary['error']}", file=sys.stderr)
+    print(json.dumps(summary, default=str))
+    return status
+
+
+def _describe(e: BaseException) -> str:
+    """
+    One line for an exception; for an exception group, its leaves.
+    """
+    inner = getattr(e, "exceptions", None)
+    if inner:
+        return "; ".join(_describe(x) for x in inner)
+    return f"{type(e).__name__}: {e}"[:1000]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
