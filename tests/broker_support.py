@@ -68,6 +68,7 @@ class Broker:
         data: Path | None = None,
         tls_trust_root: Any = None,
         child: Sequence[str] = (),
+        executable: Sequence[str] | None = None,
         **config: Any,
     ) -> None:
         """
@@ -76,11 +77,16 @@ class Broker:
             test can serve documents with its own certificate.
         @param child: behaviours of the scripted child
             (C{tests/scripted_child.py}) each MCP session runs.
+        @param executable: run this command line (program and leading
+            arguments) as the child instead, e.g. the real forgejo-mcp.
         @param config: L{fjmcp.config.Config} fields to set (e.g.
             C{access_token_lifetime}).
         """
         self.test = test
         self.child = list(child)
+        self.command = (
+            list(executable) if executable is not None else [sys.executable, SCRIPTED_CHILD, *child]
+        )
         self.tls_trust_root = tls_trust_root
         self.forgejo_site, self.forgejo_url = listen(test)
         self.forge = Forge(reactor.seconds)
@@ -140,12 +146,12 @@ class Broker:
         self.sessions = SessionManager(
             reactor,
             children,
-            sys.executable,
+            self.command[0],
             self.config.forgejo_url,
             self.config.max_sessions,
             self.config.max_sessions_per_user,
             self.config.session_idle_timeout,
-            args_prefix=[SCRIPTED_CHILD, *self.child],
+            args_prefix=self.command[1:],
         )
         children.startService()
         self.sessions.startService()
