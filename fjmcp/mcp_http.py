@@ -265,12 +265,15 @@ class MCPEndpoint:
         session, error = self._session(request, user_id)
         if session is None:
             return error
+        # The user's Forgejo token may have been renewed since the child
+        # started; the session then moves to a child holding the new one.
+        self._sessions.renew(session, forgejo_token)
         if kind == "notification":
-            session.router.client_notification(message)
+            self._sessions.client_notification(session, message)
             request.setResponseCode(202)
             return b""
         if kind == "response":
-            if not session.router.client_response(message):
+            if not self._sessions.client_response(session, message):
                 return self._json(
                     request, 400, rpc_error(None, -32600, "no server request has that id")
                 )
@@ -322,6 +325,7 @@ class MCPEndpoint:
             log.error("{error}", error=str(e))
             return self._json(request, 503, rpc_error(message["id"], -32603, str(e)))
         holder.append(session)
+        session.initialize = message
         session.router.client_request(message, exchange)
         await _until_done(exchange.done)
         return None
@@ -348,9 +352,9 @@ class MCPEndpoint:
             return self._json(request, 400, rpc_error(None, -32600, "Invalid batch"))
         for kind, message in zip(kinds, messages, strict=True):
             if kind == "notification":
-                session.router.client_notification(message)
+                self._sessions.client_notification(session, message)
             elif kind == "response":
-                session.router.client_response(message)
+                self._sessions.client_response(session, message)
         requests = [m for k, m in zip(kinds, messages, strict=True) if k == "request"]
         if not requests:
             request.setResponseCode(202)

@@ -28,6 +28,7 @@ from fjmcp.children import (
     JSONRPCChildProtocol,
     child_environment,
 )
+from fjmcp.crypto import token_hash
 from fjmcp.logs import Redactor
 from fjmcp.router import SessionRouter
 
@@ -37,6 +38,8 @@ STANDALONE_QUEUE = 256
 STDERR_BURST = 20
 STDERR_WINDOW = 10.0
 REAP_INTERVAL = 30.0
+# Claude gives a tool call 300 s; a retiring child gets no longer.
+RETIRE_TIMEOUT = 300.0
 
 log = Logger()
 child_log = Logger(namespace="fjmcp.child")
@@ -143,6 +146,10 @@ class Session:
     router: SessionRouter
     standalone: StandaloneSink
     last_used: float
+    token_digest: bytes = attrs.field(repr=False)
+    # The client's initialize request, replayed to a replacement child.
+    initialize: dict[str, Any] | None = None
+    retiring: list[tuple[Child, SessionRouter]] = attrs.Factory(list)
     ended: bool = False
 
 
@@ -233,27 +240,62 @@ class SessionManager(Service):
             raise SessionLimitError(f"the broker already runs {self._max} sessions")
 
         session_id = secrets.token_urlsafe(24)
-        redact = Redactor([forgejo_token])
-        standalone = StandaloneSink()
-        holder: list[Session] = []
+        session = Session(
+            id=session_id,
+            user_id=user_id,
+            user_login=user_login,
+            client_id=client_id,
+            protocol_version=protocol_version,
+            child=None,  # type: ignore[arg-type]  # set just below
+            router=None,  # type: ignore[arg-type]
+            standalone=StandaloneSink(),
+            last_used=self._reactor.seconds(),
+            token_digest=token_hash(forgejo_token),
+        )
+        session.child, session.router = self._spawn(session, forgejo_token)
+        self._sessions[session_id] = session
+        log.info(
+            "session {s} started for {login} ({u}) by client {c}, child pid {pid}",
+            s=session_id[:8],
+            login=user_login,
+            u=user_id,
+            c=client_id,
+            pid=session.child.pid,
+        )
+        return session
+
+    def _spawn(self, session: Session, forgejo_token: str) -> tuple[Child, SessionRouter]:
+        """
+        Start a child for C{session} holding C{forgejo_token}, with its own
+        router: what it writes goes to that router, whether it is the
+        session's current child or one being retired.
+        """
+        routers: list[SessionRouter] = []
 
         def on_message(message: Any) -> None:
-            holder[0].router.child_message(message)
+            router = routers[0]
+            router.child_message(message)
+            if router is not session.router:
+                self._maybe_retire(session, child, router)
 
         def on_protocol_error(problem: str) -> None:
-            session = holder[0]
             log.warn(
                 "session {s} of {u}: {problem}; ending it",
                 s=session.id[:8],
                 u=session.user_login,
                 problem=problem,
             )
-            self.end(session, f"the forgejo-mcp process misbehaved: {problem}")
+            if routers and routers[0] is session.router:
+                self.end(session, f"the forgejo-mcp process misbehaved: {problem}")
+            else:
+                child.stop()
 
         kwargs = {} if self._max_line is None else {"max_line": self._max_line}
         protocol = JSONRPCChildProtocol(
             on_message,
-            on_stderr=_StderrLog(self._reactor, session_id, user_login, redact),
+            on_stderr=_StderrLog(
+                self._reactor, session.id, session.user_login, Redactor([forgejo_token])
+            ),
             on_protocol_error=on_protocol_error,
             **kwargs,
         )
@@ -263,36 +305,87 @@ class SessionManager(Service):
                 [*self._args_prefix, "--transport", "stdio"],
                 child_environment(self._forgejo_url, forgejo_token),
                 protocol,
-                f"session {session_id[:8]} ({user_login})",
+                f"session {session.id[:8]} ({session.user_login})",
             )
         except (OSError, RuntimeError) as e:
             raise SpawnError(f"forgejo-mcp could not be started: {e}") from None
-        router = SessionRouter(child.send, standalone)
-        session = Session(
-            id=session_id,
-            user_id=user_id,
-            user_login=user_login,
-            client_id=client_id,
-            protocol_version=protocol_version,
-            child=child,
-            router=router,
-            standalone=standalone,
-            last_used=self._reactor.seconds(),
-        )
-        holder.append(session)
-        self._sessions[session_id] = session
-        protocol.exited.addCallback(self._child_exited, session)
-        log.info(
-            "session {s} started for {login} ({u}) by client {c}, child pid {pid}",
-            s=session_id[:8],
-            login=user_login,
-            u=user_id,
-            c=client_id,
-            pid=child.pid,
-        )
-        return session
+        router = SessionRouter(child.send, session.standalone)
+        routers.append(router)
+        protocol.exited.addCallback(self._child_exited, session, child, router)
+        return child, router
 
-    def _child_exited(self, exit: ChildExit, session: Session) -> ChildExit:
+    def renew(self, session: Session, forgejo_token: str) -> None:
+        """
+        The user's Forgejo token was renewed, and forgejo-mcp reads its
+        token only once: start a replacement child with the new token,
+        replay the session's handshake to it, send new requests there, and
+        let the old child finish what it has in hand before it is stopped.
+        The client sees the same session throughout.
+        """
+        digest = token_hash(forgejo_token)
+        if digest == session.token_digest or session.ended or session.initialize is None:
+            return
+        try:
+            child, router = self._spawn(session, forgejo_token)
+        except SpawnError as e:
+            # The old child goes on with the old token while it lasts.
+            log.error("session {s}: cannot renew its child: {e}", s=session.id[:8], e=str(e))
+            return
+        replay = dict(session.initialize)
+        # Not an id the router hands out, so the answer is dropped there.
+        replay["id"] = "fjmcp-renewal"
+        child.send(replay)
+        child.send({"jsonrpc": "2.0", "method": "notifications/initialized"})
+        old_child, old_router = session.child, session.router
+        session.child, session.router, session.token_digest = child, router, digest
+        session.retiring.append((old_child, old_router))
+        log.info(
+            "session {s} of {u}: Forgejo token renewed; child pid {old} hands over to {new}",
+            s=session.id[:8],
+            u=session.user_login,
+            old=old_child.pid,
+            new=child.pid,
+        )
+        # Whatever happens, a retiring child is gone after the longest a
+        # client waits for a tool call.
+        deadline = self._reactor.callLater(RETIRE_TIMEOUT, old_child.stop)
+
+        def cancel_deadline(result: ChildExit) -> ChildExit:
+            if deadline.active():
+                deadline.cancel()
+            return result
+
+        old_child.protocol.exited.addCallback(cancel_deadline)
+        self._maybe_retire(session, old_child, old_router)
+
+    def _maybe_retire(self, session: Session, child: Child, router: SessionRouter) -> None:
+        if router.in_flight == 0 and router.server_requests_pending == 0:
+            child.stop()
+
+    def client_response(self, session: Session, message: dict[str, Any]) -> bool:
+        """
+        A client's answer to a server-to-client request, which may belong
+        to a child being retired.
+        """
+        for router in (session.router, *(r for _, r in session.retiring)):
+            if router.client_response(message):
+                return True
+        return False
+
+    def client_notification(self, session: Session, message: dict[str, Any]) -> None:
+        if message.get("method") == "notifications/cancelled":
+            for _, router in session.retiring:
+                router.client_notification(message)
+        session.router.client_notification(message)
+
+    def _child_exited(
+        self, exit: ChildExit, session: Session, child: Child, router: SessionRouter
+    ) -> ChildExit:
+        if child is not session.child:
+            # A retired child: whatever it still owed gets an error now.
+            session.retiring = [(c, r) for c, r in session.retiring if c is not child]
+            router.fail_all(CHILD_GONE, f"the forgejo-mcp process {exit.reason}")
+            return exit
         if not session.ended:
             log.warn(
                 "session {s} of {u}: forgejo-mcp {reason}",
@@ -308,6 +401,9 @@ class SessionManager(Service):
         if self._sessions.get(session.id) is session:
             del self._sessions[session.id]
         session.router.fail_all(CHILD_GONE, why)
+        for child, router in session.retiring:
+            router.fail_all(CHILD_GONE, why)
+            child.stop()
         session.standalone.close()
 
     def end(self, session: Session, why: str = "the session was ended") -> Deferred[ChildExit]:

@@ -1,0 +1,114 @@
+"""
+Renewing a user's Forgejo token in the middle of an MCP session: the
+broker moves the session to a child holding the new token, and the client
+notices nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
+from twisted.web.http_headers import Headers
+
+from fjmcp.upstream import ForgejoUser, UpstreamTokens
+from tests.broker_support import BrokerTestCase
+
+
+class RenewalTests(BrokerTestCase):
+    async def rpc(self, body: dict[str, Any]) -> tuple[int, dict[str, Any], Headers]:
+        headers = {
+            b"Content-Type": [b"application/json"],
+            b"Accept": [b"application/json, text/event-stream"],
+            b"Authorization": [b"Bearer " + self.token.encode()],
+        }
+        if getattr(self, "session_id", None):
+            headers[b"Mcp-Session-Id"] = [self.session_id.encode()]
+        response = await self.browser.post(
+            self.broker.url + "/mcp", data=json.dumps(body).encode(), headers=Headers(headers)
+        )
+        raw = await response.content()
+        if response.headers.getRawHeaders(b"content-type") == [b"text/event-stream"]:
+            events = [
+                json.loads(line[len(b"data: ") :])
+                for line in raw.splitlines()
+                if line.startswith(b"data: ")
+            ]
+            return response.code, events[-1], response.headers
+        return response.code, json.loads(raw) if raw else {}, response.headers
+
+    async def call(self, tool: str, args: dict[str, Any] | None = None, id: int = 9) -> Any:
+        code, body, _ = await self.rpc(
+            {
+                "jsonrpc": "2.0",
+                "id": id,
+                "method": "tools/call",
+                "params": {"name": tool, "arguments": args or {}},
+            }
+        )
+        self.assertEqual(code, 200, body)
+        text = body["result"]["content"][0]["text"]
+        return json.loads(text) if text.startswith("{") else text
+
+    async def expire_upstream(self) -> None:
+        """
+        Make alice's stored Forgejo token look as if it expires in a minute,
+        so the next /mcp request renews it.
+        """
+        store, credentials = self.broker.store, self.broker.credentials
+        cred = await store.get_upstream_credential(1)
+        assert cred is not None
+        token = await credentials.access_token(1)
+        refresh = credentials._box.open(cred.refresh_token_enc or b"", "forgejo-user:1:refresh")
+        await credentials.save(
+            ForgejoUser(1, "alice", "Alice"),
+            UpstreamTokens(token, refresh, reactor.seconds() + 60, cred.scope),
+        )
+
+    async def test_renewal_is_invisible(self) -> None:
+        tokens = await self.login_tokens()
+        self.token = tokens["access_token"]
+        self.session_id = ""
+        code, _, headers = await self.rpc(
+            {
+                "jsonrpc": "2.0",
+                "id": 1,
+                "method": "initialize",
+                "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {}},
+            }
+        )
+        self.assertEqual(code, 200)
+        self.session_id = (headers.getRawHeaders(b"mcp-session-id") or [b""])[0].decode()
+        await self.rpc({"jsonrpc": "2.0", "method": "notifications/initialized"})
+        before = await self.call("whoami")
+
+        # A long call is in flight on the old child when the token changes.
+        slow: Deferred[Any] = Deferred.fromCoroutine(self.call("slow", {"delay": 0.5}, id=10))
+        await deferLater(reactor, 0.2, lambda: None)
+        await self.expire_upstream()
+        after = await self.call("whoami", id=11)
+
+        # Same session, a new child with the renewed token ...
+        self.assertNotEqual(after["pid"], before["pid"])
+        self.assertNotEqual(after["token"], before["token"])
+        self.assertEqual(after["token"], await self.broker.credentials.access_token(1))
+        self.assertEqual(self.broker.forge.user_for_access_token(after["token"])[0].login, "alice")  # type: ignore[index]
+        # ... the old child's call still completes ...
+        self.assertEqual(await slow, "done")
+        # ... and then the old child is gone.
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                os.kill(before["pid"], 0)
+            except ProcessLookupError:
+                break
+            await deferLater(reactor, 0.05, lambda: None)
+        else:
+            self.fail("the retired child is still running")
+        self.assertEqual((await self.call("whoami", id=12))["pid"], after["pid"])
+        self.assertEqual(len(self.broker.sessions), 1)
