@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import attrs
 from twisted.application.service import Service
@@ -172,6 +172,7 @@ class Child:
         self.protocol = protocol
         self.name = name
         self._stopping: Deferred[ChildExit] | None = None
+        self._pausers: set[object] = set()
 
     @property
     def pid(self) -> int | None:
@@ -179,6 +180,28 @@ class Child:
 
     def send(self, message: Any) -> None:
         self.protocol.send(message)
+
+    def pause_reading(self, who: object) -> None:
+        """
+        Stop reading the child's output while any reader is behind: the
+        child then blocks on its own writes, and nothing piles up here.
+        """
+        if not self._pausers and self.protocol.exit is None:
+            # POSIX process transports can pause their readers, though
+            # IProcessTransport does not say so.
+            cast(Any, self.transport).pauseProducing()
+        self._pausers.add(who)
+
+    def resume_reading(self, who: object) -> None:
+        if who not in self._pausers:
+            return
+        self._pausers.discard(who)
+        if not self._pausers and self.protocol.exit is None:
+            cast(Any, self.transport).resumeProducing()
+
+    @property
+    def reading_paused(self) -> bool:
+        return bool(self._pausers)
 
     def stop(self, stdin_grace: float = 1.0, term_grace: float = 2.0) -> Deferred[ChildExit]:
         """

@@ -14,10 +14,13 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.web.server import Request
+from zope.interface import implementer
 
+from fjmcp.children import Child
 from fjmcp.sessions import Session, SessionLimitError, SessionManager, SpawnError
 
 SUPPORTED_VERSIONS = ("2025-03-26", "2025-06-18", "2025-11-25")
@@ -37,15 +40,51 @@ def sse_event(message: dict[str, Any]) -> bytes:
     return b"event: message\ndata: " + json.dumps(message, ensure_ascii=False).encode() + b"\n\n"
 
 
+@implementer(IPushProducer)
+class _Backpressure:
+    """
+    Registered with an SSE response: when the client reads slower than the
+    child writes, Twisted pauses us and we pause reading from the child; a
+    reader that vanished stops holding the child back.
+    """
+
+    def __init__(self, child: Callable[[], Child]) -> None:
+        self._child = child
+        self._paused: Child | None = None
+
+    def pauseProducing(self) -> None:
+        if self._paused is None:
+            self._paused = self._child()
+            self._paused.pause_reading(self)
+
+    def resumeProducing(self) -> None:
+        if self._paused is not None:
+            self._paused.resume_reading(self)
+            self._paused = None
+
+    def stopProducing(self) -> None:
+        self.resumeProducing()
+
+
 class _SSE:
     """
     An open text/event-stream response with periodic comments, so proxies
     and clients do not time an idle stream out.
     """
 
-    def __init__(self, request: Request, clock: Any, keepalive: float) -> None:
+    def __init__(
+        self,
+        request: Request,
+        clock: Any,
+        keepalive: float,
+        child: Callable[[], Child] | None = None,
+    ) -> None:
         self.request = request
         self.open = True
+        self._producer: _Backpressure | None = None
+        if child is not None:
+            self._producer = _Backpressure(child)
+            request.registerProducer(self._producer, True)
         request.setResponseCode(200)
         request.setHeader(b"Content-Type", b"text/event-stream")
         request.setHeader(b"Cache-Control", b"no-store")
@@ -68,6 +107,10 @@ class _SSE:
         self.open = False
         if self._ping.running:
             self._ping.stop()
+        if self._producer is not None:
+            self._producer.resumeProducing()
+            if finish:
+                self.request.unregisterProducer()
         if finish:
             self.request.finish()
 
@@ -87,8 +130,10 @@ class PostExchange:
         clock: Any,
         keepalive: float = KEEPALIVE,
         on_response: Callable[[dict[str, Any], Request], None] | None = None,
+        child: Callable[[], Child] | None = None,
     ) -> None:
         self._request = request
+        self._child = child
         self._clock = clock
         self._keepalive = keepalive
         self._on_response = on_response
@@ -105,7 +150,7 @@ class PostExchange:
         if self.closed:
             return
         if self._sse is None:
-            self._sse = _SSE(self._request, self._clock, self._keepalive)
+            self._sse = _SSE(self._request, self._clock, self._keepalive, self._child)
         self._sse.send(message)
 
     def finish(self, response: dict[str, Any]) -> None:
@@ -279,7 +324,7 @@ class MCPEndpoint:
                 )
             request.setResponseCode(202)
             return b""
-        exchange = PostExchange(request, self._clock, self._keepalive)
+        exchange = PostExchange(request, self._clock, self._keepalive, child=lambda: session.child)
         session.router.client_request(message, exchange)
         await _until_done(exchange.done)
         return None
@@ -373,7 +418,7 @@ class MCPEndpoint:
         session, error = self._session(request, user_id)
         if session is None:
             return error
-        sse = _SSE(request, self._clock, self._keepalive)
+        sse = _SSE(request, self._clock, self._keepalive, child=lambda: session.child)
         # Some proxies hold the headers back until the first bytes.
         request.write(b": stream open\n\n")
         done: Deferred[None] = Deferred(lambda d: sse.close(finish=False))

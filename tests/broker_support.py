@@ -5,6 +5,7 @@ loopback, and a browser-like client that shows every redirect.
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Sequence
 from http.cookiejar import CookieJar
@@ -263,3 +264,50 @@ class BrokerTestCase(TestCase):
         self.assertEqual(response.code, 200, tokens)
         tokens["client"] = client
         return tokens
+
+    async def mcp_rpc(
+        self, token: str, body: dict[str, Any], session_id: str | None = None
+    ) -> tuple[int, dict[str, Any], Headers]:
+        """
+        One JSON-RPC POST to /mcp; for an SSE answer, its last message.
+        """
+        headers = {
+            b"Content-Type": [b"application/json"],
+            b"Accept": [b"application/json, text/event-stream"],
+            b"Authorization": [b"Bearer " + token.encode()],
+        }
+        if session_id:
+            headers[b"Mcp-Session-Id"] = [session_id.encode()]
+        response = await self.browser.post(
+            self.broker.url + "/mcp", data=json.dumps(body).encode(), headers=Headers(headers)
+        )
+        raw = await response.content()
+        if response.headers.getRawHeaders(b"content-type") == [b"text/event-stream"]:
+            events = [
+                json.loads(line[len(b"data: ") :])
+                for line in raw.splitlines()
+                if line.startswith(b"data: ")
+            ]
+            return response.code, events[-1], response.headers
+        return response.code, json.loads(raw) if raw else {}, response.headers
+
+    async def mcp_session(self, login: str = "alice") -> tuple[str, str]:
+        """
+        Log in as C{login} and open an MCP session: (access token, session id).
+        """
+        token = (await self.login_tokens(login))["access_token"]
+        code, _, headers = await self.mcp_rpc(
+            token,
+            {
+                "jsonrpc": "2.0",
+                "id": 1,
+                "method": "initialize",
+                "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {}},
+            },
+        )
+        self.assertEqual(code, 200)
+        session_id = (headers.getRawHeaders(b"mcp-session-id") or [b""])[0].decode()
+        await self.mcp_rpc(
+            token, {"jsonrpc": "2.0", "method": "notifications/initialized"}, session_id
+        )
+        return token, session_id

@@ -8,7 +8,8 @@ Behaviours: crash-on-initialize, crash-on-call, garbage, long-line,
 never-answer, ignore-term.  Tools: `whoami` (the token and URL it was given),
 `echo` (its arguments back), `slow` (progress notifications, then the
 answer), `ask` (a sampling request to the client, then its answer),
-`env` (its whole environment), `change` (a tools/list_changed notification).
+`env` (its whole environment), `change` (a tools/list_changed notification),
+`flood` (thousands of large progress notifications, for backpressure).
 """
 
 from __future__ import annotations
@@ -88,6 +89,24 @@ def call(id: object, name: str, args: dict[str, object], meta: dict[str, object]
         )
         event.wait(30)
         text(id, json.dumps(answers.get(server_id)))
+    elif name == "flood":
+        # Many large progress notifications, as fast as the pipe takes them.
+        token = meta.get("progressToken")
+        count = int(args.get("count", 2000))  # type: ignore[call-overload]
+        for i in range(count):
+            send(
+                {
+                    "jsonrpc": "2.0",
+                    "method": "notifications/progress",
+                    "params": {
+                        "progressToken": token,
+                        "progress": i + 1,
+                        "total": count,
+                        "message": "x" * 4000,
+                    },
+                }
+            )
+        text(id, "flooded")
     elif name == "change":
         send({"jsonrpc": "2.0", "method": "notifications/tools/list_changed"})
         text(id, "changed")
@@ -134,7 +153,7 @@ def handle(message: dict[str, object]) -> None:
             {
                 "tools": [
                     {"name": n, "inputSchema": {"type": "object"}}
-                    for n in ("whoami", "echo", "slow", "ask", "env", "change")
+                    for n in ("whoami", "echo", "slow", "ask", "env", "change", "flood")
                 ]
             },
         )
