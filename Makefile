@@ -8,7 +8,7 @@ FORGEJO_MCP_VERSION := $(shell cat deploy/forgejo-mcp.version)
 FORGEJO_MCP_MODULE := codeberg.org/goern/forgejo-mcp/v2
 TRIAL_JOBS ?= 2
 
-.PHONY: all venv forgejo-mcp check lint test demo clean
+.PHONY: all venv forgejo-mcp node-deps check lint test demo clean
 
 all: check
 
@@ -39,12 +39,25 @@ forgejo-mcp:
 		echo "WARNING: forgejo-mcp is not available here; see $(BIN)/.forgejo-mcp.unavailable" >&2; \
 	else cat $(BIN)/.forgejo-mcp.log >&2; exit 1; fi
 
+# The Node MCP servers some tests run as session children, at the versions
+# pinned in tests/node/package-lock.json.  Without npm those tests skip (and
+# fail under CI=true); a failing install fails the build.
+NODE_DIR := tests/node
+
+$(NODE_DIR)/node_modules/.installed: $(NODE_DIR)/package.json $(NODE_DIR)/package-lock.json
+	npm ci --prefix $(NODE_DIR) --no-audit --no-fund
+	touch $@
+
+node-deps:
+	@if command -v npm >/dev/null 2>&1; then $(MAKE) --no-print-directory $(NODE_DIR)/node_modules/.installed; \
+	else echo "WARNING: npm is not installed: the tests that run Node MCP servers will skip" >&2; fi
+
 lint: venv
 	$(VENV)/bin/ruff check fjmcp tests twisted
 	$(VENV)/bin/ruff format --check fjmcp tests twisted
 	$(VENV)/bin/mypy
 
-test: venv forgejo-mcp
+test: venv forgejo-mcp node-deps
 	PATH="$(BIN):$$PATH" $(VENV)/bin/trial -j$(TRIAL_JOBS) tests
 
 check: lint test
@@ -54,4 +67,4 @@ demo: venv forgejo-mcp
 	PATH="$(BIN):$$PATH" $(VENV)/bin/fjmcp-demo
 
 clean:
-	rm -rf $(VENV) $(BIN) _trial_temp* .demo build *.egg-info
+	rm -rf $(VENV) $(BIN) _trial_temp* .demo build *.egg-info $(NODE_DIR)/node_modules

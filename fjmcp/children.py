@@ -166,11 +166,15 @@ class Child:
         transport: IProcessTransport,
         protocol: JSONRPCChildProtocol,
         name: str,
+        stdin_grace: float = 1.0,
+        term_grace: float = 2.0,
     ) -> None:
         self._reactor = reactor
         self.transport = transport
         self.protocol = protocol
         self.name = name
+        self._stdin_grace = stdin_grace
+        self._term_grace = term_grace
         self._stopping: Deferred[ChildExit] | None = None
         self._pausers: set[object] = set()
 
@@ -203,12 +207,19 @@ class Child:
     def reading_paused(self) -> bool:
         return bool(self._pausers)
 
-    def stop(self, stdin_grace: float = 1.0, term_grace: float = 2.0) -> Deferred[ChildExit]:
+    def stop(
+        self, stdin_grace: float | None = None, term_grace: float | None = None
+    ) -> Deferred[ChildExit]:
         """
         End the child: close its stdin (forgejo-mcp exits on EOF), SIGTERM it
         if it is still there after C{stdin_grace} seconds, SIGKILL it after
-        C{term_grace} more.  Fires with how it ended; safe to call twice.
+        C{term_grace} more (by default the grace periods it was started
+        with).  Fires with how it ended; safe to call twice.
         """
+        if stdin_grace is None:
+            stdin_grace = self._stdin_grace
+        if term_grace is None:
+            term_grace = self._term_grace
         if self.protocol.exit is not None:
             return succeed(self.protocol.exit)
         if self._stopping is not None:
@@ -284,7 +295,9 @@ class ChildSupervisor(Service):
         transport = self._reactor.spawnProcess(
             protocol, executable, [executable, *args], env=dict(env)
         )
-        child = Child(self._reactor, transport, protocol, name)
+        # Whoever ends this child (its session, most often) gives it the
+        # supervisor's grace periods.
+        child = Child(self._reactor, transport, protocol, name, self._stdin_grace, self._term_grace)
         self._children.add(child)
 
         def forget(result: ChildExit) -> ChildExit:

@@ -315,15 +315,13 @@ class MCPEndpoint:
         self._sessions.renew(session, forgejo_token)
         if kind == "notification":
             self._sessions.client_notification(session, message)
-            request.setResponseCode(202)
-            return b""
+            return _accepted(request)
         if kind == "response":
             if not self._sessions.client_response(session, message):
                 return self._json(
                     request, 400, rpc_error(None, -32600, "no server request has that id")
                 )
-            request.setResponseCode(202)
-            return b""
+            return _accepted(request)
         exchange = PostExchange(request, self._clock, self._keepalive, child=lambda: session.child)
         session.router.client_request(message, exchange)
         await _until_done(exchange.done)
@@ -402,15 +400,16 @@ class MCPEndpoint:
                 self._sessions.client_response(session, message)
         requests = [m for k, m in zip(kinds, messages, strict=True) if k == "request"]
         if not requests:
-            request.setResponseCode(202)
-            return b""
+            return _accepted(request)
         batch = BatchExchange(request, self._clock, len(requests))
         for message in requests:
             session.router.client_request(message, batch.part())
         await _until_done(batch.done)
         return None
 
-    async def get(self, request: Request, user_id: int) -> bytes | None:
+    async def get(
+        self, request: Request, user_id: int, forgejo_token: str | None = None
+    ) -> bytes | None:
         """
         The server-to-client stream: notifications and requests not tied to
         a client request.  One per session; a new one replaces the old.
@@ -418,6 +417,8 @@ class MCPEndpoint:
         session, error = self._session(request, user_id)
         if session is None:
             return error
+        if forgejo_token is not None:
+            self._sessions.renew(session, forgejo_token)
         sse = _SSE(request, self._clock, self._keepalive, child=lambda: session.child)
         # Some proxies hold the headers back until the first bytes.
         request.write(b": stream open\n\n")
@@ -443,6 +444,13 @@ class MCPEndpoint:
         self._sessions.end(session, "the client ended the session")
         request.setResponseCode(204)
         return b""
+
+
+def _accepted(request: Request) -> bytes:
+    request.setResponseCode(202)
+    # No body, so no content type (Twisted would claim text/html).
+    request.defaultContentType = None
+    return b""
 
 
 async def _until_done(done: Deferred[None]) -> None:

@@ -11,6 +11,7 @@ L{fjmcp.router}'s job; HTTP is L{fjmcp.mcp_http}'s.
 from __future__ import annotations
 
 import collections
+import re
 import secrets
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -40,6 +41,9 @@ STDERR_WINDOW = 10.0
 REAP_INTERVAL = 30.0
 # Claude gives a tool call 300 s; a retiring child gets no longer.
 RETIRE_TIMEOUT = 300.0
+
+# forgejo-mcp colours its log levels; a log file wants plain text.
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 log = Logger()
 child_log = Logger(namespace="fjmcp.child")
@@ -131,7 +135,7 @@ class _StderrLog:
             "session {session} ({user}): {line}",
             session=self._session,
             user=self._user,
-            line=self._redact(line),
+            line=self._redact(_ANSI.sub("", line)),
         )
 
 
@@ -415,9 +419,16 @@ class SessionManager(Service):
         return session.child.stop()
 
     def reap(self) -> None:
-        cutoff = self._reactor.seconds() - self._idle_timeout
+        now = self._reactor.seconds()
+        cutoff = now - self._idle_timeout
+        # A request in flight keeps an idle session, but not for longer than
+        # any client waits for an answer: a child that never answers must
+        # not pin its session (and a process) for good.
+        stuck = now - max(self._idle_timeout, RETIRE_TIMEOUT)
         for session in list(self._sessions.values()):
-            if session.last_used < cutoff and session.router.in_flight == 0:
+            if session.last_used < cutoff and (
+                session.router.in_flight == 0 or session.last_used < stuck
+            ):
                 log.info(
                     "session {s} of {u} idle; ending it", s=session.id[:8], u=session.user_login
                 )

@@ -375,7 +375,7 @@ class BrokerApp:
                 request, grant.forgejo_user_id, grant.client_id, forgejo_token
             )
         if method == b"GET":
-            return await self._mcp.get(request, grant.forgejo_user_id)
+            return await self._mcp.get(request, grant.forgejo_user_id, forgejo_token)
         return self._mcp.delete(request, grant.forgejo_user_id)
 
     # --- the authorization flow (pages a person sees)

@@ -70,6 +70,7 @@ class Broker:
         tls_trust_root: Any = None,
         child: Sequence[str] = (),
         executable: Sequence[str] | None = None,
+        max_line: int | None = None,
         **config: Any,
     ) -> None:
         """
@@ -80,6 +81,8 @@ class Broker:
             (C{tests/scripted_child.py}) each MCP session runs.
         @param executable: run this command line (program and leading
             arguments) as the child instead, e.g. the real forgejo-mcp.
+        @param max_line: the longest stdout line a child may write (the
+            session manager's default when None).
         @param config: L{fjmcp.config.Config} fields to set (e.g.
             C{access_token_lifetime}).
         """
@@ -89,6 +92,7 @@ class Broker:
             list(executable) if executable is not None else [sys.executable, SCRIPTED_CHILD, *child]
         )
         self.tls_trust_root = tls_trust_root
+        self.max_line = max_line
         self.forgejo_site, self.forgejo_url = listen(test)
         self.forge = Forge(reactor.seconds)
         seed(self.forge)
@@ -152,6 +156,7 @@ class Broker:
             self.config.max_sessions,
             self.config.max_sessions_per_user,
             self.config.session_idle_timeout,
+            max_line=self.max_line,
             args_prefix=self.command[1:],
         )
         children.startService()
@@ -167,7 +172,13 @@ class Broker:
             flow=flow,
             tokens=self.tokens,
             credentials=self.credentials,
-            mcp=MCPEndpoint(self.sessions, self.store, reactor, keepalive=1.0),
+            mcp=MCPEndpoint(
+                self.sessions,
+                self.store,
+                reactor,
+                max_body=self.config.max_request_body,
+                keepalive=1.0,
+            ),
         )
         self.site.resource = app.resource()
 

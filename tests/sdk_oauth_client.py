@@ -18,6 +18,11 @@ it carried a bearer token or HTTP Basic credentials); the last line on
 stdout is a JSON summary of the run.  Token values, client secrets and
 authorization codes are never printed, only whether they were there.
 
+By default the session is exercised with the scripted child's C{echo} tool;
+C{--call TOOL JSONARGS} (repeatable) calls those tools instead, in order,
+C{--call-interval} seconds apart, printing one line per result before the
+summary (which has them too, under C{initialize.calls}).
+
 Exit status: 0 when the flow ran to the end (the summary says how it went),
 1 on an error (the summary says which), 3 when the installed SDK lacks an
 API this script needs.
@@ -130,6 +135,8 @@ class Recorder:
         if entry is None:
             return
         entry["status"] = response.status_code
+        # JSON or SSE: how the answer came.
+        entry["content_type"] = response.headers.get("content-type", "").split(";")[0]
         challenge = response.headers.get("www-authenticate")
         if challenge is not None:
             entry["www_authenticate"] = challenge
@@ -289,13 +296,17 @@ async def run(options: argparse.Namespace, summary: dict[str, Any]) -> None:
             ),
         ):
             async with ClientSession(read_stream, write_stream) as session:
-                summary["initialize"] = await exercise(session, first=True)
+                summary["initialize"] = await exercise(
+                    session, first=True, calls=options.call, interval=options.call_interval
+                )
                 if options.again_after is not None:
                     # By now the access token has expired (the test makes
                     # them short-lived): the SDK refreshes it first.
                     before = storage.tokens
                     await anyio.sleep(options.again_after)
-                    summary["initialize_again"] = await exercise(session, first=False)
+                    summary["initialize_again"] = await exercise(
+                        session, first=False, calls=options.call, interval=options.call_interval
+                    )
                     after = storage.tokens
                     summary["tokens_changed"] = {
                         "access_token": after is not None
@@ -334,10 +345,15 @@ async def run(options: argparse.Namespace, summary: dict[str, Any]) -> None:
         )
 
 
-async def exercise(session: ClientSession, first: bool) -> dict[str, Any]:
+async def exercise(
+    session: ClientSession,
+    first: bool,
+    calls: list[tuple[str, dict[str, Any]]] | None = None,
+    interval: float = 0.0,
+) -> dict[str, Any]:
     """
-    The MCP handshake (the first time), then a tool listing and a call;
-    how it went.
+    The MCP handshake (the first time), then a tool listing and a call
+    (C{echo}, or each of C{calls} in turn); how it went.
     """
     out: dict[str, Any] = {}
     try:
@@ -346,8 +362,20 @@ async def exercise(session: ClientSession, first: bool) -> dict[str, Any]:
             out["protocol_version"] = result.protocol_version
         tools = await session.list_tools()
         out["tools"] = sorted(t.name for t in tools.tools)
-        called = await session.call_tool("echo", {"hello": "world"})
-        out["echo"] = [getattr(c, "text", None) for c in called.content]
+        if not calls:
+            called = await session.call_tool("echo", {"hello": "world"})
+            out["echo"] = [getattr(c, "text", None) for c in called.content]
+        else:
+            results: list[dict[str, Any]] = []
+            out["calls"] = results
+            for i, (tool, arguments) in enumerate(calls):
+                if i and interval:
+                    await anyio.sleep(interval)
+                called = await session.call_tool(tool, arguments)
+                texts = [getattr(c, "text", None) for c in called.content]
+                results.append({"tool": tool, "is_error": bool(called.is_error), "text": texts})
+                for text in texts:
+                    print(f"{tool}: {text}", flush=True)
     except Exception as e:
         error = getattr(e, "error", None)
         out.update(
@@ -383,9 +411,34 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="after the first initialize, wait this many seconds and initialize again",
     )
+    parser.add_argument(
+        "--call",
+        nargs=2,
+        action="append",
+        metavar=("TOOL", "JSONARGS"),
+        type=str,
+        default=None,
+        help="call TOOL with these JSON arguments instead of echo (repeatable, in order)",
+    )
+    parser.add_argument(
+        "--call-interval",
+        type=float,
+        default=0.0,
+        help="seconds to wait between two --call tool calls",
+    )
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds for the whole run")
     parser.add_argument("--verbose", action="store_true", help="SDK debug logging on stderr")
     options = parser.parse_args(argv)
+    calls: list[tuple[str, dict[str, Any]]] = []
+    for tool, arguments in options.call or []:
+        try:
+            parsed = json.loads(arguments)
+        except ValueError as e:
+            parser.error(f"--call {tool}: the arguments are not JSON: {e}")
+        if not isinstance(parsed, dict):
+            parser.error(f"--call {tool}: the arguments must be a JSON object")
+        calls.append((tool, parsed))
+    options.call = calls
     logging.basicConfig(
         stream=sys.stderr,
         level=logging.DEBUG if options.verbose else logging.WARNING,

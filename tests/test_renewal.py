@@ -22,25 +22,7 @@ from tests.broker_support import BrokerTestCase
 
 class RenewalTests(BrokerTestCase):
     async def rpc(self, body: dict[str, Any]) -> tuple[int, dict[str, Any], Headers]:
-        headers = {
-            b"Content-Type": [b"application/json"],
-            b"Accept": [b"application/json, text/event-stream"],
-            b"Authorization": [b"Bearer " + self.token.encode()],
-        }
-        if getattr(self, "session_id", None):
-            headers[b"Mcp-Session-Id"] = [self.session_id.encode()]
-        response = await self.browser.post(
-            self.broker.url + "/mcp", data=json.dumps(body).encode(), headers=Headers(headers)
-        )
-        raw = await response.content()
-        if response.headers.getRawHeaders(b"content-type") == [b"text/event-stream"]:
-            events = [
-                json.loads(line[len(b"data: ") :])
-                for line in raw.splitlines()
-                if line.startswith(b"data: ")
-            ]
-            return response.code, events[-1], response.headers
-        return response.code, json.loads(raw) if raw else {}, response.headers
+        return await self.mcp_rpc(self.token, body, getattr(self, "session_id", None))
 
     async def call(self, tool: str, args: dict[str, Any] | None = None, id: int = 9) -> Any:
         code, body, _ = await self.rpc(
@@ -71,20 +53,7 @@ class RenewalTests(BrokerTestCase):
         )
 
     async def test_renewal_is_invisible(self) -> None:
-        tokens = await self.login_tokens()
-        self.token = tokens["access_token"]
-        self.session_id = ""
-        code, _, headers = await self.rpc(
-            {
-                "jsonrpc": "2.0",
-                "id": 1,
-                "method": "initialize",
-                "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {}},
-            }
-        )
-        self.assertEqual(code, 200)
-        self.session_id = (headers.getRawHeaders(b"mcp-session-id") or [b""])[0].decode()
-        await self.rpc({"jsonrpc": "2.0", "method": "notifications/initialized"})
+        self.token, self.session_id = await self.mcp_session()
         before = await self.call("whoami")
 
         # A long call is in flight on the old child when the token changes.
