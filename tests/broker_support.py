@@ -6,6 +6,7 @@ loopback, and a browser-like client that shows every redirect.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Sequence
 from http.cookiejar import CookieJar
@@ -15,7 +16,9 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 
 from treq.client import HTTPClient
 from twisted.internet import reactor
-from twisted.trial.unittest import TestCase
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.logger import Logger
+from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 
@@ -35,6 +38,7 @@ from fjmcp.upstream import ForgejoClient
 from fjmcp.web import BrokerApp
 from tests.helpers import listen, make_config
 
+_log = Logger()
 SCRIPTED_CHILD = str(Path(__file__).resolve().parent / "scripted_child.py")
 REDIRECT = "http://127.0.0.1:9/callback"
 
@@ -322,3 +326,34 @@ class BrokerTestCase(TestCase):
             token, {"jsonrpc": "2.0", "method": "notifications/initialized"}, session_id
         )
         return token, session_id
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+async def run_sdk_client(test: TestCase, argv: Sequence[str]) -> tuple[dict[str, Any], str]:
+    """
+    Run one of the SDK client scripts (C{python ARGV...} from the project
+    root) while the broker goes on serving in this reactor; return its JSON
+    summary (its last stdout line) and its stderr.  A script that could not
+    run, or ended in an error, fails the test; exit status 3 means the
+    installed SDK lacks an API, and the test is skipped.
+    """
+    out, err, code = await getProcessOutputAndValue(
+        sys.executable, list(argv), env=dict(os.environ, PYTHONUNBUFFERED="1"), path=str(ROOT)
+    )
+    lines = out.decode("utf-8", "replace").strip().splitlines()
+    stderr = err.decode("utf-8", "replace")
+    if not lines:
+        test.fail(f"the SDK client printed nothing (exit {code}); stderr:\n{stderr}")
+    try:
+        summary: dict[str, Any] = json.loads(lines[-1])
+    except ValueError:
+        test.fail(f"the SDK client ended without a summary (exit {code}):\n{out!r}\n{stderr}")
+    if code == 3:
+        raise SkipTest(f"the installed mcp SDK lacks an API: {summary.get('unsupported')}")
+    described = f"summary: {json.dumps(summary, indent=1)}\nstderr:\n{stderr}"
+    test.assertEqual((code, summary["error"]), (0, None), described)
+    # Kept in the test log (_trial_temp/test.log) for whoever debugs a failure.
+    _log.info("SDK client summary: {summary}", summary=described)
+    return summary, stderr

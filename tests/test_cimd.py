@@ -11,15 +11,10 @@ connecting, and over L{MemoryReactorClock}, which connects nowhere.
 
 from __future__ import annotations
 
-import datetime
 import ipaddress
 import json
 from typing import Any
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from hypothesis import assume, given
 from hypothesis import strategies as st
 from twisted.internet import reactor
@@ -43,7 +38,7 @@ from fjmcp.cimd import (
     parse_document,
     system_resolver,
 )
-from tests.helpers import serve
+from tests.helpers import self_signed, serve
 
 REDIRECT = "http://127.0.0.1/callback"
 
@@ -568,30 +563,6 @@ class CacheTests(FetchingTestCase):
         self.assertEqual(served[0][0].hits, 2)
 
 
-def _self_signed(name: str) -> tuple[bytes, bytes]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    return key_pem, certificate.public_bytes(serialization.Encoding.PEM)
-
-
 class TLSTests(FetchingTestCase):
     """
     https connects to the vetted address while the certificate is checked
@@ -599,7 +570,7 @@ class TLSTests(FetchingTestCase):
     """
 
     def serve_tls(self, name: str) -> tuple[DocumentResource, int, Certificate]:
-        key_pem, cert_pem = _self_signed(name)
+        key_pem, cert_pem = self_signed(name)
         resource = DocumentResource()
         site = Site(resource)
         site.timeOut = None
@@ -632,7 +603,7 @@ class TLSTests(FetchingTestCase):
         resource, port, _ = self.serve_tls("client.test")
         url = f"https://client.test:{port}/client.json"
         resource.set_document(valid_document(url))
-        other = Certificate.loadPEM(_self_signed("client.test")[1])
+        other = Certificate.loadPEM(self_signed("client.test")[1])
         fetcher = self.fetcher(resolver=self.resolve_to_loopback, tls_trust_root=other)
         await self.assertRefused(fetcher, url, "TLS")
         self.assertEqual(resource.hits, 0)

@@ -19,17 +19,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import Logger
 from twisted.trial.unittest import SkipTest, TestCase
 
 from fjmcp import mcp_http
 from fjmcp.router import SessionRouter
-from tests.broker_support import REDIRECT, Broker
+from tests.broker_support import REDIRECT, Broker, run_sdk_client
 
 ROOT = Path(__file__).resolve().parent.parent
 NODE_DIR = ROOT / "tests" / "node"
@@ -131,25 +129,7 @@ class EverythingServerTests(TestCase):
             "--timeout",
             str(SCRIPT_TIMEOUT),
         ]
-        out, err, code = await getProcessOutputAndValue(
-            sys.executable, argv, env=dict(os.environ, PYTHONUNBUFFERED="1"), path=str(ROOT)
-        )
-        lines = out.decode("utf-8", "replace").strip().splitlines()
-        stderr = err.decode("utf-8", "replace")
-        if not lines:
-            self.fail(f"the SDK client printed nothing (exit {code}); stderr:\n{stderr}")
-        try:
-            summary: dict[str, Any] = json.loads(lines[-1])
-        except ValueError:
-            self.fail(f"the SDK client ended without a summary (exit {code}):\n{out!r}\n{stderr}")
-        if code == 3:
-            raise SkipTest(f"the installed mcp SDK lacks an API: {summary.get('unsupported')}")
-        log.info("everything client summary: {summary}", summary=json.dumps(summary, indent=1))
-        self.assertEqual(
-            (code, summary["error"]),
-            (0, None),
-            f"summary: {json.dumps(summary, indent=1)}\nstderr:\n{stderr}",
-        )
+        summary, _ = await run_sdk_client(self, argv)
         return summary
 
     async def test_server_to_client_traffic(self) -> None:

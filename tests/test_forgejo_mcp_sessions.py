@@ -13,15 +13,12 @@ module).
 from __future__ import annotations
 
 import json
-import os
-import sys
 from collections.abc import Callable
 from typing import Any
 
 import attrs
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
-from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import Logger
 from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web.resource import Resource
@@ -29,7 +26,7 @@ from twisted.web.server import Request
 
 from fjmcp.mcp_http import SUPPORTED_VERSIONS
 from fjmcp.standin.model import Forge, TokenResponse
-from tests.broker_support import REDIRECT, Broker
+from tests.broker_support import REDIRECT, Broker, run_sdk_client
 from tests.test_forgejo_mcp import find_forgejo_mcp
 from tests.test_sdk_oauth import SCRIPT, SDK_MISSING
 
@@ -150,23 +147,9 @@ class ForgejoMCPSessionTests(TestCase):
             login,
             *args,
         ]
-        out, err, code = await getProcessOutputAndValue(
-            sys.executable, argv, env=dict(os.environ, PYTHONUNBUFFERED="1")
-        )
-        lines = out.decode("utf-8", "replace").strip().splitlines()
-        stderr = err.decode("utf-8", "replace")
-        if not lines:
-            self.fail(f"the SDK client printed nothing (exit {code}); stderr:\n{stderr}")
-        try:
-            summary: dict[str, Any] = json.loads(lines[-1])
-        except ValueError:
-            self.fail(f"the SDK client ended without a summary (exit {code}):\n{out!r}\n{stderr}")
-        if code == 3:
-            raise SkipTest(f"the installed mcp SDK lacks an API: {summary.get('unsupported')}")
+        summary, stderr = await run_sdk_client(self, argv)
         described = f"summary: {json.dumps(summary, indent=1)}\nstderr:\n{stderr}"
-        self.assertEqual((code, summary["error"]), (0, None), described)
         self.assertTrue(summary["initialize"]["ok"], described)
-        log.info("SDK client ({login}) summary: {summary}", login=login, summary=described)
         # Past the first challenge, the broker never refused or lost the session.
         mcp = [r["status"] for r in summary["requests"] if r["path"] == "/mcp"]
         self.assertEqual(mcp[0], 401)

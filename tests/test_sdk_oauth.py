@@ -12,27 +12,20 @@ happened as JSON, and the store says what the broker made of it.
 
 from __future__ import annotations
 
-import datetime
 import json
-import os
 import sqlite3
-import sys
 from pathlib import Path
 from typing import Any
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from twisted.internet import reactor
 from twisted.internet.ssl import Certificate, PrivateCertificate
-from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import Logger
 from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from tests.broker_support import REDIRECT, Broker
+from tests.broker_support import REDIRECT, Broker, run_sdk_client
+from tests.helpers import self_signed
 
 SCRIPT = str(Path(__file__).with_name("sdk_oauth_client.py"))
 SCRIPT_TIMEOUT = 60
@@ -49,33 +42,6 @@ except ImportError:
     SDK_MISSING: str | None = "the mcp SDK is not installed"
 else:
     SDK_MISSING = None
-
-
-def self_signed(name: str) -> tuple[bytes, bytes]:
-    """
-    A key and a self-signed certificate for C{name}, both PEM.
-    """
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    return key_pem, certificate.public_bytes(serialization.Encoding.PEM)
 
 
 class MetadataDocument(Resource):
@@ -121,26 +87,7 @@ class SDKClientTests(TestCase):
             str(SCRIPT_TIMEOUT),
             *args,
         ]
-        out, err, code = await getProcessOutputAndValue(
-            sys.executable, argv, env=dict(os.environ, PYTHONUNBUFFERED="1")
-        )
-        lines = out.decode("utf-8", "replace").strip().splitlines()
-        stderr = err.decode("utf-8", "replace")
-        if not lines:
-            self.fail(f"the SDK client printed nothing (exit {code}); stderr:\n{stderr}")
-        try:
-            summary: dict[str, Any] = json.loads(lines[-1])
-        except ValueError:
-            self.fail(f"the SDK client ended without a summary (exit {code}):\n{out!r}\n{stderr}")
-        if code == 3:
-            raise SkipTest(f"the installed mcp SDK lacks an API: {summary.get('unsupported')}")
-        self.assertEqual(
-            (code, summary["error"]),
-            (0, None),
-            f"summary: {json.dumps(summary, indent=1)}\nstderr:\n{stderr}",
-        )
-        # Kept in the test log (_trial_temp/test.log) for whoever debugs a failure.
-        log.info("SDK client summary: {summary}", summary=json.dumps(summary, indent=1))
+        summary, _ = await run_sdk_client(self, argv)
         self.summary = summary
         return summary
 
