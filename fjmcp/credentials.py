@@ -29,6 +29,10 @@ from fjmcp.upstream import (
 # Refresh a Forgejo token this long before it expires, so a child started
 # with it does not meet an expired token in the middle of a tool call.
 REFRESH_MARGIN = 300.0
+# How long a user's token is handed out from memory before the store is
+# asked again (which also notices a credential removed by the admin command).
+CACHE_SECONDS = 5.0
+CACHE_SIZE = 10_000
 
 log = Logger()
 
@@ -59,12 +63,16 @@ class UpstreamCredentials:
         self._clock = clock
         self._margin = refresh_margin
         self._refreshing: dict[int, _Shared] = {}
+        # user id -> (token, until when it may be handed out without a look
+        # at the store); bounded by the refresh margin and a few seconds.
+        self._cache: dict[int, tuple[str, float]] = {}
 
     async def save(self, user: ForgejoUser, tokens: UpstreamTokens) -> int:
         """
         Make C{tokens} the user's only Forgejo credential; returns its generation.
         """
         refresh = tokens.refresh_token
+        self._cache.pop(user.id, None)
         return await self._store.replace_upstream_credential(
             UpstreamUser(user.id, user.login, user.full_name),
             self._box.seal(tokens.access_token, _context(user.id, "access")),
@@ -81,6 +89,9 @@ class UpstreamCredentials:
         @raise LoginRequiredError: no credential, or Forgejo refused to renew it.
         @raise fjmcp.upstream.UpstreamError: Forgejo could not be reached.
         """
+        cached = self._cache.get(forgejo_user_id)
+        if cached is not None and self._clock.seconds() < cached[1]:
+            return cached[0]
         in_flight = self._refreshing.get(forgejo_user_id)
         if in_flight is not None:
             return await in_flight.wait()
@@ -104,12 +115,20 @@ class UpstreamCredentials:
         return await in_flight.wait()
 
     def _usable(self, cred: SealedCredential) -> str | None:
-        if cred.expires_at - self._clock.seconds() <= self._margin:
+        now = self._clock.seconds()
+        if cred.expires_at - now <= self._margin:
             return None
         try:
-            return self._box.open(cred.access_token_enc, _context(cred.forgejo_user_id, "access"))
+            token = self._box.open(cred.access_token_enc, _context(cred.forgejo_user_id, "access"))
         except DecryptionError as e:
             raise LoginRequiredError(str(e)) from None
+        if len(self._cache) >= CACHE_SIZE:
+            self._cache.clear()
+        self._cache[cred.forgejo_user_id] = (
+            token,
+            min(cred.expires_at - self._margin, now + CACHE_SECONDS),
+        )
+        return token
 
     async def _refresh(self, forgejo_user_id: int) -> str:
         # Read again: a refresh that finished while our caller was reading

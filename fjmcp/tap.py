@@ -200,11 +200,19 @@ def build_service(config: Config, reactor: Any, schema_version: int) -> MultiSer
         limiter=RateLimiter(reactor),
         mcp=MCPEndpoint(sessions, store, reactor, max_body=config.max_request_body),
     )
-    site = Site(app.resource(), logFormatter=access_log_formatter(config.trusted_proxies))
+    # No form parsing by Twisted: it costs every /mcp POST a MIME parse, and
+    # the one form (consent) is read by its route.
+    site = Site(
+        app.resource(),
+        logFormatter=access_log_formatter(config.trusted_proxies),
+        parsePOSTFormSubmission=False,
+    )
     site.displayTracebacks = False
     for description in config.listen:
         endpoint = endpoints.serverFromString(reactor, description)
         StreamServerEndpointService(endpoint, site).setServiceParent(top)
+    # The whole configuration, at debug level; secrets are kept out of its repr.
+    log.debug("configuration: {config!r}", config=config)
     for warning in config.warnings:
         log.warn("{warning}", warning=warning)
     log.info(

@@ -67,6 +67,8 @@ from fjmcp.store.tokens import TokenTransaction
 
 # An authorization code is redeemed by the client right after the redirect.
 CODE_LIFETIME = 60.0
+BEARER_CACHE_SECONDS = 5.0
+BEARER_CACHE_SIZE = 10_000
 MAX_BODY = 16 * 1024
 MAX_FIELDS = 50
 GRANT_TYPES = ("authorization_code", "refresh_token")
@@ -284,6 +286,7 @@ class TokenService:
     """
 
     def __init__(self, store: Store, config: Config, clock: IReactorTime) -> None:
+        self._bearer_cache: dict[bytes, tuple[AccessGrant, float]] = {}
         self._store = store
         self._config = config
         self._clock = clock
@@ -337,6 +340,14 @@ class TokenService:
             )
 
     async def token_response(self, body: bytes, headers: Mapping[str, str]) -> Response:
+        response = await self._token_response(body, headers)
+        if response[0] != 200:
+            # A replayed code or a late refresh-token reuse revokes a whole
+            # family: forget what the bearer cache knew.
+            self.forget_cached_grants()
+        return response
+
+    async def _token_response(self, body: bytes, headers: Mapping[str, str]) -> Response:
         """
         Answer a token request: C{(status, headers, JSON body)}.  Never
         raises; every failure is an OAuth error response.
@@ -428,6 +439,12 @@ class TokenService:
     # --- POST /oauth/revoke
 
     async def revoke(self, body: bytes, headers: Mapping[str, str]) -> Response:
+        try:
+            return await self._revoke(body, headers)
+        finally:
+            self.forget_cached_grants()
+
+    async def _revoke(self, body: bytes, headers: Mapping[str, str]) -> Response:
         """
         Answer a revocation request (RFC 7009): 200 for any token, known or
         not, once the client has authenticated; a client revokes only its own
@@ -480,7 +497,12 @@ class TokenService:
             raise MissingTokenError()
         if not _B64TOKEN.fullmatch(value):
             raise InvalidTokenError("malformed bearer token")
-        record = await self._store.get_access_token(token_hash(value))
+        digest = token_hash(value)
+        now = self._clock.seconds()
+        cached = self._bearer_cache.get(digest)
+        if cached is not None and now < cached[1]:
+            return cached[0]
+        record = await self._store.get_access_token(digest)
         now = self._clock.seconds()
         if record is None:
             raise InvalidTokenError("unknown access token")
@@ -491,7 +513,23 @@ class TokenService:
             raise InvalidTokenError("the access token expired")
         if not same_resource(family.resource, self._config.mcp_url):
             raise InvalidTokenError("the access token is for another resource")
-        return AccessGrant(family.forgejo_user_id, family.client_id, family.family_id, record.scope)
+        grant = AccessGrant(
+            family.forgejo_user_id, family.client_id, family.family_id, record.scope
+        )
+        # Every /mcp request checks its token; a few seconds of memory saves
+        # a database round trip on nearly all of them.  Revocations made by
+        # this process clear the cache at once; one made elsewhere (the
+        # admin command) is seen within BEARER_CACHE_SECONDS.
+        if len(self._bearer_cache) >= BEARER_CACHE_SIZE:
+            self._bearer_cache.clear()
+        self._bearer_cache[digest] = (grant, min(record.expires_at, now + BEARER_CACHE_SECONDS))
+        return grant
+
+    def forget_cached_grants(self) -> None:
+        """
+        Something was revoked: check every token against the store again.
+        """
+        self._bearer_cache.clear()
 
 
 def _quote(value: str) -> str:

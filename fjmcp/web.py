@@ -10,6 +10,7 @@ import json
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
+from urllib.parse import parse_qs
 
 from klein import Klein
 from twisted.internet.defer import Deferred
@@ -492,13 +493,24 @@ def _cookie(request: Request, name: bytes) -> str | None:
         return None
 
 
+MAX_FORM_BODY = 16 * 1024
+
+
 def query_args(request: Request) -> dict[str, str]:
     """
-    Query and form fields, first value of each, as text.  (Twisted merges
-    an urlencoded POST body into C{request.args}.)
+    Query fields, and for a POST the urlencoded form fields, first value of
+    each, as text.  (The site does not let Twisted parse forms.)
     """
+    args = dict(request.args)
+    if request.method == b"POST" and request.content is not None:
+        content_type = (request.getHeader(b"content-type") or b"").split(b";")[0].strip()
+        if content_type.lower() == b"application/x-www-form-urlencoded":
+            request.content.seek(0)
+            form = parse_qs(request.content.read(MAX_FORM_BODY), keep_blank_values=True)
+            for key, values in form.items():
+                args.setdefault(key, values)
     out = {}
-    for key, values in request.args.items():
+    for key, values in args.items():
         if values:
             try:
                 out[key.decode("utf-8")] = values[0].decode("utf-8")

@@ -218,16 +218,9 @@ class Database:
         return self._run(desc, interaction)
 
     def _run(self, desc: str, interaction: Callable[[Txn], T]) -> Deferred[T]:
-        started = time.monotonic()
-        d: Deferred[T] = self._pool.runInteraction(interaction)
-
-        def done(result: T) -> T:
-            log.debug(
-                "store {desc} took {ms:.1f} ms", desc=desc, ms=(time.monotonic() - started) * 1e3
-            )
-            return result
-
-        return d.addCallback(done)
+        # desc names the transaction for whoever reads a traceback (and,
+        # later, for metrics); no per-call log event: it costs every request.
+        return self._pool.runInteraction(interaction)
 
     # --- schema
 
