@@ -100,7 +100,7 @@ class Broker:
         self.forgejo_site, self.forgejo_url = listen(test)
         self.forge = Forge(reactor.seconds)
         seed(self.forge)
-        self.site, self.url = listen(test)
+        self.site, self.url = listen(test, parse_forms=False)
         self.data = data or Path(test.mktemp()).resolve()
         self.config = make_config(
             str(self.data),

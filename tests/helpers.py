@@ -33,12 +33,15 @@ def http_client() -> HTTPClient:
     return HTTPClient(Agent(reactor, pool=pool))
 
 
-def listen(test: TestCase, resource: Any = None) -> tuple[Site, str]:
+def listen(test: TestCase, resource: Any = None, parse_forms: bool = True) -> tuple[Site, str]:
     """
     A site on a loopback port for the length of C{test}, and its base URL.
-    Its C{resource} can be set later, once the URL is known.
+    Its C{resource} can be set later, once the URL is known.  The broker's
+    own site is built with C{parse_forms=False}, as fjmcp.tap builds it.
     """
-    site = Site(resource if resource is not None else Resource())
+    site = Site(
+        resource if resource is not None else Resource(), parsePOSTFormSubmission=parse_forms
+    )
     site.timeOut = None
     port = reactor.listenTCP(0, site, interface="127.0.0.1")  # type: ignore[arg-type]
     test.addCleanup(port.stopListening)
