@@ -59,7 +59,7 @@ def client_address(
     left and only while each hop is a trusted proxy; the first untrusted
     address is the client.  A peer we do not trust gets no say at all.
     """
-    if peer is not None and not _in(peer, trusted):
+    if peer is not None and (not trusted or not _in(peer, trusted)):
         return peer
     hops = [h.strip() for value in forwarded_for for h in value.split(",") if h.strip()]
     for hop in reversed(hops):
