@@ -53,8 +53,8 @@ node-deps:
 	else echo "WARNING: npm is not installed: the tests that run Node MCP servers will skip" >&2; fi
 
 lint: venv
-	$(VENV)/bin/ruff check fjmcp tests twisted
-	$(VENV)/bin/ruff format --check fjmcp tests twisted
+	$(VENV)/bin/ruff check fjmcp tests bench twisted
+	$(VENV)/bin/ruff format --check fjmcp tests bench twisted
 	$(VENV)/bin/mypy
 
 test: venv forgejo-mcp node-deps

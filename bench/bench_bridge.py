@@ -449,7 +449,7 @@ class DirectSession:
         line = await self.proc.stdout.readline()
         if not line:
             raise RuntimeError("direct child closed its stdout")
-        return json.loads(line)  # type: ignore[no-any-return]
+        return json.loads(line)
 
     async def call(self) -> None:
         id = self._take_id()

@@ -183,7 +183,7 @@ def pieces(workdir: Path, n: int) -> list[tuple[str, float, str]]:
     request.clientproto = b"HTTP/1.1"
     request.code = 200
     request.sentLength = 111
-    request.channel = DummyChannel()  # type: ignore[no-untyped-call]
+    request.channel = DummyChannel()
     log_file = open(workdir / "access.log", "a", encoding="utf-8")
     for level, name in ((LogLevel.info, "info"), (LogLevel.warn, "warn")):
         observer = make_observer(log_file, "text", level, ["not-a-real-secret"])
