@@ -75,6 +75,7 @@ class Broker:
         child: Sequence[str] = (),
         executable: Sequence[str] | None = None,
         max_line: int | None = None,
+        public_url: str | None = None,
         **config: Any,
     ) -> None:
         """
@@ -87,6 +88,9 @@ class Broker:
             arguments) as the child instead, e.g. the real forgejo-mcp.
         @param max_line: the longest stdout line a child may write (the
             session manager's default when None).
+        @param public_url: the broker's public base URL when it is not the
+            address it listens on (e.g. behind a reverse proxy); its
+            metadata and the redirect URI registered at the stand-in use it.
         @param config: L{fjmcp.config.Config} fields to set (e.g.
             C{access_token_lifetime}).
         """
@@ -101,10 +105,11 @@ class Broker:
         self.forge = Forge(reactor.seconds)
         seed(self.forge)
         self.site, self.url = listen(test, parse_forms=False)
+        self.public_url = public_url or self.url
         self.data = data or Path(test.mktemp()).resolve()
         self.config = make_config(
             str(self.data),
-            public_url=self.url,
+            public_url=self.public_url,
             forgejo_url=self.forgejo_url,
             forgejo_client_id="fjmcp-broker",
             forgejo_client_secret="gto_brokersecret",
@@ -113,7 +118,7 @@ class Broker:
         )
         self.forge.add_app(
             "fjmcp",
-            [self.url + "/oauth/callback"],
+            [self.public_url + "/oauth/callback"],
             confidential=True,
             client_id="fjmcp-broker",
             client_secret="gto_brokersecret",
@@ -133,7 +138,7 @@ class Broker:
             self.config.forgejo_url,
             self.config.forgejo_client_id,
             self.config.forgejo_client_secret,
-            self.url + "/oauth/callback",
+            self.public_url + "/oauth/callback",
             self.config.forgejo_scopes,
         )
         self.clients = ClientRegistry(self.store)
