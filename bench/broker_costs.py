@@ -41,10 +41,9 @@ from typing import Any
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
-sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(ROOT))
 
-from bench_bridge import HOST, Connection, Meter, closed_loop, free_port  # noqa: E402
+from bench.mcpload import HOST, Connection, Meter, closed_loop, free_port  # noqa: E402
 
 SERVER = r"""
 import json, sqlite3, sys
