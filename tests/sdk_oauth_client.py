@@ -33,59 +33,23 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import re
 import sys
 import traceback
 from typing import Any
-from urllib.parse import parse_qsl, urljoin, urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 try:
     import anyio
     import httpx2 as httpx
-    from mcp.client.auth import AuthorizationCodeResult, OAuthClientProvider
+    from mcp.client.auth import AuthorizationCodeResult, OAuthClientProvider  # noqa: F401
     from mcp.client.session import ClientSession
     from mcp.client.streamable_http import streamable_http_client
-    from mcp.shared.auth import OAuthClientInformationFull, OAuthClientMetadata, OAuthToken
+    from mcp.shared.auth import OAuthClientMetadata
+
+    from fjmcp.try_client import SECRET_FIELDS, HeadlessBrowser, MemoryStorage
 except ImportError as e:  # an SDK older than this script expects
     print(json.dumps({"unsupported": f"{type(e).__name__}: {e}"}))
     sys.exit(3)
-
-SECRET_FIELDS = frozenset({"client_secret", "code", "code_verifier", "refresh_token", "token"})
-CONSENT_FIELD = re.compile(r'name="consent" value="([^"]+)"')
-FORM_ACTION = re.compile(r'<form[^>]*action="([^"]*)"')
-
-
-class FlowError(Exception):
-    """
-    The browser leg did not go as a browser would expect.
-    """
-
-
-class MemoryStorage:
-    """
-    C{mcp.client.auth.TokenStorage} in memory: a fresh client every run.
-    """
-
-    def __init__(self) -> None:
-        self.tokens: OAuthToken | None = None
-        self.client_info: OAuthClientInformationFull | None = None
-
-    async def get_tokens(self) -> OAuthToken | None:
-        return self.tokens
-
-    async def set_tokens(self, tokens: OAuthToken) -> None:
-        self.tokens = tokens
-
-    async def get_client_info(self) -> OAuthClientInformationFull | None:
-        return self.client_info
-
-    async def set_client_info(self, client_info: OAuthClientInformationFull) -> None:
-        self.client_info = client_info
-
-
-def _origin(url: str) -> tuple[str, str]:
-    parts = urlsplit(url)
-    return parts.scheme, parts.netloc
 
 
 def _path(url: Any) -> str:
@@ -167,97 +131,15 @@ def _redacted_json(response: Any) -> dict[str, Any]:
     return body
 
 
-class Browser:
+class Browser(HeadlessBrowser):
     """
-    The person at the browser: consent, Forgejo sign-in, back to the client.
+    The person at the browser (L{fjmcp.try_client.HeadlessBrowser}), signing
+    in at the stand-in with its test header, so the browser leg is exactly
+    four hops: consent page, approval, Forgejo, callback.
     """
 
     def __init__(self, login: str, redirect_uri: str, decision: str) -> None:
-        self.login = login
-        self.redirect_uri = redirect_uri
-        self.decision = decision
-        self.steps: list[dict[str, Any]] = []
-        self.authorization_params: dict[str, str] = {}
-        self.result: AuthorizationCodeResult | None = None
-        self.returned: dict[str, Any] = {}
-        self.error: str | None = None
-
-    async def _hop(
-        self, client: Any, step: str, method: str, url: str, expect: int, **kwargs: Any
-    ) -> Any:
-        response = await client.request(method, url, **kwargs)
-        record = {"step": step, "method": method, "url": url.split("?")[0]}
-        record["status"] = response.status_code
-        location = response.headers.get("location")
-        if location is not None:
-            record["location"] = location.split("?")[0]
-        self.steps.append(record)
-        if response.status_code != expect:
-            raise FlowError(
-                f"{step}: {method} {record['url']} answered {response.status_code}, not "
-                f"{expect}: {response.text[:300]}"
-            )
-        return response
-
-    async def redirect_handler(self, authorization_url: str) -> None:
-        try:
-            await self._drive(authorization_url)
-        except Exception as e:
-            self.error = f"{type(e).__name__}: {e}"
-            raise
-
-    async def _drive(self, authorization_url: str) -> None:
-        self.authorization_params = {
-            k: v
-            for k, v in parse_qsl(urlsplit(authorization_url).query, keep_blank_values=True)
-            if k not in ("state", "code_challenge")
-        }
-        async with httpx.AsyncClient(follow_redirects=False, timeout=20.0) as client:
-            page = await self._hop(client, "authorize", "GET", authorization_url, 200)
-            found = CONSENT_FIELD.search(page.text)
-            if found is None:
-                raise FlowError("the consent page has no consent token")
-            action = FORM_ACTION.search(page.text)
-            target = urljoin(authorization_url, action.group(1) if action else "")
-            response = await self._hop(
-                client,
-                "consent",
-                "POST",
-                target,
-                303,
-                data={"consent": found.group(1), "decision": self.decision},
-            )
-            upstream = urljoin(target, response.headers["location"])
-            if self.decision != "approve":
-                self._returned(upstream)
-                return
-            response = await self._hop(
-                client, "forgejo", "GET", upstream, 303, headers={"X-Standin-Login": self.login}
-            )
-            back = urljoin(upstream, response.headers["location"])
-            if _origin(back) != _origin(authorization_url):
-                raise FlowError(
-                    f"Forgejo sent the browser to {back.split('?')[0]}, not back to the broker "
-                    f"(did the stand-in refuse the login {self.login!r}?)"
-                )
-            response = await self._hop(client, "callback", "GET", back, 303)
-            self._returned(urljoin(back, response.headers["location"]))
-
-    def _returned(self, location: str) -> None:
-        if location.split("?")[0] != self.redirect_uri:
-            raise FlowError(f"sent to {location.split('?')[0]}, not the redirect URI")
-        params = dict(parse_qsl(urlsplit(location).query, keep_blank_values=True))
-        self.returned = {k: (v if k not in SECRET_FIELDS else bool(v)) for k, v in params.items()}
-        if "code" not in params:
-            raise FlowError(f"the client was sent no code: {self.returned}")
-        self.result = AuthorizationCodeResult(
-            code=params["code"], state=params.get("state"), iss=params.get("iss")
-        )
-
-    async def callback_handler(self) -> AuthorizationCodeResult:
-        if self.result is None:
-            raise FlowError("the browser leg ended without an authorization code")
-        return self.result
+        super().__init__(login, redirect_uri, decision, test_login_header=True)
 
 
 async def run(options: argparse.Namespace, summary: dict[str, Any]) -> None:
