@@ -219,7 +219,8 @@ def _kind(message: Any) -> str:
 class MCPEndpoint:
     """
     `/mcp` after authentication.  Each method answers one HTTP request for
-    the user C{user_id}.
+    the user C{user_id}, whose bearer token belongs to the grant (token
+    family) C{family_id}: a session records it, and ends when it is revoked.
     """
 
     def __init__(
@@ -241,7 +242,9 @@ class MCPEndpoint:
         request.setHeader(b"Content-Type", b"application/json")
         return json.dumps(body).encode()
 
-    def _session(self, request: Request, user_id: int) -> tuple[Session | None, bytes | None]:
+    def _session(
+        self, request: Request, user_id: int, family_id: str = ""
+    ) -> tuple[Session | None, bytes | None]:
         """
         The request's session, or the error answer: 400 without a session
         id, 404 for an unknown, ended or someone else's session, 400 for an
@@ -254,7 +257,7 @@ class MCPEndpoint:
                 400,
                 rpc_error(None, -32600, "Bad Request: Mcp-Session-Id header is required"),
             )
-        session = self._sessions.get(raw.decode("latin-1"), user_id)
+        session = self._sessions.get(raw.decode("latin-1"), user_id, family_id)
         if session is None:
             return None, self._json(request, 404, rpc_error(None, -32001, "Session not found"))
         version = request.getHeader(b"mcp-protocol-version")
@@ -276,6 +279,7 @@ class MCPEndpoint:
         user_id: int,
         client_id: str,
         forgejo_token: str,
+        family_id: str = "",
     ) -> bytes | None:
         body = request.content.read(self._max_body + 1) if request.content is not None else b""
         if len(body) > self._max_body:
@@ -290,7 +294,7 @@ class MCPEndpoint:
             return self._json(request, 400, rpc_error(None, -32700, "Parse error: not JSON"))
 
         if isinstance(message, list):
-            return await self._batch(request, user_id, message)
+            return await self._batch(request, user_id, message, family_id)
         kind = _kind(message)
         if kind == "invalid":
             return self._json(request, 400, rpc_error(None, -32600, "Invalid JSON-RPC message"))
@@ -304,10 +308,10 @@ class MCPEndpoint:
             user = await self._users.get_user(user_id)
             login = user.login if user is not None else str(user_id)
             return await self._initialize(
-                request, user_id, login, client_id, message, forgejo_token
+                request, user_id, login, client_id, message, forgejo_token, family_id
             )
 
-        session, error = self._session(request, user_id)
+        session, error = self._session(request, user_id, family_id)
         if session is None:
             return error
         # The user's Forgejo token may have been renewed since the child
@@ -335,6 +339,7 @@ class MCPEndpoint:
         client_id: str,
         message: dict[str, Any],
         forgejo_token: str,
+        family_id: str = "",
     ) -> bytes | None:
         params = message.get("params") or {}
         asked = params.get("protocolVersion") if isinstance(params, dict) else None
@@ -360,6 +365,7 @@ class MCPEndpoint:
                 client_id,
                 asked if asked in SUPPORTED_VERSIONS else DEFAULT_VERSION,
                 token,
+                family_id=family_id,
             )
         except SessionLimitError as e:
             request.setHeader(b"Retry-After", b"30")
@@ -373,8 +379,10 @@ class MCPEndpoint:
         await _until_done(exchange.done)
         return None
 
-    async def _batch(self, request: Request, user_id: int, messages: list[Any]) -> bytes | None:
-        session, error = self._session(request, user_id)
+    async def _batch(
+        self, request: Request, user_id: int, messages: list[Any], family_id: str = ""
+    ) -> bytes | None:
+        session, error = self._session(request, user_id, family_id)
         if session is None:
             return error
         if session.protocol_version != "2025-03-26":
@@ -408,13 +416,18 @@ class MCPEndpoint:
         return None
 
     async def get(
-        self, request: Request, user_id: int, forgejo_token: str | None = None
+        self,
+        request: Request,
+        user_id: int,
+        forgejo_token: str | None = None,
+        family_id: str = "",
     ) -> bytes | None:
         """
         The server-to-client stream: notifications and requests not tied to
-        a client request.  One per session; a new one replaces the old.
+        a client request.  One per session; a new one replaces the old.  It
+        ends when the session does (DELETE, revocation, the child's death).
         """
-        session, error = self._session(request, user_id)
+        session, error = self._session(request, user_id, family_id)
         if session is None:
             return error
         if forgejo_token is not None:

@@ -140,12 +140,19 @@ class GrantValidator(RequestValidator):
         self._client_loaded = False
         # What the grant validated, for save_token and the caller.
         self.family_id: str | None = None
+        # Grants this call revoked, so the caller can end their sessions once
+        # the transaction has committed.
+        self.revoked_families: list[str] = []
         self.forgejo_user_id: int | None = None
         self._code_hash: bytes | None = None
         self._code_challenge: str | None = None
         self._redirect_uri: str | None = None
         self._refresh_hash: bytes | None = None
         self._family_scope = ""
+
+    def _revoke_family(self, family_id: str, reason: str) -> None:
+        if self._tx.revoke_family(family_id, reason):
+            self.revoked_families.append(family_id)
 
     # --- clients
 
@@ -235,7 +242,7 @@ class GrantValidator(RequestValidator):
             # RFC 6749 section 4.1.2 and 10.5: a replayed code revokes the
             # tokens issued from it.  Raised inside oauthlib's validation, so
             # the revocation commits with the error response.
-            self._tx.revoke_family(family.family_id, "authorization code replayed")
+            self._revoke_family(family.family_id, "authorization code replayed")
             raise errors.InvalidGrantError(
                 description="the authorization code was already used; "
                 "the tokens issued from it are revoked",
@@ -353,7 +360,7 @@ class GrantValidator(RequestValidator):
         if verdict is RefreshVerdict.REUSED:
             # Interop trap 7: reuse after the grace window means the token
             # leaked (or a client lost track); kill the whole family.
-            self._tx.revoke_family(family.family_id, "refresh token reused after grace period")
+            self._revoke_family(family.family_id, "refresh token reused after grace period")
             raise errors.InvalidGrantError(
                 description="the refresh token was already used; this authorization is "
                 "revoked, sign in again",
@@ -444,5 +451,5 @@ class GrantValidator(RequestValidator):
                 refresh = self._tx.refresh_token(digest)
                 if refresh is not None:
                     if refresh.family.client_id == client_id:
-                        self._tx.revoke_family(refresh.family.family_id, "revoked by the client")
+                        self._revoke_family(refresh.family.family_id, "revoked by the client")
                     return

@@ -1,11 +1,18 @@
 """
-The few HTML pages a person sees: the consent page and error pages.
+The few HTML pages a person sees: the consent page, the connections page
+and error pages.
 Everything shown is escaped; the pages load nothing from elsewhere.
 """
 
 from __future__ import annotations
 
+import datetime
 import html
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fjmcp.connections import Connection
 
 _PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
@@ -99,3 +106,61 @@ def consent_page(
 <button class="deny" type="submit" name="decision" value="deny">Deny</button>
 </form>"""
     return render("Allow access to Forgejo?", body)
+
+
+def _when(seconds: float | None) -> str:
+    if seconds is None:
+        return "never"
+    moment = datetime.datetime.fromtimestamp(seconds, datetime.UTC)
+    return moment.strftime("%Y-%m-%d %H:%M UTC")
+
+
+_CONNECTIONS_STYLE = (
+    ".conns{list-style:none;padding:0}.conn{border-top:1px solid #ddd;padding:.8em 0}"
+    ".notice{background:#e8f5e9;padding:.5em 1em;border-radius:6px}"
+)
+
+
+def connections_page(
+    *,
+    user_login: str,
+    forgejo_url: str,
+    connections: Sequence[Connection],
+    form_token: str,
+    action: str,
+    notice: str | None = None,
+) -> bytes:
+    """
+    The clients a signed-in user approved, each with a Revoke button.  Every
+    form on the page carries the same single-use C{form_token}.
+    """
+    e = html.escape
+    rows = []
+    for c in connections:
+        claimed = ' <small class="warn">(name given by the application itself)</small>'
+        hosts = ", ".join(f"<code>{e(h)}</code>" for h in c.redirect_hosts) or "none"
+        in_use = f", {c.live_sessions} open session(s)" if c.live_sessions else ""
+        rows.append(
+            f"""<li class="conn"><b>{e(c.name)}</b>{claimed if c.self_named else ""}<br>
+<small>Sends you back to {hosts}<br>
+Approved {e(_when(c.approved_at))} · last used {e(_when(c.last_used_at))}{e(in_use)}<br>
+Client ID: <code>{e(c.client_id)}</code></small>
+<form method="post" action="{e(action)}">
+<input type="hidden" name="csrf" value="{e(form_token)}">
+<input type="hidden" name="client_id" value="{e(c.client_id)}">
+<button class="deny" type="submit">Revoke</button>
+</form></li>"""
+        )
+    listing = (
+        f'<ul class="conns">{"".join(rows)}</ul>'
+        if rows
+        else "<p>You have not connected any application.</p>"
+    )
+    message = f'<p class="notice">{e(notice)}</p>' if notice else ""
+    body = f"""<style>{_CONNECTIONS_STYLE}</style>{message}
+<p>Signed in as <b>{e(user_login)}</b> of <code>{e(forgejo_url)}</code>. These
+applications can use your Forgejo account through this MCP server. Revoking one
+signs it out at once and ends its open sessions; it has to ask you again
+before it can connect.</p>
+{listing}"""
+    return render("Your connected applications", body)

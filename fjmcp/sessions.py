@@ -3,8 +3,9 @@ MCP sessions: one forgejo-mcp child per session, owned by one user.
 
 This module owns the session table and every session's life: creating one
 (caps, spawning the child with only that user's token), looking one up for
-its owner, reaping idle ones, ending one (and its child), and what happens
-when a child dies or misbehaves.  Routing messages inside a session is
+its owner, reaping idle ones, ending one (and its child), ending the
+sessions whose grant was revoked, and what happens when a child dies or
+misbehaves.  Routing messages inside a session is
 L{fjmcp.router}'s job; HTTP is L{fjmcp.mcp_http}'s.
 """
 
@@ -13,15 +14,16 @@ from __future__ import annotations
 import collections
 import re
 import secrets
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Collection, Iterable, Sequence
+from typing import Any, Protocol
 
 import attrs
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import CancelledError, Deferred, DeferredList
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from fjmcp import metrics
 from fjmcp.children import (
     Child,
     ChildExit,
@@ -39,6 +41,9 @@ STANDALONE_QUEUE = 256
 STDERR_BURST = 20
 STDERR_WINDOW = 10.0
 REAP_INTERVAL = 30.0
+# How often the grants behind live sessions are checked for revocation; a
+# revocation by another process (fjmcp-admin) ends sessions within this.
+REVOCATION_INTERVAL = 2.0
 # Claude gives a tool call 300 s; a retiring child gets no longer.
 RETIRE_TIMEOUT = 300.0
 
@@ -59,6 +64,26 @@ class SpawnError(Exception):
     """
     The child process could not be started (missing binary, fork failure).
     """
+
+
+class GrantSource(Protocol):
+    """
+    Where the revocation check asks which grants ended (the store).
+    """
+
+    def revoked_families(self, family_ids: Collection[str]) -> Deferred[set[str]]: ...
+
+
+class GrantCache(Protocol):
+    """
+    What remembers bearer checks for a while (L{fjmcp.tokens.TokenService}):
+    its grants are checked along with the sessions', and it forgets those
+    found revoked.
+    """
+
+    def cached_families(self) -> set[str]: ...
+
+    def forget_families(self, family_ids: Collection[str]) -> None: ...
 
 
 class StandaloneSink:
@@ -151,6 +176,10 @@ class Session:
     standalone: StandaloneSink
     last_used: float
     token_digest: bytes = attrs.field(repr=False)
+    # The grant (token family) whose bearer last used the session: the one
+    # that opened it, or a newer one of the same user (the client signed in
+    # again).  Its revocation ends the session.  Empty: not known.
+    family_id: str = ""
     # The client's initialize request, replayed to a replacement child.
     initialize: dict[str, Any] | None = None
     retiring: list[tuple[Child, SessionRouter]] = attrs.Factory(list)
@@ -176,7 +205,14 @@ class SessionManager(Service):
         idle_timeout: float,
         max_line: int | None = None,
         args_prefix: Sequence[str] = (),
+        grants: GrantSource | None = None,
+        revocation_interval: float = REVOCATION_INTERVAL,
     ) -> None:
+        """
+        @param grants: asked every C{revocation_interval} seconds which of
+            the live sessions' grants were revoked; None: never (only tests
+            that need no store).
+        """
         self._reactor = reactor
         self._children = children
         self._executable = executable
@@ -191,6 +227,13 @@ class SessionManager(Service):
         self._sessions: dict[str, Session] = {}
         self._reaper = LoopingCall(self.reap)
         self._reaper.clock = reactor
+        self._grants = grants
+        self._revocation_interval = revocation_interval
+        self._revocation_check = LoopingCall(self.check_revocations)
+        self._revocation_check.clock = reactor
+        self._check_failing = False
+        # Set by the wiring once the token service exists (it is built later).
+        self.grant_cache: GrantCache | None = None
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -198,24 +241,39 @@ class SessionManager(Service):
     def startService(self) -> None:
         super().startService()
         self._reaper.start(REAP_INTERVAL, now=False)
+        if self._grants is not None:
+            self._revocation_check.start(self._revocation_interval, now=False)
 
     def stopService(self) -> Deferred[Any]:
         super().stopService()
         if self._reaper.running:
             self._reaper.stop()
+        if self._revocation_check.running:
+            self._revocation_check.stop()
         return DeferredList(
-            [self.end(s, "the broker is shutting down") for s in list(self._sessions.values())],
+            [
+                self.end(s, "the broker is shutting down", "shutdown")
+                for s in list(self._sessions.values())
+            ],
             consumeErrors=True,
         )
 
     def of_user(self, user_id: int) -> list[Session]:
         return [s for s in self._sessions.values() if s.user_id == user_id]
 
-    def get(self, session_id: str, user_id: int) -> Session | None:
+    def get(self, session_id: str, user_id: int, family_id: str = "") -> Session | None:
+        """
+        The user's live session of that id.  C{family_id} is the grant of the
+        bearer asking: a client that signed in again uses its session with
+        a token of a new grant, and from then on that grant is the one
+        whose revocation ends the session.
+        """
         session = self._sessions.get(session_id)
         if session is None or session.user_id != user_id or session.ended:
             return None
         session.last_used = self._reactor.seconds()
+        if family_id and family_id != session.family_id:
+            session.family_id = family_id
         return session
 
     def create(
@@ -225,10 +283,13 @@ class SessionManager(Service):
         client_id: str,
         protocol_version: str,
         forgejo_token: str,
+        family_id: str = "",
     ) -> Session:
         """
         Start a session: spawn its child with the user's Forgejo token.  The
         caller then routes the client's initialize request to it.
+        C{family_id} is the grant of the bearer that asked: the session ends
+        when it is revoked.
 
         @raise SessionLimitError: the broker is full.
         @raise SpawnError: the child could not be started.
@@ -239,7 +300,7 @@ class SessionManager(Service):
             # re-initializes often and rarely says goodbye).
             oldest = mine.pop(0)
             log.info("ending session {s} of user {u}: per-user limit", s=oldest.id[:8], u=user_id)
-            self.end(oldest, "ended to make room for a newer session of the same user")
+            self.end(oldest, "ended to make room for a newer session of the same user", "evicted")
         if len(self._sessions) >= self._max:
             raise SessionLimitError(f"the broker already runs {self._max} sessions")
 
@@ -255,9 +316,11 @@ class SessionManager(Service):
             standalone=StandaloneSink(),
             last_used=self._reactor.seconds(),
             token_digest=token_hash(forgejo_token),
+            family_id=family_id,
         )
         session.child, session.router = self._spawn(session, forgejo_token)
         self._sessions[session_id] = session
+        metrics.session_started()
         log.info(
             "session {s} started for {login} ({u}) by client {c}, child pid {pid}",
             s=session_id[:8],
@@ -290,7 +353,7 @@ class SessionManager(Service):
                 problem=problem,
             )
             if routers and routers[0] is session.router:
-                self.end(session, f"the forgejo-mcp process misbehaved: {problem}")
+                self.end(session, f"the forgejo-mcp process misbehaved: {problem}", "misbehaved")
             else:
                 child.stop()
 
@@ -312,7 +375,9 @@ class SessionManager(Service):
                 f"session {session.id[:8]} ({session.user_login})",
             )
         except (OSError, RuntimeError) as e:
+            metrics.child_spawned(False)
             raise SpawnError(f"forgejo-mcp could not be started: {e}") from None
+        metrics.child_spawned(True)
         router = SessionRouter(child.send, session.standalone)
         routers.append(router)
         protocol.exited.addCallback(self._child_exited, session, child, router)
@@ -397,10 +462,12 @@ class SessionManager(Service):
                 u=session.user_login,
                 reason=exit.reason,
             )
-        self._forget(session, f"the forgejo-mcp process {exit.reason}")
+        self._forget(session, f"the forgejo-mcp process {exit.reason}", "crashed")
         return exit
 
-    def _forget(self, session: Session, why: str) -> None:
+    def _forget(self, session: Session, why: str, reason: str = "other") -> None:
+        if not session.ended:
+            metrics.session_ended(reason)
         session.ended = True
         if self._sessions.get(session.id) is session:
             del self._sessions[session.id]
@@ -410,12 +477,15 @@ class SessionManager(Service):
             child.stop()
         session.standalone.close()
 
-    def end(self, session: Session, why: str = "the session was ended") -> Deferred[ChildExit]:
+    def end(
+        self, session: Session, why: str = "the session was ended", reason: str = "other"
+    ) -> Deferred[ChildExit]:
         """
         End a session: pending requests are answered with an error at once,
         the session disappears (404 from now on), and its child is stopped.
+        C{reason} is the metrics label (L{fjmcp.metrics.SESSION_END_REASONS}).
         """
-        self._forget(session, why)
+        self._forget(session, why, reason)
         return session.child.stop()
 
     def reap(self) -> None:
@@ -432,4 +502,78 @@ class SessionManager(Service):
                 log.info(
                     "session {s} of {u} idle; ending it", s=session.id[:8], u=session.user_login
                 )
-                self.end(session, "the session was idle too long")
+                self.end(session, "the session was idle too long", "idle")
+
+    # --- revocation
+
+    def check_revocations(self) -> Deferred[None]:
+        """
+        Ask the store, in one query, which grants behind live sessions (and
+        behind cached bearer checks) were revoked or are gone, and end what
+        hangs on them.  This is how a revocation made by another process
+        (fjmcp-admin writes the database directly) reaches this one.
+        """
+        return Deferred.fromCoroutine(self._check_revocations())
+
+    async def _check_revocations(self) -> None:
+        if self._grants is None:
+            return
+        families = {s.family_id for s in self._sessions.values() if s.family_id and not s.ended}
+        if self.grant_cache is not None:
+            families |= self.grant_cache.cached_families()
+        if not families:
+            return
+        try:
+            revoked = await self._grants.revoked_families(families)
+        except CancelledError:
+            raise
+        except Exception as e:
+            # The loop must go on (a LoopingCall stops at the first error);
+            # one line when checks start failing, one when they work again.
+            if not self._check_failing:
+                log.error(
+                    "cannot check sessions' grants for revocation: {error}; will retry",
+                    error=str(e) or type(e).__name__,
+                )
+            self._check_failing = True
+            return
+        if self._check_failing:
+            log.info("checking sessions' grants for revocation works again")
+            self._check_failing = False
+        if revoked and self.running:
+            self.grants_revoked(revoked)
+
+    def grants_revoked(
+        self, family_ids: Iterable[str], why: str = "its authorization was revoked"
+    ) -> int:
+        """
+        These grants were revoked: forget the bearer checks cached for them
+        and end every session that hangs on one (its streams close, pending
+        requests get an error, its child is stopped).  Returns how many
+        sessions ended.
+        """
+        ids = set(family_ids)
+        if not ids:
+            return 0
+        if self.grant_cache is not None:
+            self.grant_cache.forget_families(ids)
+        return self.end_matching(lambda s: s.family_id in ids, why)
+
+    def end_matching(self, predicate: Callable[[Session], bool], why: str) -> int:
+        """
+        End every live session for which C{predicate} holds, with one log
+        line each; returns how many.
+        """
+        doomed = [s for s in self._sessions.values() if not s.ended and predicate(s)]
+        for session in doomed:
+            log.info(
+                "ending session {s} of {login} ({u}), client {c}, grant {family}: {why}",
+                s=session.id[:8],
+                login=session.user_login,
+                u=session.user_id,
+                c=session.client_id,
+                family=session.family_id or "unknown",
+                why=why,
+            )
+            self.end(session, why, "revoked")
+        return len(doomed)

@@ -23,13 +23,14 @@ from twisted.logger import Logger
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.server import Site
 
-from fjmcp import __version__
+from fjmcp import __version__, metrics
 from fjmcp.authorize import AuthorizationFlow
 from fjmcp.children import ChildSupervisor
 from fjmcp.cimd import ClientMetadataFetcher
 from fjmcp.clients import ClientRegistry
 from fjmcp.config import Config
 from fjmcp.config import Options as _ConfigOptions
+from fjmcp.connections import Connections
 from fjmcp.credentials import UpstreamCredentials
 from fjmcp.crypto import SecretBox
 from fjmcp.logs import prepare_twistd_observer
@@ -159,6 +160,8 @@ def build_service(config: Config, reactor: Any, schema_version: int) -> MultiSer
         config.max_sessions,
         config.max_sessions_per_user,
         config.session_idle_timeout,
+        # Revocations by fjmcp-admin or on /connections end sessions within seconds.
+        grants=store,
     )
     # After the supervisor, so it stops first: sessions end (pending requests
     # answered) before their children are stopped.
@@ -188,6 +191,9 @@ def build_service(config: Config, reactor: Any, schema_version: int) -> MultiSer
         reactor,
         cimd=ClientMetadataFetcher(reactor, allow_loopback=config.cimd_allow_loopback),
     )
+    # Grants revoked through the token endpoints end their sessions at once.
+    tokens = TokenService(store, config, reactor, on_revoked=sessions.grants_revoked)
+    sessions.grant_cache = tokens
     app = BrokerApp(
         config,
         store,
@@ -195,10 +201,11 @@ def build_service(config: Config, reactor: Any, schema_version: int) -> MultiSer
         reactor,
         clients=clients,
         flow=flow,
-        tokens=TokenService(store, config, reactor),
+        tokens=tokens,
         credentials=credentials,
         limiter=RateLimiter(reactor),
         mcp=MCPEndpoint(sessions, store, reactor, max_body=config.max_request_body),
+        connections=Connections(store, sessions, tokens, upstream, credentials, reactor),
     )
     # No form parsing by Twisted: it costs every /mcp POST a MIME parse, and
     # the one form (consent) is read by its route.
@@ -211,6 +218,12 @@ def build_service(config: Config, reactor: Any, schema_version: int) -> MultiSer
     for description in config.listen:
         endpoint = endpoints.serverFromString(reactor, description)
         StreamServerEndpointService(endpoint, site).setServiceParent(top)
+    if config.metrics_listen:
+        # Its own listener: the public one (behind Caddy) never serves /metrics.
+        routes = metrics.RouteLabels.of(BrokerApp.app)
+        metrics.serve_metrics(
+            top, reactor, config.metrics_listen, site, routes, sessions, children, config.max_sessions
+        )
     # The whole configuration, at debug level; secrets are kept out of its repr.
     log.debug("configuration: {config!r}", config=config)
     for warning in config.warnings:

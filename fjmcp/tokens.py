@@ -37,7 +37,7 @@ import binascii
 import json
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 from urllib.parse import parse_qsl, unquote_plus
 
@@ -53,6 +53,7 @@ from twisted.internet.defer import CancelledError
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from fjmcp import metrics
 from fjmcp.config import Config
 from fjmcp.crypto import new_token, token_hash
 from fjmcp.discovery import resource_metadata_url
@@ -283,13 +284,22 @@ class TokenService:
     """
     The token and revocation endpoints and the bearer check, over the store.
     C{clock} provides C{seconds()}; tests pass a L{twisted.internet.task.Clock}.
+    C{on_revoked} is told the grants (token family ids) a request revoked,
+    after the revocation committed: the session table ends their sessions.
     """
 
-    def __init__(self, store: Store, config: Config, clock: IReactorTime) -> None:
+    def __init__(
+        self,
+        store: Store,
+        config: Config,
+        clock: IReactorTime,
+        on_revoked: Callable[[set[str]], object] | None = None,
+    ) -> None:
         self._bearer_cache: dict[bytes, tuple[AccessGrant, float]] = {}
         self._store = store
         self._config = config
         self._clock = clock
+        self.on_revoked = on_revoked
 
     # --- for the authorize flow
 
@@ -340,17 +350,42 @@ class TokenService:
             )
 
     async def token_response(self, body: bytes, headers: Mapping[str, str]) -> Response:
-        response = await self._token_response(body, headers)
+        revoked: list[str] = []
+        response = await self._token_response(body, headers, revoked)
+        grant_type = _grant_type(body, headers)
+        metrics.token_request(grant_type, response[0], response[2])
+        if revoked and grant_type is not None:
+            # The token endpoint revokes only on a replayed code or a reused
+            # refresh token.
+            metrics.token_reused(grant_type)
         if response[0] != 200:
             # A replayed code or a late refresh-token reuse revokes a whole
             # family: forget what the bearer cache knew.
             self.forget_cached_grants()
+        self._revoked(revoked)
         return response
 
-    async def _token_response(self, body: bytes, headers: Mapping[str, str]) -> Response:
+    def _revoked(self, family_ids: list[str]) -> None:
+        """
+        Grants were revoked in this process: their sessions end now, not at
+        the next periodic check.
+        """
+        if not family_ids:
+            return
+        self.forget_families(family_ids)
+        if self.on_revoked is not None:
+            try:
+                self.on_revoked(set(family_ids))
+            except Exception:
+                log.failure("ending the sessions of revoked grants failed")
+
+    async def _token_response(
+        self, body: bytes, headers: Mapping[str, str], revoked: list[str]
+    ) -> Response:
         """
         Answer a token request: C{(status, headers, JSON body)}.  Never
-        raises; every failure is an OAuth error response.
+        raises; every failure is an OAuth error response.  The grants it
+        revoked are added to C{revoked}.
         """
         try:
             form, resources = parse_form(body, headers)
@@ -399,7 +434,8 @@ class TokenService:
             )
         except CodeRaceError as e:
             try:
-                await self._store.revoke_family(e.family_id, "authorization code replayed")
+                if await self._store.revoke_family(e.family_id, "authorization code replayed"):
+                    revoked.append(e.family_id)
             except CancelledError:
                 raise
             except Exception:
@@ -416,6 +452,7 @@ class TokenService:
             return _RequestError(
                 500, "server_error", "the token request could not be completed; try again"
             ).response
+        revoked.extend(validator.revoked_families)
         status, _, payload = response
         if status == 200:
             log.info(
@@ -439,16 +476,20 @@ class TokenService:
     # --- POST /oauth/revoke
 
     async def revoke(self, body: bytes, headers: Mapping[str, str]) -> Response:
+        revoked: list[str] = []
         try:
-            return await self._revoke(body, headers)
+            return await self._revoke(body, headers, revoked)
         finally:
             self.forget_cached_grants()
+            self._revoked(revoked)
 
-    async def _revoke(self, body: bytes, headers: Mapping[str, str]) -> Response:
+    async def _revoke(
+        self, body: bytes, headers: Mapping[str, str], revoked: list[str]
+    ) -> Response:
         """
         Answer a revocation request (RFC 7009): 200 for any token, known or
         not, once the client has authenticated; a client revokes only its own
-        tokens.  Never raises.
+        tokens.  Never raises.  The grants it revoked are added to C{revoked}.
         """
         try:
             form, _ = parse_form(body, headers)
@@ -458,15 +499,18 @@ class TokenService:
         now = self._clock.seconds()
         uri = self._config.public_url + "/oauth/revoke"
 
-        def endpoint_call(tx: TokenTransaction) -> Response:
-            endpoint = RevocationEndpoint(self._validator(tx, credentials))
+        def endpoint_call(tx: TokenTransaction) -> tuple[Response, GrantValidator]:
+            validator = self._validator(tx, credentials)
+            endpoint = RevocationEndpoint(validator)
             out_headers, out_body, status = endpoint.create_revocation_response(
                 uri, "POST", _for_oauthlib(form), {}
             )
-            return _oauth_response(status, out_headers, out_body, credentials)
+            return _oauth_response(status, out_headers, out_body, credentials), validator
 
         try:
-            return await self._store.token_transaction("revoke", now, endpoint_call)
+            response, validator = await self._store.token_transaction("revoke", now, endpoint_call)
+            revoked.extend(validator.revoked_families)
+            return response
         except CancelledError:
             raise
         except Exception:
@@ -530,6 +574,36 @@ class TokenService:
         Something was revoked: check every token against the store again.
         """
         self._bearer_cache.clear()
+
+    def cached_families(self) -> set[str]:
+        """
+        The grants behind bearer checks still cached: the periodic
+        revocation check asks about these too, so a token revoked by
+        another process is refused at once even with no session open.
+        """
+        now = self._clock.seconds()
+        return {grant.family_id for grant, until in self._bearer_cache.values() if now < until}
+
+    def forget_families(self, family_ids: Collection[str]) -> None:
+        """
+        These grants were revoked: their tokens' next check goes to the store.
+        """
+        ids = set(family_ids)
+        if not ids:
+            return
+        for digest, (grant, _) in list(self._bearer_cache.items()):
+            if grant.family_id in ids:
+                del self._bearer_cache[digest]
+
+
+def _grant_type(body: bytes, headers: Mapping[str, str]) -> str | None:
+    """
+    The grant type a token request names, for the metrics label.
+    """
+    try:
+        return parse_form(body, headers)[0].get("grant_type")
+    except _RequestError:
+        return None
 
 
 def _quote(value: str) -> str:

@@ -30,11 +30,12 @@ from fjmcp.authorize import (
 )
 from fjmcp.clients import ClientRegistry
 from fjmcp.config import Config, IPNetwork
+from fjmcp.connections import Connections
 from fjmcp.credentials import LoginRequiredError, UpstreamCredentials
 from fjmcp.crypto import new_token
 from fjmcp.discovery import authorization_server_metadata, protected_resource_metadata
 from fjmcp.mcp_http import MCPEndpoint
-from fjmcp.pages import consent_page, error_page
+from fjmcp.pages import connections_page, consent_page, error_page
 from fjmcp.ratelimit import RateLimiter, client_address
 from fjmcp.registration import RegistrationError
 from fjmcp.tokens import MAX_BODY as MAX_TOKEN_BODY
@@ -170,6 +171,7 @@ class BrokerApp:
         credentials: UpstreamCredentials | None = None,
         limiter: RateLimiter | None = None,
         mcp: MCPEndpoint | None = None,
+        connections: Connections | None = None,
     ) -> None:
         self._config = config
         self._store = store
@@ -181,6 +183,7 @@ class BrokerApp:
         self._credentials = credentials
         self._limiter = limiter
         self._mcp = mcp
+        self._connections = connections
         self._origins = {config.public_url.lower(), *config.allowed_origins}
         secure = config.public_url.startswith("https://")
         # __Host- cookies need Secure, which plain-http loopback development lacks.
@@ -373,10 +376,16 @@ class BrokerApp:
         method = request.method
         if method == b"POST":
             return await self._mcp.post(
-                request, grant.forgejo_user_id, grant.client_id, forgejo_token
+                request,
+                grant.forgejo_user_id,
+                grant.client_id,
+                forgejo_token,
+                family_id=grant.family_id,
             )
         if method == b"GET":
-            return await self._mcp.get(request, grant.forgejo_user_id, forgejo_token)
+            return await self._mcp.get(
+                request, grant.forgejo_user_id, forgejo_token, family_id=grant.family_id
+            )
         return self._mcp.delete(request, grant.forgejo_user_id)
 
     # --- the authorization flow (pages a person sees)
@@ -475,12 +484,110 @@ class BrokerApp:
     @app.route("/oauth/callback", methods=["GET"])
     async def callback(self, request: Request) -> bytes:
         assert self._flow is not None
-        result = await self._flow.callback(query_args(request))
+        args = query_args(request)
+        if self._connections is not None and self._connections.owns_login(args.get("state", "")):
+            # A sign-in for the connections page, not a client's authorization.
+            login_session = await self._connections.finish_login(
+                args, _cookie(request, self._browser_cookie)
+            )
+            self._set_cookie(
+                request, self._login_cookie, login_session, int(LOGIN_SESSION_LIFETIME)
+            )
+            return self._redirect(request, self._config.public_url + "/connections")
+        result = await self._flow.callback(args)
         if isinstance(result, Completed):
             self._set_cookie(
                 request, self._login_cookie, result.login_session, int(LOGIN_SESSION_LIFETIME)
             )
         return self._redirect(request, result.location)
+
+    # --- the connections page (fjmcp.connections does the work)
+
+    def _connections_page(self, request: Request, status: int, body: bytes) -> bytes:
+        self._page(request, status, body)
+        # Forms post only here; and "same-origin" (not "no-referrer") so the
+        # browser's POST carries our Origin instead of "null".
+        request.setHeader(
+            b"Content-Security-Policy",
+            b"default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'; "
+            b"base-uri 'none'; form-action 'self'",
+        )
+        request.setHeader(b"Referrer-Policy", b"same-origin")
+        return body
+
+    def _cross_site(self, request: Request) -> bool:
+        """
+        Whether a form POST comes from a page that is not ours: a foreign or
+        opaque C{Origin}, or a browser saying the request is cross-site.
+        """
+        origin = request.getHeader(b"origin")
+        ours = self._config.public_url.lower()
+        if origin is not None and origin.decode("latin-1").lower() != ours:
+            return True
+        site = request.getHeader(b"sec-fetch-site")
+        return site is not None and site.lower() not in (b"same-origin", b"none")
+
+    @app.route("/connections", methods=["GET"])
+    async def connections(self, request: Request) -> bytes:
+        """
+        The signed-in user's approved clients; a browser that is not signed
+        in goes through Forgejo's login first and comes back here.
+        """
+        assert self._connections is not None
+        login_session = _cookie(request, self._login_cookie)
+        user_id = await self._connections.user(login_session)
+        if user_id is None or login_session is None:
+            if (limited := self._too_many(request, "authorize")) is not None:
+                return limited
+            browser = _cookie(request, self._browser_cookie) or new_token()
+            self._set_cookie(request, self._browser_cookie, browser, 3600)
+            return self._redirect(request, self._connections.start_login(browser))
+        notice = None
+        if query_args(request).get("revoked"):
+            notice = "Access revoked. That application has to ask you again to connect."
+        return self._connections_page(
+            request,
+            200,
+            connections_page(
+                user_login=await self._connections.user_login(user_id),
+                forgejo_url=self._config.forgejo_url,
+                connections=await self._connections.list(user_id),
+                form_token=self._connections.form_token(user_id, login_session),
+                action="/connections/revoke",
+                notice=notice,
+            ),
+        )
+
+    @app.route("/connections/revoke", methods=["POST"])
+    async def revoke_connection(self, request: Request) -> bytes:
+        assert self._connections is not None
+        if self._cross_site(request):
+            return self._connections_page(
+                request,
+                403,
+                error_page("Forbidden", "This form can only be sent from this site's own page."),
+            )
+        login_session = _cookie(request, self._login_cookie)
+        user_id = await self._connections.user(login_session)
+        form = query_args(request)
+        if (
+            user_id is None
+            or login_session is None
+            or not self._connections.take_form_token(form.get("csrf", ""), user_id, login_session)
+        ):
+            return self._connections_page(
+                request,
+                403,
+                error_page(
+                    "Expired or foreign form",
+                    "This form is not valid any more (it was used, expired, or comes from "
+                    "another page). Open your connections page again.",
+                ),
+            )
+        client_id = form.get("client_id", "")
+        if client_id:
+            await self._connections.revoke(user_id, client_id)
+        return self._redirect(request, self._config.public_url + "/connections?revoked=1")
 
 
 def _cookie(request: Request, name: bytes) -> str | None:

@@ -26,10 +26,11 @@ from fjmcp.authorize import AuthorizationFlow
 from fjmcp.children import ChildSupervisor
 from fjmcp.cimd import ClientMetadataFetcher
 from fjmcp.clients import ClientRegistry
+from fjmcp.connections import Connections
 from fjmcp.credentials import UpstreamCredentials
 from fjmcp.crypto import SecretBox, new_pkce_pair
 from fjmcp.mcp_http import MCPEndpoint
-from fjmcp.sessions import SessionManager
+from fjmcp.sessions import REVOCATION_INTERVAL, SessionManager
 from fjmcp.standin.model import Forge, seed
 from fjmcp.standin.web import StandinForgejo
 from fjmcp.store import Store, migrate_database
@@ -76,6 +77,7 @@ class Broker:
         executable: Sequence[str] | None = None,
         max_line: int | None = None,
         public_url: str | None = None,
+        revocation_interval: float = REVOCATION_INTERVAL,
         **config: Any,
     ) -> None:
         """
@@ -91,6 +93,8 @@ class Broker:
         @param public_url: the broker's public base URL when it is not the
             address it listens on (e.g. behind a reverse proxy); its
             metadata and the redirect URI registered at the stand-in use it.
+        @param revocation_interval: how often the session table checks
+            its grants for revocation (as in the daemon).
         @param config: L{fjmcp.config.Config} fields to set (e.g.
             C{access_token_lifetime}).
         """
@@ -101,6 +105,7 @@ class Broker:
         )
         self.tls_trust_root = tls_trust_root
         self.max_line = max_line
+        self.revocation_interval = revocation_interval
         self.forgejo_site, self.forgejo_url = listen(test)
         self.forge = Forge(reactor.seconds)
         seed(self.forge)
@@ -167,7 +172,12 @@ class Broker:
             self.config.session_idle_timeout,
             max_line=self.max_line,
             args_prefix=self.command[1:],
+            grants=self.store,
+            revocation_interval=self.revocation_interval,
         )
+        # Wired as fjmcp.tap wires them: revocations end sessions.
+        self.tokens.on_revoked = self.sessions.grants_revoked
+        self.sessions.grant_cache = self.tokens
         children.startService()
         self.sessions.startService()
         self.test.addCleanup(children.stopService)
@@ -187,6 +197,9 @@ class Broker:
                 reactor,
                 max_body=self.config.max_request_body,
                 keepalive=1.0,
+            ),
+            connections=Connections(
+                self.store, self.sessions, self.tokens, upstream, self.credentials, reactor
             ),
         )
         self.site.resource = app.resource()

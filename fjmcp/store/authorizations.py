@@ -8,10 +8,13 @@ UPDATE or DELETE that uses it), so two concurrent requests cannot both win.
 
 from __future__ import annotations
 
+import json
+
 import attrs
 from twisted.internet.defer import Deferred
 
 from fjmcp.store.database import Database, Txn
+from fjmcp.store.tokens import _revoke_family_txn
 
 _PENDING_COLUMNS = (
     "id, client_id, redirect_uri, client_state, code_challenge, code_challenge_method,"
@@ -36,6 +39,35 @@ class PendingAuthorization:
     resource: str
     upstream_verifier_enc: bytes | None = attrs.field(repr=False)
     expires_at: float
+
+
+@attrs.frozen
+class ConnectionRecord:
+    """
+    A client as one user sees it on the connections page.  C{consented}
+    says whether the approval is remembered (no consent page next time);
+    C{live_grants} counts the user's unrevoked grants at it.
+    """
+
+    client_id: str
+    kind: str
+    client_name: str | None
+    redirect_uris: tuple[str, ...]
+    approved_at: float | None
+    last_used_at: float | None
+    live_grants: int
+    consented: bool
+
+
+@attrs.frozen
+class Disconnected:
+    """
+    What revoking a client for one user did: whether an approval was
+    forgotten, and the grants (token families) revoked.
+    """
+
+    consent_forgotten: bool
+    family_ids: tuple[str, ...]
 
 
 class AuthorizationStore(Database):
@@ -200,3 +232,76 @@ class AuthorizationStore(Database):
             return count + int(txn.rowcount)
 
         return self._write("purge_expired_authorizations", q)
+
+    # --- a user's own view of the clients they approved (the connections page)
+
+    def list_connections(self, forgejo_user_id: int) -> Deferred[list[ConnectionRecord]]:
+        """
+        The clients a user approved or holds a live grant at, with when they
+        were approved and last used (a token issued or refreshed, or the
+        approval renewed), most recently used first.
+        """
+
+        def q(txn: Txn) -> list[ConnectionRecord]:
+            txn.execute(
+                "WITH mine AS ("
+                "  SELECT client_id FROM consents WHERE forgejo_user_id = :u"
+                "  UNION SELECT client_id FROM token_families"
+                "    WHERE forgejo_user_id = :u AND revoked_at IS NULL),"
+                " grants AS ("
+                "  SELECT client_id, MIN(created_at) AS first, MAX(last_used_at) AS last,"
+                "    SUM(revoked_at IS NULL) AS live"
+                "  FROM token_families WHERE forgejo_user_id = :u GROUP BY client_id)"
+                " SELECT c.client_id, c.kind, c.client_name, c.redirect_uris,"
+                "  COALESCE(k.granted_at, g.first),"
+                "  MAX(COALESCE(k.last_used_at, 0), COALESCE(g.last, 0)),"
+                "  COALESCE(g.live, 0), k.granted_at IS NOT NULL"
+                " FROM mine m JOIN clients c ON c.client_id = m.client_id"
+                " LEFT JOIN consents k ON k.client_id = c.client_id AND k.forgejo_user_id = :u"
+                " LEFT JOIN grants g ON g.client_id = c.client_id"
+                " ORDER BY 6 DESC, c.client_id",
+                {"u": forgejo_user_id},
+            )
+            return [
+                ConnectionRecord(
+                    client_id=row[0],
+                    kind=row[1],
+                    client_name=row[2],
+                    redirect_uris=tuple(json.loads(row[3])),
+                    approved_at=row[4],
+                    last_used_at=row[5] or None,
+                    live_grants=int(row[6]),
+                    consented=bool(row[7]),
+                )
+                for row in txn.fetchall()
+            ]
+
+        return self._read("list_connections", q)
+
+    def disconnect_client(
+        self, forgejo_user_id: int, client_id: str, reason: str
+    ) -> Deferred[Disconnected]:
+        """
+        In one transaction: revoke every live grant the user holds at the
+        client and forget their approval of it, so the next authorization
+        request shows the consent page again.
+        """
+        now = self._now()
+
+        def q(txn: Txn) -> Disconnected:
+            txn.execute(
+                "DELETE FROM consents WHERE forgejo_user_id = ? AND client_id = ?",
+                (forgejo_user_id, client_id),
+            )
+            forgotten = txn.rowcount == 1
+            txn.execute(
+                "SELECT family_id FROM token_families"
+                " WHERE forgejo_user_id = ? AND client_id = ? AND revoked_at IS NULL",
+                (forgejo_user_id, client_id),
+            )
+            ids = [row[0] for row in txn.fetchall()]
+            for family_id in ids:
+                _revoke_family_txn(txn, family_id, reason, now)
+            return Disconnected(forgotten, tuple(ids))
+
+        return self._write("disconnect_client", q)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any, TypeVar
 
 import attrs
@@ -402,3 +402,27 @@ class TokenStore(Database):
             return int(deleted + txn.rowcount)
 
         return self._write("prune_tokens", q)
+
+    # --- live sessions and their grants
+
+    def revoked_families(self, family_ids: Collection[str]) -> Deferred[set[str]]:
+        """
+        Of C{family_ids}, those that are revoked or no longer exist, in one
+        query (the broker asks every few seconds about the grants behind
+        its live sessions and cached bearer checks).  The ids go in as one
+        JSON array, so there is no limit on how many.
+        """
+        wanted = sorted(set(family_ids))
+
+        def q(txn: Txn) -> set[str]:
+            if not wanted:
+                return set()
+            txn.execute(
+                "SELECT family_id FROM token_families"
+                " WHERE family_id IN (SELECT value FROM json_each(?)) AND revoked_at IS NULL",
+                (json.dumps(wanted),),
+            )
+            live = {row[0] for row in txn.fetchall()}
+            return set(wanted) - live
+
+        return self._read("revoked_families", q)

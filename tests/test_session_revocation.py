@@ -1,0 +1,426 @@
+"""
+Revoking a grant ends the live sessions opened with it, within seconds,
+wherever the revocation came from: this process's token endpoints (at
+once), or another process writing the database (fjmcp-admin), which the
+session table's periodic check picks up.  Bearer checks cached for a
+revoked grant are forgotten, so its tokens are refused at once.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import sys
+from collections.abc import Collection
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import Clock, deferLater
+from twisted.internet.threads import deferToThread
+from twisted.logger import LogLevel, globalLogPublisher
+from twisted.trial.unittest import TestCase
+
+import fjmcp.tokens
+from fjmcp.children import ChildSupervisor
+from fjmcp.sessions import SessionManager
+from fjmcp.store import Store, UpstreamUser, migrate_database
+from fjmcp.store.tokens import _revoke_family_txn
+from fjmcp.tokens import AccessGrant, TokenService
+from tests.broker_support import REDIRECT, SCRIPTED_CHILD
+from tests.helpers import make_config
+from tests.test_sessions import (
+    PROMPT,
+    SessionTestCase,
+    initialize,
+    request,
+    tool,
+    wait_until,
+    within,
+)
+
+
+class FakeGrants:
+    """
+    The store's side of the revocation check, scripted: which families are
+    revoked, and every question asked.
+    """
+
+    def __init__(self) -> None:
+        self.revoked: set[str] = set()
+        self.asked: list[set[str]] = []
+        self.broken = False
+
+    def revoked_families(self, family_ids: Collection[str]) -> Deferred[set[str]]:
+        self.asked.append(set(family_ids))
+        if self.broken:
+            return fail(RuntimeError("database is locked"))
+        return succeed(self.revoked & set(family_ids))
+
+
+class FakeCache:
+    def __init__(self, families: set[str]) -> None:
+        self.families = families
+        self.forgotten: list[set[str]] = []
+
+    def cached_families(self) -> set[str]:
+        return set(self.families)
+
+    def forget_families(self, family_ids: Collection[str]) -> None:
+        self.forgotten.append(set(family_ids))
+        self.families -= set(family_ids)
+
+
+class _Answer:
+    def __init__(self) -> None:
+        self.done: Deferred[dict[str, Any]] = Deferred()
+
+    def message(self, message: dict[str, Any]) -> None:
+        pass
+
+    def finish(self, response: dict[str, Any]) -> None:
+        self.done.callback(response)
+
+
+class PeriodicCheckTests(TestCase):
+    """
+    The session table's revocation check on a fake clock, with scripted
+    children (real processes) and a scripted store.
+    """
+
+    timeout = 60
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.grants = FakeGrants()
+        children = ChildSupervisor(reactor, stdin_grace=0.5, term_grace=0.5)
+        children.startService()
+        self.addCleanup(children.stopService)
+        self.sessions = SessionManager(
+            self.clock,
+            children,
+            sys.executable,
+            "http://127.0.0.1:9",
+            max_sessions=10,
+            max_per_user=5,
+            idle_timeout=3600,
+            args_prefix=[SCRIPTED_CHILD],
+            grants=self.grants,
+            revocation_interval=2.0,
+        )
+        self.sessions.startService()
+        self.addCleanup(self.sessions.stopService)
+        self.events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def open(self, user_id: int, family_id: str, client_id: str = "client") -> Any:
+        return self.sessions.create(
+            user_id, f"user{user_id}", client_id, "2025-06-18", "gto_secret", family_id=family_id
+        )
+
+    async def test_revoked_families_sessions_end_others_stay(self) -> None:
+        a1 = self.open(1, "fam-a")
+        a2 = self.open(1, "fam-a")
+        b = self.open(2, "fam-b")
+        cache = FakeCache({"fam-a", "fam-cached-only"})
+        self.sessions.grant_cache = cache
+        closed: list[str] = []
+        a1.standalone.attach(lambda m: None, lambda: closed.append("a1"))
+        pending = _Answer()
+        a2.router.client_request(tool(7, "slow", {"delay": 10}), pending)
+
+        self.clock.advance(2.0)
+        self.assertEqual(self.grants.asked, [{"fam-a", "fam-b", "fam-cached-only"}])
+        self.assertEqual(len(self.sessions), 3)
+
+        self.grants.revoked = {"fam-a", "fam-cached-only"}
+        self.clock.advance(2.0)
+        # One question per round, about every live grant at once.
+        self.assertEqual(len(self.grants.asked), 2)
+        self.assertTrue(a1.ended and a2.ended)
+        self.assertFalse(b.ended)
+        self.assertEqual(self.sessions.get(a1.id, 1), None)
+        self.assertIs(self.sessions.get(b.id, 2), b)
+        self.assertEqual(closed, ["a1"])
+        answer = await within(pending.done)
+        self.assertEqual(answer["id"], 7)
+        self.assertIn("revoked", answer["error"]["message"])
+        self.assertEqual(cache.forgotten, [{"fam-a", "fam-cached-only"}])
+        for session in (a1, a2):
+            await within(session.child.protocol.exited)
+        self.assertFalse(b.child.protocol.exited.called)
+        lines = [e for e in self.events if "ending session" in e.get("log_format", "")]
+        self.assertEqual(len(lines), 2)
+        for event in lines:
+            self.assertEqual(event["family"], "fam-a")
+            self.assertNotIn("gto_secret", repr(event))
+
+    def test_nothing_to_ask_no_query(self) -> None:
+        self.clock.advance(10.0)
+        self.assertEqual(self.grants.asked, [])
+
+    def test_a_failing_store_is_retried_and_logged_once(self) -> None:
+        session = self.open(1, "fam-a")
+        self.grants.broken = True
+        self.clock.pump([2.0] * 5)
+        self.assertEqual(len(self.grants.asked), 5)
+        errors = [e for e in self.events if e.get("log_level") == LogLevel.error]
+        self.assertEqual(len(errors), 1)
+        self.grants.broken = False
+        self.grants.revoked = {"fam-a"}
+        self.clock.advance(2.0)
+        self.assertTrue(session.ended)
+
+    def test_a_newer_grant_of_the_same_user_takes_over(self) -> None:
+        """
+        A client that signed in again uses its session with a token of a new
+        grant: from then on, that grant's revocation ends the session, and
+        the old one's does not.
+        """
+        session = self.open(1, "fam-old")
+        self.assertIs(self.sessions.get(session.id, 1, "fam-new"), session)
+        self.assertEqual(session.family_id, "fam-new")
+        self.grants.revoked = {"fam-old"}
+        self.clock.advance(2.0)
+        self.assertFalse(session.ended)
+        self.grants.revoked = {"fam-new"}
+        self.clock.advance(2.0)
+        self.assertTrue(session.ended)
+
+    def test_sessions_without_a_known_grant_are_not_asked_about(self) -> None:
+        session = self.sessions.create(1, "user1", "client", "2025-06-18", "tok")
+        self.clock.advance(2.0)
+        self.assertEqual(self.grants.asked, [])
+        self.assertFalse(session.ended)
+
+
+class StoreTests(TestCase):
+    def setUp(self) -> None:
+        config = make_config(self.mktemp())
+        migrate_database(config.db_path)
+        self.store = Store.open(config.db_path, reactor)
+        self.addCleanup(self.store.close)
+
+    async def family(self, user_id: int = 1) -> str:
+        await self.store.replace_upstream_credential(
+            UpstreamUser(user_id, f"u{user_id}", ""),
+            b"sealed",
+            None,
+            reactor.seconds() + 3600,
+            "",
+        )
+        if not await self.store.get_client("c"):
+            await self.store.create_client(
+                "c",
+                "dcr",
+                None,
+                {
+                    "token_endpoint_auth_method": "none",
+                    "redirect_uris": [REDIRECT],
+                    "grant_types": ["authorization_code"],
+                    "response_types": ["code"],
+                },
+            )
+        return await self.store.issue_authorization_code(
+            b"code-%d-%f" % (user_id, reactor.seconds()),
+            "c",
+            user_id,
+            REDIRECT,
+            "x" * 43,
+            "S256",
+            "",
+            "https://mcp.example.org/mcp",
+            reactor.seconds() + 60,
+        )
+
+    async def test_revoked_and_gone_families(self) -> None:
+        live = await self.family(1)
+        revoked = await self.family(2)
+        await self.store.revoke_family(revoked, "test")
+        answer = await self.store.revoked_families([live, revoked, "no-such-family"])
+        self.assertEqual(answer, {revoked, "no-such-family"})
+        self.assertEqual(await self.store.revoked_families([]), set())
+
+    async def test_many_ids_in_one_query(self) -> None:
+        live = await self.family(1)
+        ids = [f"gone-{n}" for n in range(40_000)] + [live]
+        answer = await self.store.revoked_families(ids)
+        self.assertEqual(len(answer), 40_000)
+        self.assertNotIn(live, answer)
+
+
+class TokenCacheTests(TestCase):
+    def test_forget_families_drops_only_theirs(self) -> None:
+        clock = Clock()
+        config = make_config(self.mktemp())
+        tokens = TokenService(None, config, clock)  # type: ignore[arg-type]
+        tokens._bearer_cache[b"a"] = (AccessGrant(1, "c", "fam-a", ""), 5.0)
+        tokens._bearer_cache[b"b"] = (AccessGrant(2, "c", "fam-b", ""), 5.0)
+        tokens._bearer_cache[b"old"] = (AccessGrant(2, "c", "fam-old", ""), 0.0)
+        self.assertEqual(tokens.cached_families(), {"fam-a", "fam-b"})
+        tokens.forget_families({"fam-a"})
+        self.assertEqual(set(tokens._bearer_cache), {b"b", b"old"})
+
+
+def revoke_elsewhere(db_path: Any, user_id: int) -> Deferred[int]:
+    """
+    Revoke a user's grants the way another process (fjmcp-admin) does: its
+    own connection to the database file, nothing of this process involved.
+    """
+
+    def work() -> int:
+        conn = sqlite3.connect(str(db_path), isolation_level=None, timeout=10)
+        try:
+            cursor = conn.cursor()
+            cursor.execute("BEGIN IMMEDIATE")
+            cursor.execute(
+                "SELECT family_id FROM token_families"
+                " WHERE forgejo_user_id = ? AND revoked_at IS NULL",
+                (user_id,),
+            )
+            ids = [row[0] for row in cursor.fetchall()]
+            for family_id in ids:
+                _revoke_family_txn(cursor, family_id, "revoked by the admin", 1.0)
+            cursor.execute("COMMIT")
+            return len(ids)
+        finally:
+            conn.close()
+
+    return deferToThread(work)
+
+
+class EndToEndTests(SessionTestCase):
+    """
+    A real broker, real children, HTTP in front.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        # A cache far longer than the test: a 401 below proves the check
+        # forgot the revoked grant's bearer checks, not that they aged out.
+        self.patch(fjmcp.tokens, "BEARER_CACHE_SECONDS", 600.0)
+
+    async def test_revocation_by_another_process_ends_sessions_within_seconds(self) -> None:
+        self.use_broker(revocation_interval=0.5)
+        alice = await self.token("alice")
+        bob = await self.token("bob")
+        first = await self.open_session(alice)
+        second = await self.open_session(alice)
+        bobs = await self.open_session(bob)
+        children = [self.session_object(s).child for s in (first, second)]
+        stream = await self.start("GET", alice, None, first)
+        self.assertEqual(stream.code, 200)
+        in_flight = self.start("POST", alice, tool(5, "slow", {"delay": 10}), second)
+        # Alice's token is checked (and cached) just before the revocation.
+        await self.rpc(alice, second, request(4, "tools/list"))
+
+        self.assertEqual(await revoke_elsewhere(self.broker.config.db_path, 1), 1)
+
+        await stream.finished(PROMPT)
+        for child in children:
+            await within(child.protocol.exited)
+        reply = await (await within(in_flight)).finished()
+        answer = reply.events[-1] if reply.is_sse else reply.json()
+        self.assertEqual(answer["id"], 5)
+        self.assertIn("error", answer)
+        self.assertFalse(self.live(first) or self.live(second))
+
+        refused = await self.post(alice, request(6, "tools/list"), second)
+        self.assertEqual(refused.code, 401)
+        challenge = refused.headers.getRawHeaders(b"www-authenticate")[0].decode()
+        self.assertIn('error="invalid_token"', challenge)
+        self.assertIn("resource_metadata=", challenge)
+        # Bob noticed nothing.
+        self.assertTrue(self.live(bobs))
+        self.assertEqual((await self.whoami(bob, bobs))["url"], self.broker.forgejo_url)
+
+    async def test_a_cached_token_without_a_session_is_refused_too(self) -> None:
+        self.use_broker(revocation_interval=0.5)
+        alice = await self.token("alice")
+        # Authenticated (and cached), then refused for having no session.
+        self.assertEqual((await self.post(alice, request(1, "tools/list"))).code, 400)
+        await revoke_elsewhere(self.broker.config.db_path, 1)
+        await wait_until(lambda: not self.broker.tokens._bearer_cache)
+        self.assertEqual((await self.post(alice, initialize())).code, 401)
+
+    async def refresh(self, tokens: dict[str, Any]) -> dict[str, Any]:
+        response = await self.browser.post(
+            self.broker.url + "/oauth/token",
+            data={
+                "grant_type": "refresh_token",
+                "refresh_token": tokens["refresh_token"],
+                "client_id": tokens["client"]["client_id"],
+            },
+        )
+        body: dict[str, Any] = await response.json()
+        self.assertEqual(response.code, 200, body)
+        return body
+
+    async def test_revoking_the_refresh_token_ends_the_sessions_at_once(self) -> None:
+        # No periodic check during the test: the token endpoint itself ends them.
+        self.use_broker(revocation_interval=3600)
+        tokens = await self.login_tokens("alice")
+        session_id = await self.open_session(tokens["access_token"])
+        child = self.session_object(session_id).child
+        stream = await self.start("GET", tokens["access_token"], None, session_id)
+        # A refresh keeps the grant: the session goes on with the new token.
+        renewed = await self.refresh(tokens)
+        self.assertNotEqual(renewed["access_token"], tokens["access_token"])
+        await self.rpc(renewed["access_token"], session_id, request(2, "tools/list"))
+        other = await self.token("bob")
+        bobs = await self.open_session(other)
+
+        response = await self.browser.post(
+            self.broker.url + "/oauth/revoke",
+            data={
+                "token": renewed["refresh_token"],
+                "token_type_hint": "refresh_token",
+                "client_id": tokens["client"]["client_id"],
+            },
+        )
+        await response.content()
+        self.assertEqual(response.code, 200)
+        # Ended by the time the revocation was answered.
+        self.assertFalse(self.live(session_id))
+        await stream.finished(PROMPT)
+        await within(child.protocol.exited)
+        refused = await self.post(renewed["access_token"], request(3, "tools/list"), session_id)
+        self.assertEqual(refused.code, 401)
+        self.assertTrue(self.live(bobs))
+
+    async def test_refresh_reuse_detection_ends_the_sessions(self) -> None:
+        self.use_broker(revocation_interval=3600, refresh_grace_period=0.0)
+        tokens = await self.login_tokens("alice")
+        session_id = await self.open_session(tokens["access_token"])
+        renewed = await self.refresh(tokens)
+        await self.rpc(renewed["access_token"], session_id, request(2, "tools/list"))
+        response = await self.browser.post(
+            self.broker.url + "/oauth/token",
+            data={
+                "grant_type": "refresh_token",
+                "refresh_token": tokens["refresh_token"],
+                "client_id": tokens["client"]["client_id"],
+            },
+        )
+        self.assertEqual((await response.json())["error"], "invalid_grant")
+        self.assertFalse(self.live(session_id))
+
+    async def test_a_new_grant_of_the_same_user_keeps_the_session(self) -> None:
+        """
+        The client signed in again (a new grant) and goes on using its
+        session; revoking the old grant leaves it alone.
+        """
+        self.use_broker(revocation_interval=0.3)
+        old = await self.login_tokens("alice")
+        session_id = await self.open_session(old["access_token"])
+        new = await self.login_tokens("alice")
+        await self.rpc(new["access_token"], session_id, request(2, "tools/list"))
+        old_grant = await self.broker.tokens.check_bearer("Bearer " + old["access_token"])
+        new_grant = await self.broker.tokens.check_bearer("Bearer " + new["access_token"])
+        self.assertNotEqual(old_grant.family_id, new_grant.family_id)
+        self.assertEqual(self.session_object(session_id).family_id, new_grant.family_id)
+        await self.broker.store.revoke_family(old_grant.family_id, "test")
+        # A few rounds of the check.
+        await deferLater(reactor, 1.0, lambda: None)
+        self.assertTrue(self.live(session_id))
+        await self.rpc(new["access_token"], session_id, request(3, "tools/list"))
