@@ -158,6 +158,8 @@ class FileStorage(MemoryStorage):
     def __init__(self, path: Path) -> None:
         super().__init__()
         self.path = path
+        if not path.parent.is_dir():
+            raise TryError(f"--token-file: no directory {path.parent} for {path.name}", EXIT_USAGE)
         if not path.exists():
             return
         from mcp.shared.auth import OAuthClientInformationFull, OAuthToken
@@ -181,13 +183,16 @@ class FileStorage(MemoryStorage):
             "expires_at": self.expires_at,
         }
         tmp = self.path.with_name(self.path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            os.fchmod(fd, 0o600)  # when the file was left over with another mode
-            os.write(fd, json.dumps(stored, indent=1).encode())
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.path)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.fchmod(fd, 0o600)  # when the file was left over with another mode
+                os.write(fd, json.dumps(stored, indent=1).encode())
+            finally:
+                os.close(fd)
+            os.replace(tmp, self.path)
+        except OSError as e:
+            raise TryError(f"cannot write the token file {self.path}: {e}", EXIT_USAGE) from None
 
 
 # --- pages
