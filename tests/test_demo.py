@@ -124,7 +124,7 @@ class DemoTests(TestCase):
         state.mkdir(parents=True)
         broker_port, standin_port = free_port(), free_port()
         output = state.parent / "demo.out"
-        with output.open("wb") as out:
+        with output.open("wb") as sink:
             demo = subprocess.Popen(
                 [
                     str(DEMO),
@@ -134,7 +134,7 @@ class DemoTests(TestCase):
                     f"--forgejo-mcp={binary}",
                 ],
                 stdin=subprocess.DEVNULL,
-                stdout=out,
+                stdout=sink,
                 stderr=subprocess.STDOUT,
                 cwd=str(state),
                 # Its own process group, as a shell job has: Ctrl-C goes to it all.
