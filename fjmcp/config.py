@@ -12,7 +12,6 @@ is collected so an operator sees all of them in one start attempt.
 from __future__ import annotations
 
 import base64
-import binascii
 import ipaddress
 import os
 import re
@@ -27,6 +26,8 @@ from urllib.parse import urlsplit
 import attrs
 from twisted.logger import LogLevel
 from twisted.python import usage
+
+from fjmcp.keyring import KeyFileError, parse_key_file
 
 ENV_PREFIX = "FJMCP_"
 DB_FILENAME = "broker.db"
@@ -75,6 +76,10 @@ class Config:
     # Test-only: lets client ID metadata documents be fetched from loopback.
     cimd_allow_loopback: bool = False
     warnings: tuple[str, ...] = ()
+    # Every key of the key file, current (= secret_key) first; the daemon
+    # follows the file itself for rotations (fjmcp.keyring).
+    secret_keys: tuple[bytes, ...] = attrs.field(default=(), repr=False)
+    secret_key_file: Path | None = None
 
     @property
     def db_path(self) -> Path:
@@ -88,13 +93,14 @@ class Config:
         """
         Every configured secret, in the forms it could appear in a log line.
         """
-        key = self.secret_key
-        return [
-            self.forgejo_client_secret,
-            base64.b64encode(key).decode(),
-            base64.urlsafe_b64encode(key).decode(),
-            key.hex(),
-        ]
+        found = [self.forgejo_client_secret]
+        for key in self.secret_keys or (self.secret_key,):
+            found += [
+                base64.b64encode(key).decode(),
+                base64.urlsafe_b64encode(key).decode(),
+                key.hex(),
+            ]
+        return found
 
 
 # --- parsing of single values; each raises ValueError with an operator-facing message
@@ -222,21 +228,11 @@ def parse_log_format(text: str) -> str:
 
 def parse_secret_key(data: bytes) -> bytes:
     """
-    A key file holds 32 random bytes, base64-encoded (standard or URL-safe
-    alphabet), surrounding whitespace ignored.
+    The current key of a key file: one or more lines of 32 random bytes,
+    base64-encoded (standard or URL-safe alphabet), the first line current
+    (see L{fjmcp.keyring} for the format and for rotation).
     """
-    text = data.strip()
-    try:
-        key = base64.b64decode(text.replace(b"-", b"+").replace(b"_", b"/"), validate=True)
-    except (binascii.Error, ValueError):
-        key = b""
-    if len(key) != KEY_BYTES:
-        raise ValueError(
-            f"must hold {KEY_BYTES} random bytes in base64; create one with "
-            "`python3 -c 'import secrets,base64; "
-            "print(base64.b64encode(secrets.token_bytes(32)).decode())' > FILE`"
-        )
-    return key
+    return parse_key_file(data)[0]
 
 
 def validate_listen(description: str) -> None:
@@ -296,7 +292,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("data-dir", "Directory for broker.db and its -wal/-shm files.", "fjmcp-data"),
     Option(
         "secret-key-file",
-        "File with the base64 32-byte key that encrypts upstream tokens at rest. Required.",
+        "File with the base64 32-byte key that encrypts upstream tokens at rest "
+        "(one key per line after a rotation, the first one current). Required.",
     ),
     Option("max-sessions", "Most MCP sessions (child processes) at once.", "100"),
     Option("max-sessions-per-user", "Most MCP sessions per Forgejo user.", "5"),
@@ -432,6 +429,7 @@ def build_config(
         )
 
     key: bytes | None = None
+    keys: tuple[bytes, ...] = ()
     key_file = raw["secret-key-file"]
     if key_file is None:
         problems.append(
@@ -446,9 +444,11 @@ def build_config(
             problems.append(f"{origin['secret-key-file']}: cannot read {key_file}: {e.strerror}")
         else:
             try:
-                key = parse_secret_key(data)
-            except ValueError as e:
-                problems.append(f"{origin['secret-key-file']}: {key_file} {e}")
+                keys = parse_key_file(data)
+            except KeyFileError as e:
+                problems += [f"{origin['secret-key-file']}: {key_file} {p}" for p in e.problems]
+            else:
+                key = keys[0]
             if mode & (stat.S_IRWXG | stat.S_IRWXO):
                 warnings.append(
                     f"secret key file {key_file} is readable by group or others; chmod 600 it"
@@ -487,6 +487,8 @@ def build_config(
         forgejo_mcp=binary,
         data_dir=data_dir.resolve(),
         secret_key=key or b"",
+        secret_keys=keys,
+        secret_key_file=Path(key_file).resolve() if key_file else None,
         max_sessions=max_sessions,
         max_sessions_per_user=max_per_user,
         session_idle_timeout=idle,

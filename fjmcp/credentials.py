@@ -44,7 +44,11 @@ class LoginRequiredError(Exception):
     """
 
 
-def _context(forgejo_user_id: int, which: str) -> str:
+def credential_context(forgejo_user_id: int, which: str) -> str:
+    """
+    What a sealed token of the user is bound to (C{which}: "access" or
+    "refresh"); the admin command's key rotation re-seals under the same.
+    """
     return f"forgejo-user:{forgejo_user_id}:{which}"
 
 
@@ -75,8 +79,8 @@ class UpstreamCredentials:
         self._cache.pop(user.id, None)
         return await self._store.replace_upstream_credential(
             UpstreamUser(user.id, user.login, user.full_name),
-            self._box.seal(tokens.access_token, _context(user.id, "access")),
-            self._box.seal(refresh, _context(user.id, "refresh")) if refresh else None,
+            self._box.seal(tokens.access_token, credential_context(user.id, "access")),
+            (self._box.seal(refresh, credential_context(user.id, "refresh")) if refresh else None),
             tokens.expires_at,
             tokens.scope,
         )
@@ -119,7 +123,9 @@ class UpstreamCredentials:
         if cred.expires_at - now <= self._margin:
             return None
         try:
-            token = self._box.open(cred.access_token_enc, _context(cred.forgejo_user_id, "access"))
+            token = self._box.open(
+                cred.access_token_enc, credential_context(cred.forgejo_user_id, "access")
+            )
         except DecryptionError as e:
             raise LoginRequiredError(str(e)) from None
         if len(self._cache) >= CACHE_SIZE:
@@ -143,7 +149,9 @@ class UpstreamCredentials:
         if refresh_enc is None:
             raise LoginRequiredError("the Forgejo credential expired and has no refresh token")
         try:
-            refresh_token = self._box.open(refresh_enc, _context(forgejo_user_id, "refresh"))
+            refresh_token = self._box.open(
+                refresh_enc, credential_context(forgejo_user_id, "refresh")
+            )
         except DecryptionError as e:
             raise LoginRequiredError(str(e)) from None
         try:

@@ -32,7 +32,7 @@ from fjmcp.config import Config
 from fjmcp.config import Options as _ConfigOptions
 from fjmcp.connections import Connections
 from fjmcp.credentials import UpstreamCredentials
-from fjmcp.crypto import SecretBox
+from fjmcp.keyring import secret_box
 from fjmcp.logs import prepare_twistd_observer
 from fjmcp.mcp_http import MCPEndpoint
 from fjmcp.ratelimit import RateLimiter
@@ -167,7 +167,8 @@ def build_service(config: Config, reactor: Any, schema_version: int) -> MultiSer
     # answered) before their children are stopped.
     sessions.setServiceParent(top)
     clients = ClientRegistry(store)
-    box = SecretBox(config.secret_key)
+    # Follows the key file, so fjmcp-admin rotate-key needs no restart.
+    box = secret_box(config)
     # Its own HTTP client, and one that keeps no cookies: treq's would carry
     # whatever Forgejo sets from one user's requests into the next user's.
     no_cookies = IndexableCookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))

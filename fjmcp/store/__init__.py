@@ -7,6 +7,7 @@ Each module holds the tables of one concern as a mixin over L{Database}
 data store.
 """
 
+from fjmcp.store.admin import AdminStore, ClientSummary, ResealBatch
 from fjmcp.store.authorizations import AuthorizationStore
 from fjmcp.store.clients import ClientRecord, ClientStore
 from fjmcp.store.credentials import CredentialStore, SealedCredential, UpstreamUser
@@ -24,7 +25,7 @@ from fjmcp.store.database import (
 from fjmcp.store.tokens import TokenStore
 
 
-class Store(AuthorizationStore, ClientStore, CredentialStore, TokenStore, Database):
+class Store(AdminStore, AuthorizationStore, ClientStore, CredentialStore, TokenStore, Database):
     """
     Every read and write of broker state.
     """
@@ -32,8 +33,10 @@ class Store(AuthorizationStore, ClientStore, CredentialStore, TokenStore, Databa
 
 __all__ = [
     "ClientRecord",
+    "ClientSummary",
     "Database",
     "Migration",
+    "ResealBatch",
     "SchemaTooNewError",
     "SealedCredential",
     "Store",
