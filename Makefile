@@ -8,7 +8,7 @@ FORGEJO_MCP_VERSION := $(shell cat deploy/forgejo-mcp.version)
 FORGEJO_MCP_MODULE := codeberg.org/goern/forgejo-mcp/v2
 TRIAL_JOBS ?= 2
 
-.PHONY: all venv forgejo-mcp node-deps caddy check lint test demo clean
+.PHONY: all venv forgejo-mcp node-deps caddy check lint test demo bench clean
 
 all: check
 
@@ -74,5 +74,16 @@ check: lint test
 demo: venv forgejo-mcp
 	PATH="$(BIN):$$PATH" $(VENV)/bin/fjmcp-demo
 
+# The side-by-side benchmark (docs/benchmarks.md): direct stdio, fjmcp,
+# supergateway and mcp-proxy; the peers are installed apart from $(VENV), at
+# the versions pinned in bench/peers/.  Not part of `check`.
+$(VENV)/.bench-installed: $(VENV)/.installed setup.cfg
+	$(VENV)/bin/pip install --quiet -e '.[bench]'
+	touch $@
+
+bench: $(VENV)/.bench-installed
+	$(VENV)/bin/python bench/bench_peers.py
+
 clean:
-	rm -rf $(VENV) $(BIN) _trial_temp* .demo build *.egg-info $(NODE_DIR)/node_modules
+	rm -rf $(VENV) $(BIN) _trial_temp* .demo build *.egg-info $(NODE_DIR)/node_modules \
+		bench/.venv-peers bench/peers/node_modules
