@@ -22,10 +22,12 @@ from typing import Any
 from twisted.internet import reactor, task
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SkipTest, TestCase
+from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from tests.broker_support import ROOT, Broker
+from tests.helpers import http_client
 from tests.test_forgejo_mcp import find_forgejo_mcp
 
 BIN = Path(sys.executable).parent
@@ -104,20 +106,44 @@ def check_no_secrets(test: TestCase, text: str) -> None:
     test.assertNotIn("Traceback", text)
 
 
+SCRIPTED_CHILD = ROOT / "tests" / "scripted_child.py"
+
+
+async def origin_status(url: str, origin: str) -> int:
+    """
+    How /mcp answers a browser page at C{origin} that has no token yet.
+    """
+    response = await http_client().post(
+        url,
+        data=b'{"jsonrpc": "2.0", "id": 1, "method": "ping"}',
+        headers=Headers(
+            {
+                b"Content-Type": [b"application/json"],
+                b"Accept": [b"application/json, text/event-stream"],
+                b"Origin": [origin.encode()],
+            }
+        ),
+    )
+    await response.content()
+    code: int = response.code
+    return code
+
+
 class DemoTests(TestCase):
     """
-    C{fjmcp-demo} with the real forgejo-mcp, as a newcomer runs it.
+    C{fjmcp-demo} as a newcomer runs it: with the real forgejo-mcp where it
+    was built, and with the scripted child standing in for it everywhere.
     """
 
     timeout = 300
 
-    async def test_newcomer(self) -> None:
+    async def demo(self, binary: str) -> tuple[subprocess.Popen[bytes], str, Any]:
         """
-        The demo prints the MCP URL and the fjmcp-try command; that command
-        logs in as alice, lists forgejo-mcp's tools and shows alice's user;
-        Ctrl-C stops the demo, its processes and their children.
+        Start the demo with C{binary} as forgejo-mcp, on free ports, in its
+        own state directory; wait for its banner and check what it tells a
+        newcomer.  Returns the process, its MCP URL and a function that
+        reads what it printed so far.
         """
-        binary = find_forgejo_mcp()
         if not Path("/proc/self/stat").exists():
             raise SkipTest("needs /proc to see the demo's processes")
         state = Path(self.mktemp()).resolve()
@@ -166,9 +192,39 @@ class DemoTests(TestCase):
         self.assertTrue(suggested.group(1).endswith(f" {mcp}"), suggested.group(1))
         self.assertIn(f"claude mcp add --transport http forgejo-demo {mcp}", banner)
         self.assertIn("npx @modelcontextprotocol/inspector", banner)
-        self.assertIn("http://localhost:6274", banner)
         self.assertIn("alice (admin), bob, carol", banner)
+        # What the banner says of MCP Inspector holds: its page may call /mcp
+        # (and is asked for a token), another page may not.
+        for origin in ("http://localhost:6274", "http://127.0.0.1:6274"):
+            self.assertIn(origin, banner)
+            self.assertEqual(await origin_status(mcp, origin), 401, origin)
+        self.assertEqual(await origin_status(mcp, "http://localhost:9999"), 403)
+        return demo, mcp, printed
 
+    async def ctrl_c(self, demo: subprocess.Popen[bytes], mcp: str, printed: Any) -> None:
+        """
+        Ctrl-C at the demo's terminal stops it, the broker, the stand-in and
+        whatever they ran.
+        """
+        processes = descendants(demo.pid)
+        self.assertGreaterEqual(len(processes), 2)
+        ports = [int(p) for p in re.findall(r"http://127\.0\.0\.1:(\d+) ", printed())]
+        self.assertEqual(len(set(ports)), 2, printed())
+        self.assertTrue(all(accepting(port) for port in ports))
+        os.killpg(demo.pid, signal.SIGINT)
+        await until(self, lambda: demo.poll() is not None, 60, "the demo to stop")
+        self.assertEqual(demo.returncode, 0, printed())
+        self.assertIn("fjmcp-demo: stopped.", printed())
+        self.assertNotIn("Traceback", printed())
+        self.assertEqual({p for p in processes if alive(p)}, set())
+        self.assertFalse(any(accepting(port) for port in ports))
+
+    async def test_newcomer(self) -> None:
+        """
+        With the real forgejo-mcp: the fjmcp-try command the demo suggests
+        logs in as alice, lists forgejo-mcp's tools and shows alice's user.
+        """
+        demo, mcp, printed = await self.demo(find_forgejo_mcp())
         out, err, code = await fjmcp_try("--headless", "--user", "alice", mcp)
         self.assertEqual(code, 0, f"stdout:\n{out}\nstderr:\n{err}")
         listed = re.search(r"^Forgejo MCP Server offers (\d+) tools:$", out, re.M)
@@ -181,18 +237,27 @@ class DemoTests(TestCase):
         self.assertEqual(json.loads(result[1])["Result"]["login"], "alice")
         self.assertIn("sign-in page: picking alice", err)
         check_no_secrets(self, out + err)
+        await self.ctrl_c(demo, mcp, printed)
 
-        # The broker and the stand-in, and whatever they run.
-        processes = descendants(demo.pid)
-        self.assertGreaterEqual(len(processes), 2)
-        self.assertTrue(accepting(broker_port) and accepting(standin_port))
-        os.killpg(demo.pid, signal.SIGINT)
-        await until(self, lambda: demo.poll() is not None, 60, "the demo to stop")
-        self.assertEqual(demo.returncode, 0, printed())
-        self.assertIn("fjmcp-demo: stopped.", printed())
-        self.assertNotIn("Traceback", printed())
-        self.assertEqual({p for p in processes if alive(p)}, set())
-        self.assertFalse(accepting(broker_port) or accepting(standin_port))
+    async def test_scripted_child(self) -> None:
+        """
+        The same demo with the scripted child as its forgejo-mcp (so it runs
+        where the real one cannot be built): the suggested command works,
+        the child is given alice's Forgejo token, and Ctrl-C stops it all.
+        """
+        wrapper = Path(self.mktemp()).resolve()
+        wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{SCRIPTED_CHILD}" "$@"\n')
+        wrapper.chmod(0o700)
+        demo, mcp, printed = await self.demo(str(wrapper))
+        out, err, code = await fjmcp_try(
+            "--headless", "--user", "alice", "--call", "echo", "--args", '{"hi": 1}', mcp
+        )
+        self.assertEqual(code, 0, f"stdout:\n{out}\nstderr:\n{err}")
+        self.assertRegex(out, r"(?m)^scripted-child offers \d+ tools:$")
+        self.assertEqual(json.loads(out.split('\ncalling echo {"hi": 1}:\n', 1)[1]), {"hi": 1})
+        self.assertIn("sign-in page: picking alice", err)
+        check_no_secrets(self, out + err)
+        await self.ctrl_c(demo, mcp, printed)
 
     async def test_port_taken(self) -> None:
         """
