@@ -11,13 +11,13 @@ from __future__ import annotations
 import sqlite3
 import sys
 from collections.abc import Collection
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.threads import deferToThread
-from twisted.logger import LogLevel, globalLogPublisher
+from twisted.logger import ILogObserver, LogLevel, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 import fjmcp.tokens
@@ -110,8 +110,9 @@ class PeriodicCheckTests(TestCase):
         self.sessions.startService()
         self.addCleanup(self.sessions.stopService)
         self.events: list[dict[str, Any]] = []
-        globalLogPublisher.addObserver(self.events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+        observer = cast(ILogObserver, self.events.append)
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
 
     def open(self, user_id: int, family_id: str, client_id: str = "client") -> Any:
         return self.sessions.create(
@@ -327,7 +328,7 @@ class EndToEndTests(SessionTestCase):
 
         refused = await self.post(alice, request(6, "tools/list"), second)
         self.assertEqual(refused.code, 401)
-        challenge = refused.headers.getRawHeaders(b"www-authenticate")[0].decode()
+        challenge = (refused.headers.getRawHeaders(b"www-authenticate") or [b""])[0].decode()
         self.assertIn('error="invalid_token"', challenge)
         self.assertIn("resource_metadata=", challenge)
         # Bob noticed nothing.

@@ -1,0 +1,246 @@
+"""
+The connections page: a person signed in to the broker sees the MCP
+clients they approved and revokes any of them, over real HTTP with the
+Forgejo stand-in's login.
+"""
+
+from __future__ import annotations
+
+import html
+from typing import Any
+
+from twisted.internet.task import Clock
+from twisted.trial.unittest import TestCase
+from twisted.web.http_headers import Headers
+
+from fjmcp.connections import FORM_LIFETIME, Connection, Connections
+from fjmcp.pages import connections_page
+from tests.broker_support import browser, location
+from tests.test_sessions import SessionTestCase, request, within
+
+HOSTILE = '<script>alert("pwned")</script><img src=x onerror=alert(1)>'
+
+
+def form_token(body: str) -> str:
+    return body.split('name="csrf" value="')[1].split('"')[0]
+
+
+class ConnectionsPageTests(SessionTestCase):
+    async def page(self, who: Any = None) -> tuple[Any, str]:
+        response = await (who or self.browser).get(self.broker.url + "/connections")
+        return response, (await response.content()).decode()
+
+    async def revoke(
+        self, client_id: str, token: str, who: Any = None, origin: bytes | None = None, **extra: Any
+    ) -> Any:
+        headers = {} if origin is None else {b"Origin": [origin]}
+        response = await (who or self.browser).post(
+            self.broker.url + "/connections/revoke",
+            data={"csrf": token, "client_id": client_id, **extra},
+            headers=Headers(headers),
+        )
+        await response.content()
+        return response
+
+    async def sign_in_as(self, login: str) -> Any:
+        """
+        A fresh browser that signs in through the connections page itself.
+        """
+        mine = browser()
+        response = await mine.get(self.broker.url + "/connections")
+        await response.content()
+        self.assertEqual(response.code, 303)
+        to_forgejo = location(response)
+        self.assertTrue(to_forgejo.startswith(self.broker.forgejo_url), to_forgejo)
+        response = await mine.get(
+            to_forgejo, headers=Headers({b"X-Standin-Login": [login.encode()]})
+        )
+        await response.content()
+        back = location(response)
+        self.assertTrue(back.startswith(self.broker.url + "/oauth/callback?"), back)
+        response = await mine.get(back)
+        await response.content()
+        self.assertEqual(response.code, 303)
+        self.assertEqual(location(response), self.broker.url + "/connections")
+        return mine
+
+    async def test_see_and_revoke_one_of_two_clients(self) -> None:
+        one = await self.login_tokens("alice", client_name="Client One")
+        two = await self.login_tokens("alice", client_name=HOSTILE)
+        one_session = await self.open_session(one["access_token"])
+        two_session = await self.open_session(two["access_token"])
+        one_child = self.session_object(one_session).child
+
+        response, body = await self.page()
+        self.assertEqual(response.code, 200)
+        self.assertIn("Client One", body)
+        self.assertIn(html.escape(HOSTILE), body)
+        self.assertNotIn("<script>", body)
+        self.assertNotIn("<img", body)
+        self.assertIn("<b>alice</b>", body)
+        self.assertIn("<code>127.0.0.1:9</code>", body)
+        self.assertIn(one["client"]["client_id"], body)
+        self.assertEqual(body.count(">Revoke</button>"), 2)
+        headers = response.headers
+        self.assertEqual(headers.getRawHeaders(b"x-frame-options"), [b"DENY"])
+        csp = headers.getRawHeaders(b"content-security-policy")[0]
+        self.assertIn(b"frame-ancestors 'none'", csp)
+        self.assertIn(b"default-src 'none'", csp)
+        self.assertEqual(headers.getRawHeaders(b"cache-control"), [b"no-store"])
+
+        # A returning user is not asked again ... until they revoke.
+        response, _ = await self.consent(one["client"]["client_id"])
+        self.assertEqual(response.code, 303)
+
+        response = await self.revoke(
+            one["client"]["client_id"], form_token(body), origin=self.broker.url.encode()
+        )
+        self.assertEqual(response.code, 303)
+        self.assertEqual(location(response), self.broker.url + "/connections?revoked=1")
+
+        # Its session ended at once, its child is gone, its token is refused.
+        self.assertFalse(self.live(one_session))
+        await within(one_child.protocol.exited)
+        refused = await self.post(one["access_token"], request(5, "tools/list"), one_session)
+        self.assertEqual(refused.code, 401)
+        refresh = await self.browser.post(
+            self.broker.url + "/oauth/token",
+            data={
+                "grant_type": "refresh_token",
+                "refresh_token": one["refresh_token"],
+                "client_id": one["client"]["client_id"],
+            },
+        )
+        self.assertEqual((await refresh.json())["error"], "invalid_grant")
+        # Its approval is forgotten: the consent page shows again.
+        response, consent = await self.consent(one["client"]["client_id"])
+        self.assertEqual(response.code, 200)
+        self.assertIn('name="consent"', consent)
+
+        # The other client goes on.
+        self.assertTrue(self.live(two_session))
+        await self.rpc(two["access_token"], two_session, request(6, "tools/list"))
+        response = await self.browser.get(self.broker.url + "/connections?revoked=1")
+        body = (await response.content()).decode()
+        self.assertNotIn("Client One", body)
+        self.assertIn(html.escape(HOSTILE), body)
+        self.assertIn("Access revoked", body)
+
+    async def test_another_users_page_never_shows_them(self) -> None:
+        alices = await self.login_tokens("alice", client_name="Alice's Assistant")
+        alice_session = await self.open_session(alices["access_token"])
+        bob = await self.sign_in_as("bob")
+        response, body = await self.page(bob)
+        self.assertEqual(response.code, 200)
+        self.assertIn("<b>bob</b>", body)
+        self.assertNotIn("Alice", body)
+        self.assertIn("not connected any application", body)
+
+        # Bob approves a client of his own in his browser.
+        alice_browser, self.browser = self.browser, bob
+        await self.login_tokens("bob", client_name="Bob's Bot")
+        self.browser = alice_browser
+        _, body = await self.page(bob)
+        self.assertIn(html.escape("Bob's Bot"), body)
+        self.assertNotIn("Alice", body)
+        # Bob's own form, naming Alice's client, revokes nothing of hers.
+        response = await self.revoke(alices["client"]["client_id"], form_token(body), who=bob)
+        self.assertEqual(response.code, 303)
+        self.assertTrue(self.live(alice_session))
+        await self.rpc(alices["access_token"], alice_session, request(2, "tools/list"))
+        _, body = await self.page()
+        self.assertIn(html.escape("Alice's Assistant"), body)
+        self.assertNotIn("Bob", body)
+
+    async def test_sign_in_through_forgejo_lands_on_the_page(self) -> None:
+        await self.login_tokens("carol", client_name="Carol's Client")
+        carol = await self.sign_in_as("carol")
+        response, body = await self.page(carol)
+        self.assertEqual(response.code, 200)
+        self.assertIn(html.escape("Carol's Client"), body)
+
+    async def test_a_sign_in_comes_back_only_to_its_browser(self) -> None:
+        mine = browser()
+        response = await mine.get(self.broker.url + "/connections")
+        await response.content()
+        response = await mine.get(
+            location(response), headers=Headers({b"X-Standin-Login": [b"alice"]})
+        )
+        await response.content()
+        # Another browser (no binding cookie) brings the callback back.
+        response = await browser().get(location(response))
+        body = (await response.content()).decode()
+        self.assertEqual(response.code, 400)
+        self.assertIn("Sign-in expired", body)
+        self.assertIsNone(response.headers.getRawHeaders(b"set-cookie"))
+
+    async def test_forged_posts_are_refused(self) -> None:
+        one = await self.login_tokens("alice", client_name="Client One")
+        session_id = await self.open_session(one["access_token"])
+        client_id = one["client"]["client_id"]
+        _, body = await self.page()
+        token = form_token(body)
+
+        for origin in (b"https://evil.example", b"null"):
+            response = await self.revoke(client_id, token, origin=origin)
+            self.assertEqual(response.code, 403, origin)
+        response = await self.browser.post(
+            self.broker.url + "/connections/revoke",
+            data={"csrf": token, "client_id": client_id},
+            headers=Headers({b"Sec-Fetch-Site": [b"cross-site"]}),
+        )
+        await response.content()
+        self.assertEqual(response.code, 403)
+        self.assertEqual((await self.revoke(client_id, "")).code, 403)
+        self.assertEqual((await self.revoke(client_id, "not-a-token")).code, 403)
+        # Without the login cookie, a valid token is worth nothing.
+        self.assertEqual((await self.revoke(client_id, token, who=browser())).code, 403)
+        # Nothing happened so far.
+        self.assertTrue(self.live(session_id))
+
+        # The real thing works once; the same form token a second time does not.
+        self.assertEqual((await self.revoke(client_id, token)).code, 303)
+        self.assertFalse(self.live(session_id))
+        self.assertEqual((await self.revoke(client_id, token)).code, 403)
+
+    async def test_a_token_belongs_to_the_login_session_it_was_shown_to(self) -> None:
+        await self.login_tokens("alice", client_name="Client One")
+        _, body = await self.page()
+        other = await self.sign_in_as("alice")
+        # Same user, another browser: the form token is not theirs.
+        response = await self.revoke("whatever", form_token(body), who=other)
+        self.assertEqual(response.code, 403)
+
+
+class FormTokenTests(TestCase):
+    def connections(self) -> tuple[Connections, Clock]:
+        clock = Clock()
+        return Connections(None, None, None, None, None, clock), clock  # type: ignore[arg-type]
+
+    def test_single_use_bound_and_expiring(self) -> None:
+        c, clock = self.connections()
+        token = c.form_token(1, "login-a")
+        self.assertFalse(c.take_form_token(token, 2, "login-a"))
+        token = c.form_token(1, "login-a")
+        self.assertFalse(c.take_form_token(token, 1, "login-b"))
+        token = c.form_token(1, "login-a")
+        self.assertTrue(c.take_form_token(token, 1, "login-a"))
+        self.assertFalse(c.take_form_token(token, 1, "login-a"))
+        token = c.form_token(1, "login-a")
+        clock.advance(FORM_LIFETIME + 1)
+        self.assertFalse(c.take_form_token(token, 1, "login-a"))
+
+    def test_page_escapes_everything(self) -> None:
+        page = connections_page(
+            user_login="<b>x</b>",
+            forgejo_url="http://f",
+            connections=[
+                Connection(HOSTILE, HOSTILE, True, (HOSTILE,), None, 0.0, 1, 0),
+            ],
+            form_token='"><script>',
+            action="/connections/revoke",
+        ).decode()
+        self.assertNotIn("<script>", page)
+        self.assertNotIn("<img", page)
+        self.assertNotIn("<b>x</b>", page)
+        self.assertIn("never", page)
