@@ -204,7 +204,7 @@ class Connections:
 
     # --- the page
 
-    async def list(self, user_id: int) -> list[Connection]:
+    async def of_user(self, user_id: int) -> list[Connection]:
         """
         The clients the user approved or holds a live grant at.  Last use
         counts the user's live sessions of the client too.

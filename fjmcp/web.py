@@ -551,7 +551,7 @@ class BrokerApp:
             connections_page(
                 user_login=await self._connections.user_login(user_id),
                 forgejo_url=self._config.forgejo_url,
-                connections=await self._connections.list(user_id),
+                connections=await self._connections.of_user(user_id),
                 form_token=self._connections.form_token(user_id, login_session),
                 action="/connections/revoke",
                 notice=notice,
