@@ -22,7 +22,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from fjmcp import __version__
+from fjmcp import __version__, metrics
 
 # forgejo-mcp answers with whole tool results on one line; lists of issues or
 # file contents can be large, so the limit is generous but still bounded.
@@ -302,6 +302,7 @@ class ChildSupervisor(Service):
 
         def forget(result: ChildExit) -> ChildExit:
             self._children.discard(child)
+            metrics.child_exited(result.code, result.signal)
             log.info(
                 "child {name} (pid {pid}) {reason}",
                 name=name,

@@ -70,6 +70,8 @@ class Config:
     log_level: LogLevel
     allowed_origins: tuple[str, ...] = ()
     max_request_body: int = 1024 * 1024
+    # Endpoint of the separate /metrics listener; empty: no metrics.
+    metrics_listen: str = ""
     access_token_lifetime: float = 3600.0
     refresh_token_lifetime: float = 30 * 86400.0
     refresh_grace_period: float = 60.0
@@ -323,6 +325,12 @@ OPTIONS: tuple[Option, ...] = (
         "refresh concurrently; reuse after it revokes the whole grant.",
         "60s",
     ),
+    Option(
+        "metrics-listen",
+        "Twisted endpoint of a separate listener serving only /metrics (Prometheus), "
+        "e.g. tcp:9108:interface=127.0.0.1; empty: no metrics.",
+        "",
+    ),
     Option("log-format", "Log as 'text' or 'json' lines.", "text"),
     Option("log-level", "Lowest level logged: debug, info, warn, error.", "info"),
 )
@@ -391,6 +399,18 @@ def build_config(
             validate_listen(description)
         except ValueError as e:
             problems.append(f"{listen_origin}: {e}")
+
+    metrics_listen = (raw["metrics-listen"] or "").strip()
+    if metrics_listen:
+        try:
+            validate_listen(metrics_listen)
+        except ValueError as e:
+            problems.append(f"{origin['metrics-listen']}: {e}")
+        if metrics_listen in listen:
+            problems.append(
+                f"{origin['metrics-listen']}: {metrics_listen!r} is also a --listen endpoint; "
+                "/metrics needs a listener of its own, never the public one"
+            )
 
     public_url = parse("public-url", parse_public_url, required=True)
     forgejo_url = parse("forgejo-url", parse_forgejo_url, required=True)
@@ -497,6 +517,7 @@ def build_config(
         log_level=log_level,
         allowed_origins=origins,
         max_request_body=max_body,
+        metrics_listen=metrics_listen,
         access_token_lifetime=access_lifetime,
         refresh_token_lifetime=refresh_lifetime,
         refresh_grace_period=grace,

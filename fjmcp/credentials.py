@@ -16,6 +16,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from fjmcp import metrics
 from fjmcp.crypto import DecryptionError, SecretBox
 from fjmcp.store import SealedCredential, Store, UpstreamUser
 from fjmcp.upstream import (
@@ -157,6 +158,9 @@ class UpstreamCredentials:
         try:
             tokens = await self._upstream.refresh(refresh_token)
         except UpstreamError as e:
+            metrics.upstream_refresh(
+                "rejected" if isinstance(e, UpstreamRejectedError) else "unavailable"
+            )
             if isinstance(e, UpstreamRejectedError):
                 log.info(
                     "Forgejo refused to renew the token of user {user}: {error}",
@@ -165,6 +169,7 @@ class UpstreamCredentials:
                 )
                 raise LoginRequiredError(str(e)) from None
             raise
+        metrics.upstream_refresh("ok")
         user = await self._store.get_user(forgejo_user_id)
         assert user is not None
         await self.save(ForgejoUser(user.forgejo_user_id, user.login, user.full_name), tokens)

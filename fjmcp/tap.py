@@ -221,10 +221,9 @@ def build_service(config: Config, reactor: Any, schema_version: int) -> MultiSer
         StreamServerEndpointService(endpoint, site).setServiceParent(top)
     if config.metrics_listen:
         # Its own listener: the public one (behind Caddy) never serves /metrics.
-        routes = metrics.RouteLabels.of(BrokerApp.app)
-        metrics.serve_metrics(
-            top, reactor, config.metrics_listen, site, routes, sessions, children, config.max_sessions
-        )
+        metrics.instrument(site, metrics.RouteLabels.of(BrokerApp.app))
+        registry = metrics.broker_registry(sessions, children, config.max_sessions)
+        metrics.serve_metrics(top, reactor, config.metrics_listen, registry)
     # The whole configuration, at debug level; secrets are kept out of its repr.
     log.debug("configuration: {config!r}", config=config)
     for warning in config.warnings:

@@ -22,6 +22,7 @@ from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 
+from fjmcp import metrics as fjmcp_metrics
 from fjmcp.authorize import AuthorizationFlow
 from fjmcp.children import ChildSupervisor
 from fjmcp.cimd import ClientMetadataFetcher
@@ -78,6 +79,7 @@ class Broker:
         max_line: int | None = None,
         public_url: str | None = None,
         revocation_interval: float = REVOCATION_INTERVAL,
+        metrics: bool = False,
         **config: Any,
     ) -> None:
         """
@@ -95,6 +97,9 @@ class Broker:
             metadata and the redirect URI registered at the stand-in use it.
         @param revocation_interval: how often the session table checks
             its grants for revocation (as in the daemon).
+        @param metrics: measure the site's requests and serve C{/metrics}
+            on a separate loopback listener at C{metrics_url}, as the
+            daemon does with C{--metrics-listen}.
         @param config: L{fjmcp.config.Config} fields to set (e.g.
             C{access_token_lifetime}).
         """
@@ -110,6 +115,10 @@ class Broker:
         self.forge = Forge(reactor.seconds)
         seed(self.forge)
         self.site, self.url = listen(test, parse_forms=False)
+        self.metrics = metrics
+        if metrics:
+            fjmcp_metrics.instrument(self.site, fjmcp_metrics.RouteLabels.of(BrokerApp.app))
+            self.metrics_site, self.metrics_url = listen(test)
         self.public_url = public_url or self.url
         self.data = data or Path(test.mktemp()).resolve()
         self.config = make_config(
@@ -203,6 +212,10 @@ class Broker:
             ),
         )
         self.site.resource = app.resource()
+        if self.metrics:
+            self.metrics_site.resource = fjmcp_metrics.MetricsResource(
+                fjmcp_metrics.broker_registry(self.sessions, children, self.config.max_sessions)
+            )
 
     def restart(self) -> None:
         self.store.close()

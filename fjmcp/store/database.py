@@ -26,6 +26,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorCore, IReactorTime
 from twisted.logger import Logger
 
+from fjmcp import metrics
+
 T = TypeVar("T")
 D = TypeVar("D", bound="Database")
 Txn = Any  # adbapi.Transaction: a DB-API cursor with its connection attached
@@ -218,9 +220,9 @@ class Database:
         return self._run(desc, interaction)
 
     def _run(self, desc: str, interaction: Callable[[Txn], T]) -> Deferred[T]:
-        # desc names the transaction for whoever reads a traceback (and,
-        # later, for metrics); no per-call log event: it costs every request.
-        return self._pool.runInteraction(interaction)
+        # desc names the transaction for whoever reads a traceback and for
+        # metrics; no per-call log event: it costs every request.
+        return metrics.timed_store_operation(desc, self._pool.runInteraction(interaction))
 
     # --- schema
 

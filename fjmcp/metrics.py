@@ -1,0 +1,488 @@
+"""
+Prometheus metrics: what fjmcp counts, the labels it allows, and the
+separate listener that serves C{/metrics}.
+
+Enabled by C{--metrics-listen} (env C{FJMCP_METRICS_LISTEN}), a Twisted
+endpoint description such as C{tcp:9108:interface=127.0.0.1} or
+C{unix:/run/fjmcp/metrics.sock}; empty (the default) means no metrics
+listener at all.  That listener answers only C{GET /metrics} (404 for any
+other path) and writes no access log (a scrape every 15 s would drown the
+log).  The public listener never serves C{/metrics}: Caddy forwards
+everything there, and session counts and per-route traffic are nobody
+else's business.
+
+Who counts what:
+
+ - event counters and histograms live here as module-level objects, and
+   the module that sees the event increments them through the small
+   functions below (one line at the spawn, exit, grant ... site);
+ - live state (sessions, children) is read at scrape time by
+   L{BrokerCollector}, so L{fjmcp.sessions} and L{fjmcp.children} keep no
+   gauge of their own that could drift;
+ - HTTP requests are measured at the twisted.web level by
+   L{MeasuredRequest}, so every answer counts: Klein's 404 and 405, error
+   pages, 401s from the gate, rate-limit 429s.
+
+The registry is fjmcp's own, not prometheus_client's global C{REGISTRY}:
+the event metrics are created unregistered, and L{broker_registry} builds
+one registry per broker holding them, that broker's live gauges and the
+process collector.  So importing fjmcp registers nothing globally, and
+tests can run several brokers in one process, each with its own gauges,
+without "duplicated timeseries" errors.  The counters themselves are
+process-wide (they count what this process did), which is what a scrape of
+one daemon means; tests compare two scrapes instead of absolute values.
+
+Cardinality is bounded by construction, never by the traffic: routes are
+the Klein app's route templates (fixed when the module is imported) or
+C{other}, methods a fixed set or C{other}, statuses an HTTP code or
+C{aborted}, session end reasons and grant outcomes fixed sets or C{other},
+and store operation names (fixed strings in L{fjmcp.store}) are capped at
+L{MAX_STORE_OPERATIONS} distinct values.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator, Sized
+from typing import Any, TypeVar
+from urllib.parse import unquote
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import IServiceCollection
+from twisted.internet import endpoints
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+from twisted.web.server import Request, Site
+from werkzeug.exceptions import HTTPException
+from werkzeug.routing import Map, Rule
+
+from fjmcp import __version__
+
+T = TypeVar("T")
+
+NAMESPACE = "fjmcp"
+OTHER = "other"
+MAX_STORE_OPERATIONS = 64
+
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+SESSION_END_REASONS = (
+    "idle",  # no request for --session-idle-timeout
+    "evicted",  # the user's least recently used session made room (per-user cap)
+    "deleted",  # the client sent DELETE /mcp
+    "revoked",  # the grant behind it was revoked
+    "crashed",  # the child exited while its session was live
+    "misbehaved",  # the child wrote something that is not JSON-RPC framing
+    "initialize_failed",  # the child never answered initialize properly
+    "shutdown",  # the broker stopped
+    OTHER,
+)
+CHILD_EXITS = ("clean", "error", "signal")
+UPSTREAM_OUTCOMES = ("ok", "rejected", "unavailable")
+GRANT_TYPES = ("authorization_code", "refresh_token")
+GRANT_OUTCOMES = frozenset(
+    {
+        "invalid_request",
+        "invalid_client",
+        "invalid_grant",
+        "unauthorized_client",
+        "unsupported_grant_type",
+        "invalid_scope",
+        "invalid_target",
+        "server_error",
+    }
+)
+REUSE_KINDS = ("refresh_token", "authorization_code")
+
+# Seconds.  Most answers take milliseconds; a tool call may take up to the
+# 300 s a client waits for it.
+HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+# How long GET /mcp event streams stay open: seconds to hours.
+STREAM_BUCKETS = (1, 10, 60, 300, 900, 1800, 3600, 4 * 3600, 12 * 3600)
+# SQLite in WAL mode: sub-millisecond reads, up to the 5 s busy timeout.
+STORE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+
+
+# --- the event metrics (process-wide, registered in each broker's registry)
+
+CHILD_SPAWNS = Counter(
+    "fjmcp_child_spawns",
+    "forgejo-mcp children started (result=ok) or that could not be started (result=failed)",
+    ["result"],
+    registry=None,
+)
+CHILD_EXITED = Counter(
+    "fjmcp_child_exits",
+    "forgejo-mcp children that ended: clean (status 0), error (other status), "
+    "signal (killed by a signal)",
+    ["how"],
+    registry=None,
+)
+SESSIONS_STARTED = Counter(
+    "fjmcp_sessions_started", "MCP sessions started (one child each)", registry=None
+)
+SESSIONS_ENDED = Counter(
+    "fjmcp_sessions_ended", "MCP sessions that ended, by why", ["reason"], registry=None
+)
+HTTP_REQUESTS = Counter(
+    "fjmcp_http_requests",
+    "HTTP requests answered on the public listener, counted when they finish",
+    ["route", "method", "status"],
+    registry=None,
+)
+HTTP_DURATION = Histogram(
+    "fjmcp_http_request_duration_seconds",
+    "Time from a request's arrival to its last byte (GET /mcp event streams excluded)",
+    ["route", "status"],
+    buckets=HTTP_BUCKETS,
+    registry=None,
+)
+HTTP_STREAM_DURATION = Histogram(
+    "fjmcp_http_stream_duration_seconds",
+    "How long GET event streams (the session's stream on /mcp) stayed open",
+    ["route"],
+    buckets=STREAM_BUCKETS,
+    registry=None,
+)
+TOKEN_REQUESTS = Counter(
+    "fjmcp_token_requests",
+    "Token endpoint requests by grant type and outcome (ok or the OAuth error code)",
+    ["grant_type", "outcome"],
+    registry=None,
+)
+TOKEN_REUSE = Counter(
+    "fjmcp_token_reuse_detections",
+    "Replayed authorization codes and refresh tokens reused after the grace period; "
+    "each revoked its whole grant",
+    ["kind"],
+    registry=None,
+)
+UPSTREAM_REFRESHES = Counter(
+    "fjmcp_upstream_refreshes",
+    "Renewals of users' Forgejo tokens: ok, rejected (the user must log in again), "
+    "unavailable (Forgejo unreachable or failing)",
+    ["outcome"],
+    registry=None,
+)
+STORE_DURATION = Histogram(
+    "fjmcp_store_operation_duration_seconds",
+    "Database transactions, from the call to the result (pool queueing included)",
+    ["operation"],
+    buckets=STORE_BUCKETS,
+    registry=None,
+)
+STORE_ERRORS = Counter(
+    "fjmcp_store_operation_errors",
+    "Database transactions that failed",
+    ["operation"],
+    registry=None,
+)
+
+EVENT_METRICS = (
+    CHILD_SPAWNS,
+    CHILD_EXITED,
+    SESSIONS_STARTED,
+    SESSIONS_ENDED,
+    HTTP_REQUESTS,
+    HTTP_DURATION,
+    HTTP_STREAM_DURATION,
+    TOKEN_REQUESTS,
+    TOKEN_REUSE,
+    UPSTREAM_REFRESHES,
+    STORE_DURATION,
+    STORE_ERRORS,
+)
+
+# Known label values start at zero, so rate() and alerts see them from the
+# first scrape rather than from the first event.
+for _result in ("ok", "failed"):
+    CHILD_SPAWNS.labels(_result)
+for _how in CHILD_EXITS:
+    CHILD_EXITED.labels(_how)
+for _reason in SESSION_END_REASONS:
+    SESSIONS_ENDED.labels(_reason)
+for _outcome in UPSTREAM_OUTCOMES:
+    UPSTREAM_REFRESHES.labels(_outcome)
+for _kind in REUSE_KINDS:
+    TOKEN_REUSE.labels(_kind)
+for _grant in GRANT_TYPES:
+    TOKEN_REQUESTS.labels(_grant, "ok")
+
+
+# --- what the rest of fjmcp calls (one line at each event)
+
+
+def child_spawned(ok: bool) -> None:
+    CHILD_SPAWNS.labels("ok" if ok else "failed").inc()
+
+
+def child_exited(code: int | None, signal: int | None) -> None:
+    CHILD_EXITED.labels("signal" if signal is not None else "clean" if code == 0 else "error").inc()
+
+
+def session_started() -> None:
+    SESSIONS_STARTED.inc()
+
+
+def session_ended(reason: str) -> None:
+    SESSIONS_ENDED.labels(reason if reason in SESSION_END_REASONS else OTHER).inc()
+
+
+def token_request(grant_type: str | None, status: int, body: Any) -> None:
+    """
+    One answer of the token endpoint: C{ok} for a 200, else its OAuth
+    C{error} code.
+    """
+    grant = grant_type if grant_type in GRANT_TYPES else OTHER
+    error = body.get("error") if isinstance(body, dict) else None
+    outcome = "ok" if status == 200 else error if error in GRANT_OUTCOMES else OTHER
+    TOKEN_REQUESTS.labels(grant, outcome).inc()
+
+
+def token_reused(kind: str) -> None:
+    """
+    Safe from the database thread (the counters take a lock).
+    """
+    TOKEN_REUSE.labels(kind if kind in REUSE_KINDS else OTHER).inc()
+
+
+def upstream_refresh(outcome: str) -> None:
+    UPSTREAM_REFRESHES.labels(outcome if outcome in UPSTREAM_OUTCOMES else OTHER).inc()
+
+
+_store_operations: set[str] = set()
+
+
+def timed_store_operation(operation: str, d: Deferred[T]) -> Deferred[T]:
+    """
+    Observe how long the transaction behind C{d} takes, and whether it
+    fails; C{d}'s result passes through untouched.
+    """
+    if operation not in _store_operations:
+        if len(_store_operations) >= MAX_STORE_OPERATIONS:
+            operation = OTHER
+        else:
+            _store_operations.add(operation)
+    started = time.monotonic()
+
+    def observe(result: Any) -> Any:
+        STORE_DURATION.labels(operation).observe(time.monotonic() - started)
+        if isinstance(result, Failure):
+            # Counted here, and passed on to the caller.
+            STORE_ERRORS.labels(operation).inc()
+        return result
+
+    d.addBoth(observe)
+    return d
+
+
+# --- HTTP requests
+
+
+class RouteLabels:
+    """
+    Maps a request path to the route template that serves it, or C{other}:
+    the label never contains anything a client chose.
+    """
+
+    def __init__(self, templates: Iterable[str]) -> None:
+        self.templates = frozenset(templates)
+        # Every route today is a plain path; a dict answers those.  Routes
+        # with variables, if any appear, go through werkzeug as Klein does.
+        self._static = {t: t for t in self.templates if "<" not in t}
+        dynamic = sorted(t for t in self.templates if "<" in t)
+        self._dynamic = (
+            Map([Rule(t, endpoint=t) for t in dynamic], merge_slashes=False).bind("fjmcp")
+            if dynamic
+            else None
+        )
+
+    @classmethod
+    def of(cls, app: Any) -> RouteLabels:
+        """
+        The route templates of a Klein app.
+        """
+        return cls(rule.rule for rule in app.url_map.iter_rules())
+
+    def __call__(self, path: bytes) -> str:
+        text = unquote(path.decode("latin-1"), errors="replace")
+        route = self._static.get(text)
+        if route is not None:
+            return route
+        if self._dynamic is not None:
+            try:
+                endpoint, _ = self._dynamic.match(text, method="GET")
+            except HTTPException:
+                # Not found, or a redirect Klein would answer: not a route.
+                return OTHER
+            return str(endpoint) if endpoint in self.templates else OTHER
+        return OTHER
+
+
+def method_label(method: bytes) -> str:
+    text = method.decode("latin-1", "replace")
+    return text if text in METHODS else OTHER
+
+
+def status_label(code: int, started_writing: bool) -> str:
+    if not started_writing:
+        # The client went away before any answer.
+        return "aborted"
+    return str(code) if 100 <= code <= 599 else OTHER
+
+
+class MeasuredRequest(Request):
+    """
+    A request that counts itself when it is done, finished or cut off.
+    C{routes} is set on the subclass L{measured_request_factory} makes.
+    """
+
+    routes: Callable[[bytes], str] = staticmethod(lambda path: OTHER)
+
+    def process(self) -> None:
+        started = time.monotonic()
+        self.notifyFinish().addBoth(self._measured, started)
+        super().process()
+
+    def _measured(self, result: object, started: float) -> None:
+        elapsed = time.monotonic() - started
+        route = self.routes(self.path or b"")
+        method = method_label(self.method or b"")
+        status = status_label(self.code, bool(self.startedWriting))
+        HTTP_REQUESTS.labels(route, method, status).inc()
+        content_type = self.responseHeaders.getRawHeaders(b"content-type") or [b""]
+        if method == "GET" and content_type[0].startswith(b"text/event-stream"):
+            # A GET event stream stays open as long as the client listens:
+            # its length says nothing about how fast the broker answers.
+            HTTP_STREAM_DURATION.labels(route).observe(elapsed)
+        else:
+            HTTP_DURATION.labels(route, status).observe(elapsed)
+        # Consumes a lost connection's failure: nothing else waits on it.
+        return None
+
+
+def measured_request_factory(routes: Callable[[bytes], str]) -> type[Request]:
+    return type("MeasuredRequest", (MeasuredRequest,), {"routes": staticmethod(routes)})
+
+
+def instrument(site: Site, routes: Callable[[bytes], str]) -> None:
+    """
+    Count and time every request C{site} answers from now on.
+    """
+    site.requestFactory = measured_request_factory(routes)
+
+
+# --- live state, read at scrape time
+
+
+class BrokerCollector(Collector):
+    """
+    One broker's live sessions and children, and what it was built as.
+    """
+
+    def __init__(self, sessions: Sized, children: Sized, max_sessions: int | None = None) -> None:
+        self._sessions = sessions
+        self._children = children
+        self._max_sessions = max_sessions
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            "fjmcp_sessions_active", "MCP sessions open now", value=len(self._sessions)
+        )
+        yield GaugeMetricFamily(
+            "fjmcp_children_live",
+            "forgejo-mcp children running now (more than sessions while a renewed "
+            "session's old child finishes its calls)",
+            value=len(self._children),
+        )
+        if self._max_sessions is not None:
+            yield GaugeMetricFamily(
+                "fjmcp_sessions_limit", "--max-sessions", value=self._max_sessions
+            )
+        info = GaugeMetricFamily("fjmcp_build_info", "fjmcp's version", labels=["version"])
+        info.add_metric([__version__], 1)
+        yield info
+
+    def describe(self) -> Iterator[Metric]:
+        # Names only: registering must not read the live objects.
+        for name in ("sessions_active", "children_live", "build_info"):
+            yield GaugeMetricFamily(f"fjmcp_{name}", "")
+        if self._max_sessions is not None:
+            yield GaugeMetricFamily("fjmcp_sessions_limit", "")
+
+
+def broker_registry(
+    sessions: Sized, children: Sized, max_sessions: int | None = None
+) -> CollectorRegistry:
+    """
+    A registry with every event metric, this broker's live gauges and the
+    process's memory, file descriptors and CPU time (C{fjmcp_process_*}).
+    """
+    registry = CollectorRegistry(auto_describe=True)
+    for metric in EVENT_METRICS:
+        registry.register(metric)
+    registry.register(BrokerCollector(sessions, children, max_sessions))
+    ProcessCollector(namespace=NAMESPACE, registry=registry)
+    return registry
+
+
+# --- the /metrics listener
+
+
+class MetricsResource(Resource):
+    """
+    C{/metrics} in the Prometheus text format (or OpenMetrics, when the
+    scraper asks for it); 404 for every other path.  Rendered on the
+    reactor thread: the collectors read reactor-owned state, and a scrape
+    takes well under a millisecond.
+    """
+
+    isLeaf = True
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        super().__init__()
+        self.registry = registry
+
+    def render_GET(self, request: Request) -> bytes:
+        if request.path != b"/metrics":
+            request.setResponseCode(404)
+            request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+            return b"404 Not Found: this listener serves only /metrics\n"
+        accept = (request.getHeader(b"accept") or b"").decode("latin-1")
+        encode, content_type = choose_encoder(accept)
+        request.setHeader(b"Content-Type", content_type.encode("latin-1"))
+        request.setHeader(b"Cache-Control", b"no-store")
+        return encode(self.registry)
+
+
+class MetricsSite(Site):
+    """
+    The metrics listener's site: no access log for scrapes.
+    """
+
+    def log(self, request: Any) -> None:
+        pass
+
+
+def metrics_site(registry: CollectorRegistry) -> Site:
+    site = MetricsSite(MetricsResource(registry))
+    site.displayTracebacks = False
+    return site
+
+
+def serve_metrics(
+    parent: IServiceCollection, reactor: Any, description: str, registry: CollectorRegistry
+) -> StreamServerEndpointService:
+    """
+    Add to C{parent} the separate listener on C{description} that serves
+    C{registry} on C{/metrics}.
+    """
+    endpoint = endpoints.serverFromString(reactor, description)
+    service = StreamServerEndpointService(endpoint, metrics_site(registry))
+    service.setName("metrics")
+    service.setServiceParent(parent)
+    return service
