@@ -14,9 +14,10 @@ the user's live sessions of that client and forgets cached bearer checks
 of those grants at once, without waiting for the periodic check.
 
 The revoke form carries a token that is single use, bound to the login
-session it was shown to and short-lived; the route also checks the
-browser's C{Origin}.  Knows nothing of HTTP: the routes pass cookies and
-fields in and get data, addresses or L{PageError}s back.
+session it was shown to and short-lived; the route also refuses posts
+that a browser marks as coming from elsewhere (L{cross_site}).  Knows
+nothing of HTTP: the routes pass cookies and fields in and get data,
+addresses or L{PageError}s back.
 """
 
 from __future__ import annotations
@@ -86,6 +87,23 @@ class _FormToken:
     user_id: int
     login_hash: bytes
     expires_at: float
+
+
+def cross_site(origin: str | None, fetch_site: str | None, public_url: str) -> bool:
+    """
+    Whether a form POST says it comes from a page that is not ours: an
+    C{Origin} naming another origin, or C{Sec-Fetch-Site} saying the request
+    is cross-site (or same-site: a sibling subdomain is not us either).
+
+    C{Origin: null} proves nothing either way: browsers send it for their
+    own same-origin form posts when the page's referrer policy is
+    C{no-referrer} (as a proxy may impose), so it is left to the other
+    defences: the single-use form token, and the login cookie that is
+    C{SameSite=Lax} and so never sent on a cross-site POST.
+    """
+    if origin is not None and origin != "null" and origin.lower() != public_url.lower():
+        return True
+    return fetch_site is not None and fetch_site.lower() not in ("same-origin", "none")
 
 
 def _hosts(uris: tuple[str, ...]) -> tuple[str, ...]:

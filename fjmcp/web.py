@@ -30,7 +30,7 @@ from fjmcp.authorize import (
 )
 from fjmcp.clients import ClientRegistry
 from fjmcp.config import Config, IPNetwork
-from fjmcp.connections import Connections
+from fjmcp.connections import Connections, cross_site
 from fjmcp.credentials import LoginRequiredError, UpstreamCredentials
 from fjmcp.crypto import new_token
 from fjmcp.discovery import authorization_server_metadata, protected_resource_metadata
@@ -516,16 +516,13 @@ class BrokerApp:
         return body
 
     def _cross_site(self, request: Request) -> bool:
-        """
-        Whether a form POST comes from a page that is not ours: a foreign or
-        opaque C{Origin}, or a browser saying the request is cross-site.
-        """
         origin = request.getHeader(b"origin")
-        ours = self._config.public_url.lower()
-        if origin is not None and origin.decode("latin-1").lower() != ours:
-            return True
         site = request.getHeader(b"sec-fetch-site")
-        return site is not None and site.lower() not in (b"same-origin", b"none")
+        return cross_site(
+            origin.decode("latin-1") if origin is not None else None,
+            site.decode("latin-1") if site is not None else None,
+            self._config.public_url,
+        )
 
     @app.route("/connections", methods=["GET"])
     async def connections(self, request: Request) -> bytes:

@@ -13,7 +13,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 from twisted.web.http_headers import Headers
 
-from fjmcp.connections import FORM_LIFETIME, Connection, Connections
+from fjmcp.connections import FORM_LIFETIME, Connection, Connections, cross_site
 from fjmcp.pages import connections_page
 from tests.broker_support import browser, location
 from tests.test_sessions import SessionTestCase, request, within
@@ -181,7 +181,7 @@ class ConnectionsPageTests(SessionTestCase):
         _, body = await self.page()
         token = form_token(body)
 
-        for origin in (b"https://evil.example", b"null"):
+        for origin in (b"https://evil.example", self.broker.url.encode() + b".evil.example"):
             response = await self.revoke(client_id, token, origin=origin)
             self.assertEqual(response.code, 403, origin)
         response = await self.browser.post(
@@ -229,6 +229,27 @@ class FormTokenTests(TestCase):
         token = c.form_token(1, "login-a")
         clock.advance(FORM_LIFETIME + 1)
         self.assertFalse(c.take_form_token(token, 1, "login-a"))
+
+    def test_cross_site(self) -> None:
+        ours = "https://mcp.example.org"
+        for origin, site in [
+            (None, None),
+            (ours, None),
+            ("HTTPS://MCP.example.org", "same-origin"),
+            # A browser's own form post under a no-referrer policy.
+            ("null", "same-origin"),
+            (None, "none"),
+        ]:
+            self.assertFalse(cross_site(origin, site, ours), (origin, site))
+        for origin, site in [
+            ("https://evil.example", None),
+            ("https://mcp.example.org:8443", None),
+            ("http://mcp.example.org", None),
+            ("null", "cross-site"),
+            (ours, "same-site"),
+            (None, "cross-site"),
+        ]:
+            self.assertTrue(cross_site(origin, site, ours), (origin, site))
 
     def test_page_escapes_everything(self) -> None:
         page = connections_page(
