@@ -21,7 +21,14 @@ Who counts what:
    gauge of their own that could drift;
  - HTTP requests are measured at the twisted.web level by
    L{MeasuredRequest}, so every answer counts: Klein's 404 and 405, error
-   pages, 401s from the gate, rate-limit 429s.
+   pages, 401s from the gate, rate-limit 429s.  A request counts when it
+   finishes or its connection drops (status C{aborted} if nothing was sent
+   yet).  A session's GET event stream on C{/mcp} lasts as long as the
+   client listens, minutes to hours: its length says nothing about how fast
+   the broker answers, so it is timed in its own histogram
+   (C{fjmcp_http_stream_duration_seconds}) and kept out of the latency one.
+   A POST answered as an event stream stays in the latency histogram: it
+   ends with the answer, so its length is the time the call took.
 
 The registry is fjmcp's own, not prometheus_client's global C{REGISTRY}:
 the event metrics are created unregistered, and L{broker_registry} builds
@@ -136,7 +143,7 @@ HTTP_REQUESTS = Counter(
 )
 HTTP_DURATION = Histogram(
     "fjmcp_http_request_duration_seconds",
-    "Time from a request's arrival to its last byte (GET /mcp event streams excluded)",
+    "Time from a request being read to its last byte sent (GET event streams excluded)",
     ["route", "status"],
     buckets=HTTP_BUCKETS,
     registry=None,
