@@ -349,7 +349,7 @@ class MCPEndpoint:
             if "result" not in response:
                 # The child refused or died: no session for the client.
                 if holder and not holder[0].ended:
-                    self._sessions.end(holder[0], "initialize failed")
+                    self._sessions.end(holder[0], "initialize failed", "initialize_failed")
                 return
             result = response["result"]
             if isinstance(result, dict) and result.get("protocolVersion") in SUPPORTED_VERSIONS:
@@ -454,7 +454,7 @@ class MCPEndpoint:
         if session is None:
             assert error is not None
             return error
-        self._sessions.end(session, "the client ended the session")
+        self._sessions.end(session, "the client ended the session", "deleted")
         request.setResponseCode(204)
         return b""
 
