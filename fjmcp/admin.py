@@ -553,7 +553,8 @@ def _write_keys(path: Path, keys: Sequence[bytes]) -> None:
 
 
 def rotate_key(store: SyncStore, args: argparse.Namespace) -> Result:
-    path = _key_file(args)
+    # A symlink stays one: the file it points to is what gets replaced.
+    path = Path(os.path.realpath(_key_file(args)))
     keys = _read_keys(path)
     if not os.access(path.parent, os.W_OK):
         raise AdminError(

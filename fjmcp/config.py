@@ -508,7 +508,8 @@ def build_config(
         data_dir=data_dir.resolve(),
         secret_key=key or b"",
         secret_keys=keys,
-        secret_key_file=Path(key_file).resolve() if key_file else None,
+        # Not resolved: a symlink the operator re-points is followed too.
+        secret_key_file=Path(key_file).absolute() if key_file else None,
         max_sessions=max_sessions,
         max_sessions_per_user=max_per_user,
         session_idle_timeout=idle,

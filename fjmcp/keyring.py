@@ -126,16 +126,24 @@ def write_key_file(path: Path, keys: Sequence[bytes]) -> None:
     """
     Replace the key file atomically: a reader sees the old file or the new
     one, never a half-written one, and a crash leaves one of the two.  The
-    temporary file is made 0600 before any key is written to it.
+    temporary file is 0600 before any key is written to it; a file that
+    replaces another gets its owner and group (the daemon must still read
+    it when root rotates) and its permissions, less any for others.
     """
     directory = path.parent
+    try:
+        old: os.stat_result | None = os.stat(path)
+    except FileNotFoundError:
+        old = None
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
     try:
-        os.fchmod(fd, stat.S_IRUSR | stat.S_IWUSR)
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(fd, stat.S_IRUSR | stat.S_IWUSR)
+            if old is not None:
+                _same_owner_and_mode(fd, old)
             f.write(format_key_file(keys))
             f.flush()
-            os.fsync(f.fileno())
+            os.fsync(fd)
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -149,6 +157,20 @@ def write_key_file(path: Path, keys: Sequence[bytes]) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def _same_owner_and_mode(fd: int, old: os.stat_result) -> None:
+    mine = os.fstat(fd)
+    if (old.st_uid, old.st_gid) != (mine.st_uid, mine.st_gid):
+        try:
+            os.fchown(fd, old.st_uid, old.st_gid)
+        except OSError as e:
+            raise OSError(
+                e.errno,
+                f"cannot give the new key file the old one's owner and group ({e.strerror}); "
+                "run as the daemon's user",
+            ) from None
+    os.fchmod(fd, (stat.S_IMODE(old.st_mode) & 0o660) | stat.S_IRUSR | stat.S_IWUSR)
 
 
 def new_key() -> bytes:

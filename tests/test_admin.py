@@ -22,6 +22,7 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import deferLater
 from twisted.internet.utils import getProcessOutputAndValue
 
+import fjmcp.tap
 import tests.broker_support as broker_support
 from fjmcp import admin
 from fjmcp.credentials import CACHE_SECONDS
@@ -327,8 +328,12 @@ class BackupTests(AdminTestCase):
         running = True
 
         async def write_loop() -> None:
+            # Each credential goes in with its user in one transaction: a
+            # copy with one and not the other would be a torn copy.
             nonlocal written
             while running:
+                user = UpstreamUser(20_000 + written, f"loop{written}", "")
+                await store.replace_upstream_credential(user, os.urandom(200), None, 1e10, "s")
                 await store.create_login_session(os.urandom(32), 10_000, time.time() + 3600)
                 written += 1
 
@@ -358,7 +363,10 @@ class BackupTests(AdminTestCase):
         after = self.db().execute("SELECT COUNT(*) FROM login_sessions").fetchone()[0]
         self.assertTrue(before <= sessions <= after, (before, sessions, after))
         self.assertEqual(result["rows"]["login_sessions"], sessions)
-        self.assertEqual(conn.execute("SELECT COUNT(*) FROM users").fetchone()[0], 51)
+        users = conn.execute("SELECT COUNT(*) FROM users").fetchone()[0]
+        self.assertGreaterEqual(users, 51)
+        credentials = conn.execute("SELECT COUNT(*) FROM upstream_credentials").fetchone()[0]
+        self.assertEqual(users, credentials)
         conn.close()
 
         # A second backup to the same name is refused; the first is untouched.
@@ -504,6 +512,8 @@ class CommandTests(AdminTestCase):
         self.assertNotIn((b"x" * 32,), left)
         self.assertIn((b"y" * 32,), left)
         self.assertEqual(conn.execute("SELECT COUNT(*) FROM access_tokens").fetchone()[0], 0)
+        # The same rule as the daemon's purge timer.
+        self.assertEqual(admin.KEEP_EXPIRED, fjmcp.tap.KEEP_EXPIRED)
         code, out, _ = self.run_here("purge")
         self.assertEqual(code, 0)
         self.assertEqual(out, "purged 0 expired login(s) and 0 expired code(s) and token(s)\n")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from fjmcp.config import Config, ConfigError, build_config
 from fjmcp.crypto import (
@@ -106,6 +106,22 @@ class KeyFileTests(SynchronousTestCase):
         self.assertEqual(read_key_file(path), tuple(keys[:1]))
         # No temporary file is left behind.
         self.assertEqual(os.listdir(path.parent), [path.name])
+
+    def test_rewrite_keeps_owner_group_and_mode(self) -> None:
+        """
+        Root rotating a key file the daemon's user owns leaves it readable
+        by that user (never by others).
+        """
+        if os.geteuid() != 0:
+            raise SkipTest("needs root to hand a file to another user")
+        path = Path(self.mktemp())
+        path.parent.mkdir(exist_ok=True)
+        write_key_file(path, [os.urandom(32)])
+        os.chown(path, 12345, 12346)
+        os.chmod(path, 0o644)
+        write_key_file(path, [os.urandom(32), os.urandom(32)])
+        st = path.stat()
+        self.assertEqual((st.st_uid, st.st_gid, st.st_mode & 0o777), (12345, 12346, 0o640))
 
 
 class KeyRingTests(SynchronousTestCase):
@@ -244,7 +260,7 @@ class ConfigKeyFileTests(SynchronousTestCase):
         config = self.parse()
         self.assertEqual(config.secret_key, keys[0])
         self.assertEqual(config.secret_keys, tuple(keys))
-        self.assertEqual(config.secret_key_file, Path(self.files["key"]).resolve())
+        self.assertEqual(config.secret_key_file, Path(self.files["key"]).absolute())
 
     def test_bad_lines_each_reported(self) -> None:
         Path(self.files["key"]).write_bytes(
