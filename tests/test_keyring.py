@@ -28,8 +28,10 @@ from fjmcp.keyring import (
     format_key_file,
     parse_key_file,
     read_key_file,
+    secret_box,
     write_key_file,
 )
+from tests.helpers import make_config
 from tests.test_config import good_argv, make_files
 
 keys_st = st.binary(min_size=32, max_size=32)
@@ -261,6 +263,20 @@ class ConfigKeyFileTests(SynchronousTestCase):
         self.assertEqual(config.secret_key, keys[0])
         self.assertEqual(config.secret_keys, tuple(keys))
         self.assertEqual(config.secret_key_file, Path(self.files["key"]).absolute())
+
+    def test_the_daemon_follows_its_key_file(self) -> None:
+        """
+        The box the daemon is built with follows the configured key file; a
+        Config made without one (tests) gets fixed keys.
+        """
+        config = self.parse()
+        box = secret_box(config)
+        self.assertIsInstance(box, FollowingSecretBox)
+        new = os.urandom(32)
+        write_key_file(Path(self.files["key"]), [new, config.secret_key])
+        self.assertEqual(box.open(SecretBox(new).seal("t", "c"), "c"), "t")
+        fixed = secret_box(make_config(self.mktemp()))
+        self.assertNotIsInstance(fixed, FollowingSecretBox)
 
     def test_bad_lines_each_reported(self) -> None:
         Path(self.files["key"]).write_bytes(
