@@ -309,8 +309,8 @@ def clients_delete(store: SyncStore, args: argparse.Namespace) -> Result:
         raise AssertionError("unreachable")
     return Result(
         {"client_id": args.client_id, "deleted": True, "grants_revoked": revoked},
-        f"deleted client {args.client_id}; revoked {revoked} grant(s), whose MCP sessions "
-        "end within seconds",
+        f"deleted client {args.client_id}; revoked {revoked} grant(s)"
+        + (", whose MCP sessions end within seconds" if revoked else ""),
     )
 
 

@@ -19,12 +19,20 @@ Limits:
  - The file must be writable by whoever rotates, and replaceable (the
    directory writable too): the podman image keeps it in the C{/data} volume
    for this reason.  A key handed over by systemd's C{LoadCredential=} is a
-   read-only copy made at start: rotate the source file with C{fjmcp-admin
-   --secret-key-file SOURCE rotate-key}, then restart the service so it gets
-   a fresh copy (the daemon re-reads only the copy it was given).
+   read-only copy made at start, which the daemon keeps re-reading: it never
+   sees a rotation of the source, and values re-encrypted under the new key
+   do not open for it until it restarts.  There, stop the service, run
+   C{fjmcp-admin --secret-key-file SOURCE rotate-key} (and C{--retire-old}),
+   and start it again.
  - The daemon only reads the file; it never writes it.  A key file the
    daemon cannot parse after a change is logged and ignored (the keys
    loaded before stay in use) until a correct file appears.
+ - A value the daemon sealed under the old key in the second before it saw
+   the new file is stored under the old key; that is why the old key stays
+   in the file after C{rotate-key}, and why C{--retire-old} waits until the
+   file is a couple of seconds old and re-encrypts once more after dropping
+   the old keys.  A login whose request was in flight across that exact
+   moment may still fail and has to be retried.
 """
 
 from __future__ import annotations
