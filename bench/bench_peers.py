@@ -15,7 +15,7 @@ the same closed-loop client load, in one run, reached
 
 Results and how to read them: docs/benchmarks.md.
 
-    python bench/bench_peers.py [--sessions 1,16,64] [--rounds 2]
+    python bench/bench_peers.py [--sessions 1,16,64] [--rounds 3]
         [--requests 2000] [--idle 100] [--setup-samples 10]
         [--plot docs/benchmarks-peers.png] [--json out.json]
 
@@ -66,6 +66,7 @@ DEFAULT_PLOT = ROOT / "docs" / "benchmarks-peers.png"
 sys.path.insert(0, str(ROOT))
 # After the path tweak: the project's modules, and bench/ as a namespace package.
 from bench.mcpload import (  # noqa: E402
+    CHILD_SCRIPT,
     HOST,
     DirectSession,
     HTTPSession,
@@ -73,6 +74,7 @@ from bench.mcpload import (  # noqa: E402
     Stack,
     children_of,
     closed_loop,
+    descendants,
     direct_setup_once,
     free_port,
     machine_info,
@@ -170,8 +172,16 @@ class PeerProcess:
     once C{health} answers.
     """
 
-    def __init__(self, argv: list[str], env: dict[str, str], log: Path, health: str) -> None:
+    def __init__(
+        self,
+        argv: list[str],
+        env: dict[str, str],
+        log: Path,
+        health: str,
+        child_markers: tuple[bytes, ...],
+    ) -> None:
         self.argv = argv
+        self.child_markers = child_markers
         self.env = env
         self.log = log
         self.health = health
@@ -209,7 +219,7 @@ class PeerProcess:
         if self.proc is None or self.proc.poll() is not None:
             return
         with contextlib.suppress(OSError):
-            self.seen.update(children_of(self.proc.pid))
+            self.seen.update(descendants(self.proc.pid))
         self.proc.send_signal(signal.SIGTERM)
         try:
             self.proc.wait(15)
@@ -218,6 +228,11 @@ class PeerProcess:
             self.proc.wait(5)
         for pid in self.seen:
             with contextlib.suppress(OSError):
+                # Only what is still the child it started (pids are reused).
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    cmdline = f.read()
+                if not any(m in cmdline for m in self.child_markers):
+                    continue
                 os.kill(pid, signal.SIGKILL)
 
 
@@ -584,7 +599,7 @@ def main() -> None:
         default=[1, 16, 64],
         help="concurrencies, comma-separated",
     )
-    parser.add_argument("--rounds", type=int, default=2, help="load rounds")
+    parser.add_argument("--rounds", type=int, default=3, help="load rounds")
     parser.add_argument("--requests", type=int, default=2000, help="recorded requests per phase")
     parser.add_argument("--warmup", type=int, default=10, help="unrecorded requests per session")
     parser.add_argument(
@@ -658,6 +673,7 @@ def main() -> None:
                 env | {"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
                 workdir / "supergateway.log",
                 f"http://{HOST}:{port}/healthz",
+                (bytes(stack.wrapper), bytes(CHILD_SCRIPT)),
             )
             peers.append(sg)
             sg.start()
@@ -682,6 +698,7 @@ def main() -> None:
                 {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8"},
                 workdir / "mcp-proxy.log",
                 f"http://{HOST}:{port}/status",
+                (bytes(stack.wrapper), bytes(CHILD_SCRIPT)),
             )
             peers.append(mp)
             mp.start()
