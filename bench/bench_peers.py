@@ -81,6 +81,7 @@ from bench.mcpload import (  # noqa: E402
     oauth_access_token,
     open_direct_sessions,
     open_http_sessions,
+    rss_kib,
     settle,
     tree_memory,
 )
@@ -363,10 +364,13 @@ async def memory_phase(target: Target, idle: int) -> dict[str, Any]:
     warm = await target.open(4)
     await target.end(warm)
     await asyncio.sleep(0.5)
-    before = tree_memory(target.memory_roots([])) if target.pid is not None else {}
+    pid = target.pid
+    before = tree_memory(target.memory_roots([])) if pid is not None else {}
+    bridge_before = rss_kib([pid]) if pid is not None else 0
     sessions = await target.idle(idle)
     await asyncio.sleep(1.0)
     with_idle = tree_memory(target.memory_roots(sessions))
+    bridge_idle = rss_kib([pid]) if pid is not None else 0
     children = target.children(sessions)
     await target.end(sessions)
     return {
@@ -374,6 +378,8 @@ async def memory_phase(target: Target, idle: int) -> dict[str, Any]:
         "before": before,
         "idle": with_idle,
         "children": children,
+        # The bridge process alone, its children left out.
+        "bridge_kib_per_session": (bridge_idle - bridge_before) / idle,
     }
 
 
@@ -515,8 +521,8 @@ def report(
         "all its descendants; the direct path: the children alone):",
         "",
         "| path | set-up ms | processes | RSS MiB, 0 sessions | RSS MiB, idle | "
-        "RSS KiB per session | PSS MiB, idle |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "RSS KiB per session | PSS MiB, idle | bridge process alone, KiB per session |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for n in names:
         s = results["setup"][n]
@@ -527,7 +533,8 @@ def report(
             f"| {labels[n]} | {s['median_ms']:.1f} ({s['min_ms']:.1f}) | {idle['processes']} "
             f"| {before / 1024:.1f} | {idle['rss_kib'] / 1024:.1f} "
             f"| {(idle['rss_kib'] - before) / m['idle_sessions']:.0f} "
-            f"| {idle['pss_kib'] / 1024:.1f} |"
+            f"| {idle['pss_kib'] / 1024:.1f} "
+            f"| {'-' if n == 'direct' else _f(m['bridge_kib_per_session'], 1)} |"
         )
     if "fjmcp" in bridges and str(16) in load.get("fjmcp", {}):
         f = load["fjmcp"]["16"]
