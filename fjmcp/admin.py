@@ -565,7 +565,33 @@ def rotate_key(store: SyncStore, args: argparse.Namespace) -> Result:
     return _retire_old(store, path, keys) if args.retire_old else _rotate(store, path, keys)
 
 
+def _check_keys_open(store: SyncStore, path: Path, keys: tuple[bytes, ...]) -> None:
+    """
+    Refuse to rotate with a key file that opens none of the stored
+    credentials: it is not the daemon's, and re-encrypting under it would
+    sign every user out.  (The first batch is enough to tell.)
+    """
+    box = SecretBox(keys)
+    tried: list[bool] = []
+
+    def probe(user_id: int, which: str, sealed: bytes) -> None:
+        try:
+            box.open(sealed, credential_context(user_id, which))
+            tried.append(True)
+        except DecryptionError:
+            tried.append(False)
+
+    wait(store.reseal_upstream_credentials(probe, -1, RESEAL_BATCH))
+    if tried and not any(tried):
+        raise AdminError(
+            f"none of the stored credentials opens with the keys in {path}: is it the key file "
+            "the daemon uses (--secret-key-file / FJMCP_SECRET_KEY_FILE)? Nothing was changed",
+            2,
+        )
+
+
 def _rotate(store: SyncStore, path: Path, keys: tuple[bytes, ...]) -> Result:
+    _check_keys_open(store, path, keys)
     key = new_key()
     ring: list[tuple[bytes, ...]] = []
 
@@ -591,6 +617,7 @@ def _rotate(store: SyncStore, path: Path, keys: tuple[bytes, ...]) -> Result:
 
 
 def _retire_old(store: SyncStore, path: Path, keys: tuple[bytes, ...]) -> Result:
+    _check_keys_open(store, path, keys)
     # Let the daemon see the current key before anything is checked: it
     # looks at the file at most once a second before sealing.
     age = time.time() - path.stat().st_mtime

@@ -295,7 +295,23 @@ class KeyRotationTests(AdminTestCase):
         await self.login_as("bob")
         self.assertEqual(self.stored_key_ids(), {new_id})
 
-    async def test_rotation_needs_a_writable_key_file(self) -> None:
+    async def test_rotation_refuses_a_key_file_that_is_not_the_daemons(self) -> None:
+        """
+        Pointed at some other key file, rotate-key would sign everyone out:
+        it refuses and changes nothing.
+        """
+        await self.login_as("alice")
+        other = self.key_file.with_name("other.key")
+        write_key_file(other, [os.urandom(32)])
+        before = other.read_bytes()
+        for argv in (["rotate-key"], ["rotate-key", "--retire-old"]):
+            code, out, err = await self.cli("--secret-key-file", str(other), *argv)
+            self.assertEqual((code, out), (2, ""), err)
+            self.assertIn("none of the stored credentials opens with the keys in", err)
+            self.assertEqual(other.read_bytes(), before)
+        self.assertEqual(self.stored_key_ids(), {key_id(self.first_key).hex()})
+
+    async def test_rotation_needs_a_readable_key_file(self) -> None:
         code, out, err = await self.cli("--secret-key-file", "/nonexistent/key", "rotate-key")
         self.assertEqual(code, 2)
         self.assertEqual(out, "")
