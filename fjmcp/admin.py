@@ -704,12 +704,14 @@ def _global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
 
     parser.add_argument(
         "--data-dir",
+        metavar="DIR",
         default=default(os.environ.get("FJMCP_DATA_DIR") or "fjmcp-data"),
         help="the daemon's data directory, holding broker.db "
         "[env FJMCP_DATA_DIR, default: fjmcp-data]",
     )
     parser.add_argument(
         "--secret-key-file",
+        metavar="FILE",
         default=default(os.environ.get("FJMCP_SECRET_KEY_FILE") or None),
         help="the daemon's secret key file; only rotate-key needs it [env FJMCP_SECRET_KEY_FILE]",
     )
