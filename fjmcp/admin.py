@@ -51,7 +51,7 @@ from twisted.python.failure import Failure
 
 from fjmcp.config import DB_FILENAME
 from fjmcp.credentials import credential_context
-from fjmcp.crypto import DecryptionError, SecretBox, key_id
+from fjmcp.crypto import UPSTREAM_PKCE_CONTEXT, DecryptionError, SecretBox, key_id
 from fjmcp.keyring import CHECK_INTERVAL, KeyFileError, new_key, read_key_file, write_key_file
 from fjmcp.store import Store, UpstreamUser, configure_connection, known_migrations
 from fjmcp.store.admin import ResealBatch
@@ -62,12 +62,6 @@ T = TypeVar("T")
 PROG = "fjmcp-admin"
 REVOKE_REASON = "revoked by the operator"
 DELETE_REASON = "client deleted by the operator"
-# The context the authorization flow seals its PKCE verifier toward Forgejo
-# under (fjmcp.authorize); key rotation re-seals it under the same.
-PKCE_CONTEXT = "upstream-pkce"
-# Kept as the daemon's purge keeps them (fjmcp.tap.KEEP_EXPIRED): used codes
-# and rotated refresh tokens stay a day past expiry so a replay is recognised.
-KEEP_EXPIRED = 86400.0
 # Before retiring old keys, the key file must be this old, so the daemon
 # (which looks at it at most once per CHECK_INTERVAL) seals with the current key.
 SETTLE_SECONDS = 2 * CHECK_INTERVAL
@@ -383,8 +377,7 @@ def revoke(store: SyncStore, args: argparse.Namespace) -> Result:
 
 
 def purge(store: SyncStore, args: argparse.Namespace) -> Result:
-    logins = wait(store.purge_expired_authorizations())
-    tokens = wait(store.prune_tokens(time.time() - KEEP_EXPIRED))
+    logins, tokens = wait(store.purge_expired())
     return Result(
         {"purged": {"logins": logins, "tokens": tokens}},
         f"purged {logins} expired login(s) and {tokens} expired code(s) and token(s)",
@@ -503,7 +496,7 @@ class _Resealing:
             return self._reseal(credential_context(user_id, which), sealed)
 
         def verifier(row_id: int, which: str, sealed: bytes) -> bytes | None:
-            return self._reseal(PKCE_CONTEXT, sealed)
+            return self._reseal(UPSTREAM_PKCE_CONTEXT, sealed)
 
         # One short write transaction per batch, so the daemon's writes are
         # never held up for long on a big database.

@@ -22,7 +22,14 @@ from fjmcp.cimd import CIMDError, ClientMetadataFetcher, is_cimd_client_id
 from fjmcp.clients import ClientRegistry
 from fjmcp.config import Config
 from fjmcp.credentials import UpstreamCredentials
-from fjmcp.crypto import SecretBox, new_pkce_pair, new_token, token_hash
+from fjmcp.crypto import (
+    UPSTREAM_PKCE_CONTEXT,
+    DecryptionError,
+    SecretBox,
+    new_pkce_pair,
+    new_token,
+    token_hash,
+)
 from fjmcp.registration import (
     ClientMetadata,
     RegistrationError,
@@ -294,7 +301,7 @@ class AuthorizationFlow:
             token_hash(consent_token),
             token_hash(browser),
             token_hash(state),
-            self._box.seal(verifier, "upstream-pkce"),
+            self._box.seal(verifier, UPSTREAM_PKCE_CONTEXT),
             self._clock.seconds() + PENDING_LIFETIME,
         )
         if pending is None:
@@ -336,7 +343,17 @@ class AuthorizationFlow:
                 else "Forgejo could not complete the sign-in",
             )
         assert pending.upstream_verifier_enc is not None
-        verifier = self._box.open(pending.upstream_verifier_enc, "upstream-pkce")
+        try:
+            verifier = self._box.open(pending.upstream_verifier_enc, UPSTREAM_PKCE_CONTEXT)
+        except DecryptionError as e:
+            # Sealed under a key the key file no longer holds: the login
+            # cannot finish, but it is the person's to restart, not a bug.
+            log.warn("a sign-in in flight could not be resumed: {error}", error=str(e))
+            raise PageError(
+                400,
+                "Login expired",
+                "This sign-in can no longer be completed. Start again from your application.",
+            ) from None
         try:
             tokens = await self._upstream.exchange_code(args.get("code", ""), verifier)
             user = await self._upstream.get_user(tokens.access_token)

@@ -33,6 +33,9 @@ SCHEME_V1 = b"\x01"
 # 0x02: key id + nonce + ciphertext; the scheme byte and key id are bound
 # into the authentication tag along with the context.
 SCHEME_V2 = b"\x02"
+# The context our PKCE verifier toward Forgejo is sealed under while a login
+# is in flight (the authorization flow seals it, key rotation re-seals it).
+UPSTREAM_PKCE_CONTEXT = "upstream-pkce"
 
 
 class DecryptionError(Exception):

@@ -99,7 +99,8 @@ def consent_page(
 <b>{e(redirect_host)}</b>.</p>
 <p>It will be able to act as you in Forgejo, with these permissions:</p>
 <ul>{abilities}</ul>
-<p><small>Client ID: <code>{e(client_id)}</code>. You can revoke access later on <a href="/connections">your connections page</a>.</small></p>
+<p><small>Client ID: <code>{e(client_id)}</code>. You can revoke access later on
+<a href="/connections">your connections page</a>.</small></p>
 <form method="post" action="{e(action)}">
 <input type="hidden" name="consent" value="{e(consent_token)}">
 <button class="approve" type="submit" name="decision" value="approve">Approve</button>

@@ -96,19 +96,15 @@ class CleanShutdown(Service):
 
 
 PURGE_INTERVAL = 600.0
-# Used codes and rotated refresh tokens are kept a day past their expiry, so a
-# late replay is still recognised (and logged) as one.
-KEEP_EXPIRED = 86400.0
 
 
-async def purge_expired(store: Store, clock: Any) -> None:
+async def purge_expired(store: Store) -> None:
     """
     Forget abandoned logins, expired login sessions and long-dead tokens.
     One failure is logged and the next round tries again.
     """
     try:
-        logins = await store.purge_expired_authorizations()
-        tokens = await store.prune_tokens(clock.seconds() - KEEP_EXPIRED)
+        logins, tokens = await store.purge_expired()
     except Exception:
         log.failure("purging expired rows failed; will retry")
         return
@@ -145,9 +141,7 @@ def build_service(config: Config, reactor: Any, schema_version: int) -> MultiSer
     # Order matters: MultiService stops children in reverse, so listeners
     # close first, then children end, then the pool closes.
     StoreService(store).setServiceParent(top)
-    purge = TimerService(
-        PURGE_INTERVAL, lambda: Deferred.fromCoroutine(purge_expired(store, reactor))
-    )
+    purge = TimerService(PURGE_INTERVAL, lambda: Deferred.fromCoroutine(purge_expired(store)))
     purge.clock = reactor
     purge.setServiceParent(top)
     children = ChildSupervisor(reactor)

@@ -343,7 +343,7 @@ class PurgeTests(StoreTestCase):
             )  # fmt: skip
         await store.create_login_session(b"s" * 32, 1, now - 1)
         await store.create_login_session(b"t" * 32, 1, now + 600)
-        await purge_expired(store, reactor)
+        await purge_expired(store)
         self.assertIsNone(await store.login_session_user(b"s" * 32))
         self.assertEqual(await store.login_session_user(b"t" * 32), 1)
         conn = sqlite3.connect(self.path)

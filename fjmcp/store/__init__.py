@@ -7,6 +7,8 @@ Each module holds the tables of one concern as a mixin over L{Database}
 data store.
 """
 
+from twisted.internet.defer import Deferred
+
 from fjmcp.store.admin import AdminStore, ClientSummary, ResealBatch
 from fjmcp.store.authorizations import AuthorizationStore
 from fjmcp.store.clients import ClientRecord, ClientStore
@@ -24,14 +26,33 @@ from fjmcp.store.database import (
 )
 from fjmcp.store.tokens import TokenStore
 
+# Used codes and rotated refresh tokens are kept a day past their expiry, so a
+# late replay is still recognised (and logged) as one.
+KEEP_EXPIRED = 86400.0
+
 
 class Store(AdminStore, AuthorizationStore, ClientStore, CredentialStore, TokenStore, Database):
     """
     Every read and write of broker state.
     """
 
+    def purge_expired(self) -> Deferred[tuple[int, int]]:
+        """
+        Forget abandoned logins and expired login sessions, and codes and
+        tokens dead for longer than L{KEEP_EXPIRED}: the one rule shared by
+        the daemon's purge timer and C{fjmcp-admin purge}.  Returns (logins,
+        codes and tokens) deleted.
+        """
+        return Deferred.fromCoroutine(self._purge_expired())
+
+    async def _purge_expired(self) -> tuple[int, int]:
+        logins = await self.purge_expired_authorizations()
+        tokens = await self.prune_tokens(self._now() - KEEP_EXPIRED)
+        return logins, tokens
+
 
 __all__ = [
+    "KEEP_EXPIRED",
     "ClientRecord",
     "ClientSummary",
     "Database",
