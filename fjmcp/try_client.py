@@ -488,6 +488,7 @@ class LoopbackReceiver:
         self.port = 0
         self.params: dict[str, str] | None = None
         self.arrived = anyio.Event()
+        self.waiting = False
 
     @property
     def redirect_uri(self) -> str:
@@ -530,15 +531,21 @@ class LoopbackReceiver:
     async def redirect_handler(self, authorization_url: str) -> None:
         import anyio
 
+        if not self.open_browser:
+            self.say("to log in, open this URL in a browser on this machine:")
+            self.say(f"    {authorization_url}")
+            return
         self.say("log in in your browser; if it did not open, visit:")
         self.say(f"    {authorization_url}")
-        if self.open_browser:
-            await anyio.to_thread.run_sync(webbrowser.open, authorization_url)
+        if not await anyio.to_thread.run_sync(webbrowser.open, authorization_url):
+            self.say("(no browser could be started here: open the URL above yourself)")
 
     async def callback_handler(self) -> AuthorizationCodeResult:
         from mcp.shared.auth import AuthorizationCodeResult
 
+        self.waiting = True
         await self.arrived.wait()
+        self.waiting = False
         params = self.params or {}
         if "code" not in params:
             raise _refusal(params)
@@ -576,6 +583,12 @@ class Narrator:
     def say(self, text: str) -> None:
         if not self.quiet:
             print(f"fjmcp-try: {text}", file=sys.stderr, flush=True)
+
+    def tell(self, text: str) -> None:
+        """
+        What the user must see even with --quiet.
+        """
+        print(f"fjmcp-try: {text}", file=sys.stderr, flush=True)
 
     def once(self, key: str, text: str) -> None:
         if key not in self.said:
@@ -697,8 +710,9 @@ async def run(options: argparse.Namespace, narrator: Narrator) -> int:
             narrator.say(f"headless: will approve and sign in as {options.user} at the stand-in")
             redirect_uri = HEADLESS_REDIRECT
         else:
-            handlers = LoopbackReceiver(narrator.say, open_browser=not options.no_browser)
+            handlers = LoopbackReceiver(narrator.tell, open_browser=not options.no_browser)
             await handlers.listen(tasks)
+            options.receiver = handlers
             redirect_uri = handlers.redirect_uri
         metadata = OAuthClientMetadata.model_validate(
             {
@@ -800,7 +814,7 @@ def _pretty(text: str) -> str:
 # --- command line
 
 
-def explain(e: BaseException, timeout: float) -> tuple[str, int]:
+def explain(e: BaseException, options: argparse.Namespace) -> tuple[str, int]:
     """
     One message and exit status for whatever ended the run; for an
     exception group (the SDK runs its transport in task groups), its most
@@ -829,7 +843,13 @@ def explain(e: BaseException, timeout: float) -> tuple[str, int]:
         if isinstance(leaf, MCPError):
             return f"the MCP server answered an error: {leaf.error.message} ({leaf.code})", EXIT_MCP
         if isinstance(leaf, TimeoutError):
-            return f"gave up after {timeout:g} seconds (see --timeout)", EXIT_MCP
+            if getattr(getattr(options, "receiver", None), "waiting", False):
+                return (
+                    f"no login came back from the browser within {options.timeout:g} seconds; "
+                    "run again (or give more time with --timeout)",
+                    EXIT_LOGIN,
+                )
+            return f"gave up after {options.timeout:g} seconds (see --timeout)", EXIT_MCP
     first = leaves[0] if leaves else e
     return f"{type(first).__name__}: {first}", EXIT_MCP
 
@@ -933,7 +953,7 @@ def main(argv: list[str] | None = None) -> int:
         print("fjmcp-try: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as e:
-        message, status = explain(e, options.timeout)
+        message, status = explain(e, options)
         print(f"fjmcp-try: {message}", file=sys.stderr)
         return status
 
