@@ -7,11 +7,12 @@ It connects to a broker's /mcp with C{mcp.client.auth.OAuthClientProvider}
 as the HTTP auth and lets the SDK do the OAuth dance: discovery, dynamic
 registration (or a client ID metadata document URL), authorization with
 PKCE, the token request, and the retried MCP request with the bearer token.
-The person at the browser is played by the redirect handler: it opens the
-authorization URL with its own cookie jar, submits the consent form as a
-browser would, signs in at the Forgejo stand-in with its test header, follows
-the broker's callback, and hands the code it is sent back to the SDK through
-the callback handler.  Nothing listens on the redirect URI.
+The person at the browser is played by the redirect handler (fjmcp-try's
+L{fjmcp.try_client.HeadlessBrowser}): it opens the authorization URL with its
+own cookie jar, submits the consent form as a browser would, signs in at the
+Forgejo stand-in with its test header, follows the broker's callback, and
+hands the code it is sent back to the SDK through the callback handler.
+Nothing listens on the redirect URI.
 
 Every HTTP request the SDK makes is recorded (method, path, status, whether
 it carried a bearer token or HTTP Basic credentials); the last line on
