@@ -84,6 +84,44 @@ $(VENV)/.bench-installed: $(VENV)/.installed setup.cfg
 bench: $(VENV)/.bench-installed
 	$(VENV)/bin/python bench/bench_peers.py
 
+# The container image (Containerfile; docs/deploy-podman.md), built with
+# podman or docker, whichever is installed (CONTAINER_ENGINE=... to choose).
+# The forgejo-mcp version comes from deploy/forgejo-mcp.version; the git
+# revision and build date are stamped in for /healthz and --version.
+IMAGE ?= localhost/fjmcp:latest
+CONTAINER_ENGINE ?= $(shell command -v podman 2>/dev/null || command -v docker 2>/dev/null)
+# Settings for `make image-run` (from deploy/podman/fjmcp-broker.env.example).
+IMAGE_RUN_ENV ?= image-run.env
+
+.PHONY: image image-run
+
+image:
+	@if [ -z "$(CONTAINER_ENGINE)" ]; then \
+		echo "make image needs podman or docker, and neither is installed" >&2; exit 1; fi
+	$(CONTAINER_ENGINE) build \
+		$(if $(findstring podman,$(notdir $(CONTAINER_ENGINE))),--format docker) \
+		-f Containerfile -t $(IMAGE) \
+		--build-arg FORGEJO_MCP_VERSION=$(FORGEJO_MCP_VERSION) \
+		--build-arg FJMCP_VERSION=$$(sed -n 's/^__version__ = "\(.*\)"/\1/p' fjmcp/__init__.py) \
+		--build-arg FJMCP_BUILD_REVISION=$$(git describe --always --dirty --abbrev=12 --exclude='*' 2>/dev/null || echo unknown) \
+		--build-arg FJMCP_BUILD_DATE=$$(date -u +%Y-%m-%dT%H:%M:%SZ) \
+		.
+
+# Runs the image in the foreground on 127.0.0.1:8080 with a throwaway volume
+# (removed on exit, along with the secret key made for it) and the settings
+# in $(IMAGE_RUN_ENV).
+image-run:
+	@if [ -z "$(CONTAINER_ENGINE)" ]; then \
+		echo "make image-run needs podman or docker, and neither is installed" >&2; exit 1; fi
+	@if [ ! -f "$(IMAGE_RUN_ENV)" ]; then \
+		echo "make image-run needs the broker's settings in $(IMAGE_RUN_ENV): copy" \
+			"deploy/podman/fjmcp-broker.env.example there and fill it in" \
+			"(or give IMAGE_RUN_ENV=FILE)" >&2; exit 1; fi
+	$(CONTAINER_ENGINE) run --rm -it -p 127.0.0.1:8080:8080 -v /data \
+		--env-file $(IMAGE_RUN_ENV) -e FJMCP_SECRET_KEY_FILE=/data/secret.key \
+		--entrypoint /bin/sh $(IMAGE) -c \
+		'umask 077 && python -c "import base64, secrets; print(base64.b64encode(secrets.token_bytes(32)).decode())" > /data/secret.key && exec twistd --nodaemon --pidfile= fjmcp'
+
 clean:
 	rm -rf $(VENV) $(BIN) _trial_temp* .demo build *.egg-info $(NODE_DIR)/node_modules \
 		bench/.venv-peers bench/peers/node_modules
