@@ -619,7 +619,16 @@ class Narrator:
         elif path.endswith("/token") and method == "POST":
             await response.aread()
             body = _json_object(response.content)
-            if status == 200:
+            sent = dict(parse_qsl(response.request.content.decode("latin-1")))
+            if sent.get("grant_type") == "refresh_token":
+                if status == 200:
+                    self.say("refreshed the access token with the kept refresh token")
+                else:
+                    # The SDK then starts a whole new login, which is right.
+                    self.say(
+                        f"the kept refresh token was refused ({body.get('error')}); logging in"
+                    )
+            elif status == 200:
                 has = ["an access token"] + (
                     ["a refresh token"] if body.get("refresh_token") else []
                 )
@@ -653,7 +662,7 @@ def mcp_url(url: str) -> str:
     return url
 
 
-async def preflight(url: str) -> None:
+async def preflight(url: str) -> Any:
     """
     One unauthenticated request, to tell "nothing there" apart from the
     broker's expected 401 before any OAuth starts.
@@ -684,6 +693,46 @@ async def preflight(url: str) -> None:
             f"the broker at {url} answered HTTP {response.status_code}: {_snippet(response.text)}",
             EXIT_UNREACHABLE,
         )
+    return response
+
+
+async def rediscover(url: str, challenge: Any, provider: Any) -> None:
+    """
+    Discovery for kept tokens.  The SDK only discovers after a 401 and then
+    logs in afresh; to refresh an expired access token instead, it must
+    know the token endpoint before the first request.  Done with the SDK's
+    own discovery helpers; when anything here fails, the SDK's full login
+    still works.
+    """
+    import httpx2 as httpx
+    from mcp.client.auth.utils import (
+        build_oauth_authorization_server_metadata_discovery_urls,
+        build_protected_resource_metadata_discovery_urls,
+        extract_resource_metadata_from_www_auth,
+        handle_auth_metadata_response,
+        handle_protected_resource_response,
+    )
+
+    async with httpx.AsyncClient(timeout=10.0) as client:
+        hint = extract_resource_metadata_from_www_auth(challenge)
+        for where in build_protected_resource_metadata_discovery_urls(hint, url):
+            prm = await handle_protected_resource_response(await client.get(where))
+            if prm is not None:
+                break
+        else:
+            return
+        server = str(prm.authorization_servers[0])
+        for where in build_oauth_authorization_server_metadata_discovery_urls(server, url):
+            ok, asm = await handle_auth_metadata_response(await client.get(where))
+            if not ok:
+                return
+            if asm is not None:
+                break
+        else:
+            return
+    provider.context.protected_resource_metadata = prm
+    provider.context.auth_server_url = server
+    provider.context.oauth_metadata = asm
 
 
 async def run(options: argparse.Namespace, narrator: Narrator) -> int:
@@ -696,7 +745,7 @@ async def run(options: argparse.Namespace, narrator: Narrator) -> int:
 
     url = mcp_url(options.url)
     narrator.say(f"connecting to {url}")
-    await preflight(url)
+    challenge = await preflight(url)
     storage = FileStorage(Path(options.token_file)) if options.token_file else MemoryStorage()
     async with anyio.create_task_group() as tasks:
         handlers: HeadlessBrowser | LoopbackReceiver
@@ -732,8 +781,13 @@ async def run(options: argparse.Namespace, narrator: Narrator) -> int:
         )
         if storage.tokens is not None:
             narrator.say(f"using the tokens kept in {options.token_file}")
-            # So that an expired access token is refreshed, not sent.
-            provider.context.token_expiry_time = storage.expires_at
+            try:
+                await rediscover(url, challenge, provider)
+            except Exception as e:  # then the SDK logs in afresh
+                narrator.say(f"(could not prepare a refresh: {e})")
+            else:
+                # So that an expired access token is refreshed, not sent.
+                provider.context.token_expiry_time = storage.expires_at
         client = httpx.AsyncClient(
             auth=provider, timeout=30.0, event_hooks={"response": [narrator.on_response]}
         )

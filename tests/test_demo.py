@@ -328,8 +328,13 @@ class TryClientTests(TestCase):
     timeout = 120
 
     def setUp(self) -> None:
-        self.broker = Broker(self)
+        self.broker = Broker(self, **self.broker_config())
         self.mcp = self.broker.url + "/mcp"
+
+    def broker_config(self) -> dict[str, Any]:
+        if self._testMethodName == "test_token_file":
+            return {"access_token_lifetime": 1.0}
+        return {}
 
     async def test_headless(self) -> None:
         """
@@ -414,12 +419,21 @@ class TryClientTests(TestCase):
         _, err, code = await fjmcp_try(*args)
         self.assertEqual(code, 0, err)
         self.assertEqual(stat.S_IMODE(path.stat().st_mode), 0o600)
+        kept = json.loads(path.read_text())
+        self.assertEqual(sorted(kept), ["client_info", "expires_at", "tokens"])
+        # The access token lives a second here: the next run refreshes it.
+        await task.deferLater(reactor, 1.5, lambda: None)
         out, err, code = await fjmcp_try(*args)
         self.assertEqual(code, 0, err)
         self.assertIn("using the tokens kept in", err)
+        self.assertIn("refreshed the access token with the kept refresh token", err)
         self.assertNotIn("registered as client", err)
         self.assertNotIn("consent page", err)
         self.assertRegex(out, r"(?m)^scripted-child offers \d+ tools:$")
+        renewed = json.loads(path.read_text())
+        self.assertEqual(renewed["client_info"], kept["client_info"])
+        self.assertNotEqual(renewed["tokens"]["refresh_token"], kept["tokens"]["refresh_token"])
+        self.assertEqual(stat.S_IMODE(path.stat().st_mode), 0o600)
 
     async def test_errors(self) -> None:
         """
