@@ -316,10 +316,11 @@ def main(argv: list[str] | None = None) -> None:
             wait_for(forgejo + "/api/v1/version", standin) and wait_for(public + "/healthz", broker)
         ):
             report_exit()
-            sys.stderr.write(
-                f"fjmcp-demo: the demo did not start within {START_TIMEOUT:g} seconds; logs "
-                f"are in {state}\n"
-            )
+            if all(p.poll() is None for p, _log in procs.values()):
+                sys.stderr.write(
+                    f"fjmcp-demo: the demo did not start within {START_TIMEOUT:g} seconds; "
+                    f"logs are in {state}\n"
+                )
             stop()
             raise SystemExit(1)
         print(banner(state, forgejo, public, binary, files), flush=True)
