@@ -462,6 +462,23 @@ class TryClientTests(TestCase):
             self.assertEqual((code, message in err), (status, True), f"{argv}: {err}")
             self.assertNotIn("Traceback", err)
 
+    async def test_without_sdk(self) -> None:
+        """
+        Without the mcp SDK the module still imports (the broker never needs
+        the SDK), and fjmcp-try says what to install.
+        """
+        code = (
+            "import sys; sys.modules['mcp'] = None; "
+            "from fjmcp.try_client import main; sys.exit(main(['--headless', sys.argv[1]]))"
+        )
+        _, err, status = await getProcessOutputAndValue(
+            sys.executable, ["-c", code, self.mcp], env=dict(os.environ), path=str(ROOT)
+        )
+        self.assertEqual(status, 7, err)
+        self.assertIn(b"needs the MCP Python SDK", err)
+        self.assertIn(b"pip install", err)
+        self.assertNotIn(b"Traceback", err)
+
     async def test_not_the_standin(self) -> None:
         """
         --headless in front of a Forgejo that is not the stand-in says it
