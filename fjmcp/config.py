@@ -561,11 +561,11 @@ class Options(usage.Options):
 
     def opt_version(self) -> None:
         """
-        Print the version and exit.
+        Print the version, git revision and build date, and exit.
         """
-        from fjmcp import __version__
+        from fjmcp.buildinfo import describe
 
-        print(f"fjmcp {__version__}")
+        print(describe())
         raise SystemExit(0)
 
     def postOptions(self) -> None:

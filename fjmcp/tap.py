@@ -25,6 +25,7 @@ from twisted.web.server import Site
 
 from fjmcp import __version__, metrics
 from fjmcp.authorize import AuthorizationFlow
+from fjmcp.buildinfo import build_info
 from fjmcp.children import ChildSupervisor
 from fjmcp.cimd import ClientMetadataFetcher
 from fjmcp.clients import ClientRegistry
@@ -222,9 +223,13 @@ def build_service(config: Config, reactor: Any, schema_version: int) -> MultiSer
     log.debug("configuration: {config!r}", config=config)
     for warning in config.warnings:
         log.warn("{warning}", warning=warning)
+    build = build_info()
     log.info(
-        "fjmcp {version} for {forgejo} at {public} (schema {schema}, data in {data})",
+        "fjmcp {version} (revision {revision}, built {built}) for {forgejo} at {public} "
+        "(schema {schema}, data in {data})",
         version=__version__,
+        revision=build.revision,
+        built=build.date,
         forgejo=config.forgejo_url,
         public=config.public_url,
         schema=schema_version,

@@ -28,6 +28,7 @@ from fjmcp.authorize import (
     PageError,
     Redirect,
 )
+from fjmcp.buildinfo import build_info
 from fjmcp.clients import ClientRegistry
 from fjmcp.config import Config, IPNetwork
 from fjmcp.connections import Connections, cross_site
@@ -242,6 +243,8 @@ class BrokerApp:
             {
                 "status": "ok" if store == "ok" else "unavailable",
                 "version": __version__,
+                # Read once at start-up: which build answers (see fjmcp.buildinfo).
+                "build": build_info().as_dict(),
                 "store": store,
                 "sessions": len(self._sessions),
             },

@@ -13,6 +13,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
 from fjmcp import __version__
+from fjmcp.buildinfo import build_info
 from fjmcp.store import Store, migrate_database
 from fjmcp.web import BrokerApp
 from tests.helpers import http_client, make_config, serve
@@ -47,7 +48,13 @@ class HealthTests(TestCase):
         self.assertEqual(response.headers.getRawHeaders("content-type"), ["application/json"])
         self.assertEqual(
             await response.json(),
-            {"status": "ok", "version": __version__, "store": "ok", "sessions": 2},
+            {
+                "status": "ok",
+                "version": __version__,
+                "build": build_info().as_dict(),
+                "store": "ok",
+                "sessions": 2,
+            },
         )
 
     async def test_store_failure_is_503(self) -> None:
