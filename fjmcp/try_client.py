@@ -984,7 +984,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError as e:
         print(
             f"fjmcp-try: needs the MCP Python SDK ({e}); install it with "
-            "`pip install 'mcp>=2.3,<3'`",
+            "`pip install 'fjmcp[try]'` (or `pip install 'mcp>=2.3,<3'`)",
             file=sys.stderr,
         )
         return EXIT_NO_SDK
