@@ -76,13 +76,14 @@ demo: venv forgejo-mcp
 
 # The side-by-side benchmark (docs/benchmarks.md): direct stdio, fjmcp,
 # supergateway and mcp-proxy; the peers are installed apart from $(VENV), at
-# the versions pinned in bench/peers/.  Not part of `check`.
+# the versions pinned in bench/peers/.  Not part of `check`.  Options go in
+# BENCH_ARGS, e.g. make bench BENCH_ARGS="--json out.json".
 $(VENV)/.bench-installed: $(VENV)/.installed setup.cfg
 	$(VENV)/bin/pip install --quiet -e '.[bench]'
 	touch $@
 
 bench: $(VENV)/.bench-installed
-	$(VENV)/bin/python bench/bench_peers.py
+	$(VENV)/bin/python bench/bench_peers.py $(BENCH_ARGS)
 
 # The container image (Containerfile; docs/deploy-podman.md), built with
 # podman or docker, whichever is installed (CONTAINER_ENGINE=... to choose).
