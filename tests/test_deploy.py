@@ -577,7 +577,10 @@ class SystemdUnitTests(TestCase):
         self.assertEqual(environment["FJMCP_FORGEJO_CLIENT_SECRET_FILE"], "%d/client-secret")
         self.assertEqual(environment["FJMCP_DATA_DIR"], "%S/fjmcp")
         self.assertEqual(one(self.service, "Service", "StateDirectory"), "fjmcp")
-        self.assertEqual(one(self.service, "Service", "EnvironmentFile"), "/etc/fjmcp/fjmcp.env")
+        self.assertEqual(
+            values(self.service, "Service", "EnvironmentFile"),
+            ["/etc/fjmcp/fjmcp.env", "-/opt/fjmcp/build.env"],
+        )
 
     def test_env_example_with_the_unit_makes_a_valid_config(self) -> None:
         """
