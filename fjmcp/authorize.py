@@ -254,7 +254,10 @@ class AuthorizationFlow:
             checked.resource,
             self._clock.seconds() + PENDING_LIFETIME,
         )
-        if login_session:
+        # prompt=consent (OpenID Connect, sent by the MCP SDK) asks for the
+        # page even when this user approved this client before.
+        ask_again = "consent" in args.get("prompt", "").split()
+        if login_session and not ask_again:
             user_id = await self._store.login_session_user(token_hash(login_session))
             if user_id is not None and await self._store.has_consent(user_id, checked.client_id):
                 # A returning user who already approved this client: no page.

@@ -34,7 +34,11 @@ from fjmcp.config import Config, IPNetwork
 from fjmcp.connections import Connections, cross_site
 from fjmcp.credentials import LoginRequiredError, UpstreamCredentials
 from fjmcp.crypto import new_token
-from fjmcp.discovery import authorization_server_metadata, protected_resource_metadata
+from fjmcp.discovery import (
+    SCOPES_SUPPORTED,
+    authorization_server_metadata,
+    protected_resource_metadata,
+)
 from fjmcp.mcp_http import MCPEndpoint
 from fjmcp.pages import connections_page, consent_page, error_page
 from fjmcp.ratelimit import RateLimiter, client_address
@@ -325,7 +329,10 @@ class BrokerApp:
     # --- the MCP endpoint: the resource server's gate
 
     def _unauthorized(self, request: Request, error: str | None, description: str | None) -> bytes:
-        request.setHeader(b"WWW-Authenticate", www_authenticate(self._config, error, description))
+        # The scopes a client should ask for (MCP authorization: SHOULD), the
+        # same as the metadata's scopes_supported.
+        challenge = www_authenticate(self._config, error, description, " ".join(SCOPES_SUPPORTED))
+        request.setHeader(b"WWW-Authenticate", challenge)
         body: dict[str, str] = {"error": error or "unauthorized"}
         body["error_description"] = description or "this endpoint needs a bearer token"
         return json_response(request, 401, body)

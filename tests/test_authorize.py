@@ -67,6 +67,17 @@ class FlowTests(BrokerTestCase):
         final = await self.through_forgejo(location(response))
         self.assertEqual(query(final)["state"], "second")
 
+    async def test_prompt_consent_asks_again(self) -> None:
+        client = await self.broker.register()
+        _, body = await self.consent(client["client_id"])
+        await self.through_forgejo(location(await self.approve(body)))
+        # The user approved before, but the client asks for the page.
+        response, body = await self.consent(client["client_id"], state="again", prompt="consent")
+        self.assertEqual(response.code, 200)
+        self.assertIn('name="consent"', body)
+        final = await self.through_forgejo(location(await self.approve(body)))
+        self.assertEqual(query(final)["state"], "again")
+
     async def test_deny(self) -> None:
         client = await self.broker.register()
         _, body = await self.consent(client["client_id"])

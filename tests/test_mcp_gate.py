@@ -41,6 +41,8 @@ class GateTests(BrokerTestCase):
             challenge,
         )
         self.assertNotIn("error=", challenge)
+        # The scopes to ask for, as the metadata lists them.
+        self.assertIn('scope="mcp offline_access"', challenge)
         self.assertEqual(headers.getRawHeaders(b"access-control-allow-origin"), [b"*"])
         exposed = (headers.getRawHeaders(b"access-control-expose-headers") or [b""])[0]
         self.assertIn(b"WWW-Authenticate", exposed)
