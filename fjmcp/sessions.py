@@ -50,6 +50,11 @@ RETIRE_TIMEOUT = 300.0
 # forgejo-mcp colours its log levels; a log file wants plain text.
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
+# forgejo-mcp's --debug defaults to true and then logs every API call to
+# stderr; the broker keeps (rate-limited) stderr in its own log, where that
+# volume drowns what matters.
+CHILD_ARGS = ("--transport", "stdio", "--debug=false")
+
 log = Logger()
 child_log = Logger(namespace="fjmcp.child")
 
@@ -369,7 +374,7 @@ class SessionManager(Service):
         try:
             child = self._children.spawn(
                 self._executable,
-                [*self._args_prefix, "--transport", "stdio"],
+                [*self._args_prefix, *CHILD_ARGS],
                 child_environment(self._forgejo_url, forgejo_token),
                 protocol,
                 f"session {session.id[:8]} ({session.user_login})",
