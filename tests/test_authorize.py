@@ -78,6 +78,30 @@ class FlowTests(BrokerTestCase):
         final = await self.through_forgejo(location(await self.approve(body)))
         self.assertEqual(query(final)["state"], "again")
 
+    async def test_login_whose_verifier_no_longer_opens(self) -> None:
+        """
+        A login in flight whose sealed verifier no longer opens (its key was
+        retired from the key file) ends as an expired login, not a 500.
+        """
+        client = await self.broker.register()
+        _, body = await self.consent(client["client_id"])
+        upstream = location(await self.approve(body))
+        conn = sqlite3.connect(self.broker.config.db_path)
+        with conn:
+            conn.execute(
+                "UPDATE pending_authorizations SET upstream_verifier_enc = ?",
+                (b"\x02" + bytes(8) + bytes(12) + bytes(32),),
+            )
+        conn.close()
+        response = await self.browser.get(
+            upstream, headers=Headers({b"X-Standin-Login": [b"alice"]})
+        )
+        await response.content()
+        response = await self.browser.get(location(response))
+        page = (await response.content()).decode()
+        self.assertEqual(response.code, 400)
+        self.assertIn("Login expired", page)
+
     async def test_deny(self) -> None:
         client = await self.broker.register()
         _, body = await self.consent(client["client_id"])
