@@ -25,6 +25,8 @@ ROOT = Path(__file__).resolve().parent.parent
 CADDYFILE = ROOT / "deploy" / "caddy" / "Caddyfile"
 SITE = "{$FJMCP_HOST} {"
 UPSTREAM = "reverse_proxy 127.0.0.1:8080"
+# The site that answers every other host name (421).
+CATCH_ALL = "http:// {"
 START_TIMEOUT = 15.0
 
 
@@ -55,10 +57,11 @@ def loopback_caddyfile(
     C{header_up} lines (name, value) in its C{reverse_proxy} block: headers
     Caddy adds to every request it passes to the broker.
     """
-    for needle in (SITE, UPSTREAM + " {"):
+    for needle in (SITE, UPSTREAM + " {", CATCH_ALL):
         if shipped.count(needle) != 1:
             raise AssertionError(f"the shipped Caddyfile no longer has exactly one {needle!r}")
     adapted = shipped.replace(SITE, f"http://127.0.0.1:{port} {{\n\tbind 127.0.0.1")
+    adapted = adapted.replace(CATCH_ALL, f"http://:{port} {{\n\tbind 127.0.0.1")
     extra = "".join(f'\n\t\theader_up {name} "{value}"' for name, value in header_up)
     adapted = adapted.replace(UPSTREAM + " {", f"reverse_proxy 127.0.0.1:{upstream_port} {{{extra}")
     return "{\n\tauto_https off\n\tadmin off\n}\n\n" + adapted

@@ -223,3 +223,18 @@ class CaddyTests(BrokerTestCase):
         self.assertEqual(seen["client"], CLIENT_SOURCE)
         # Caddy replaced the client's header rather than appending to it.
         self.assertEqual(seen["forwarded_for"], [CLIENT_SOURCE.encode()])
+
+    async def test_unknown_host_is_refused(self) -> None:
+        """
+        A request for a host name this Caddy does not serve (DNS rebinding:
+        a hostile name resolving to our address) gets 421 from Caddy and
+        never reaches the broker.
+        """
+        request = (
+            b"POST /mcp HTTP/1.1\r\nHost: evil.example.com\r\n"
+            b"Origin: http://evil.example.com\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 2\r\nConnection: close\r\n\r\n{}"
+        )
+        chunks = await deferToThread(raw_http, self.port, request, 10.0)
+        self.assertIn(b" 421 ", b"".join(c for _, c in chunks).split(b"\r\n", 1)[0])
+        self.assertEqual(self.recorder.seen, [])
