@@ -111,6 +111,26 @@ class Daemon:
     async def port(self) -> int:
         return int((await self.wait_for_log(r"Site starting on (\d+)")).group(1))
 
+    async def start_socket_activated(self, listener: socket.socket, name: str) -> Any:
+        """
+        Start as systemd does for a socket unit: C{listener} as fd 3, with
+        LISTEN_PID (the shell's pid, which exec hands on to twistd),
+        LISTEN_FDS and LISTEN_FDNAMES; return the response of /healthz on it.
+        """
+        fd = listener.fileno()
+        script = f"exec 3<&{fd}; LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES={name} exec " + " ".join(
+            _shell_quote(a) for a in self.argv
+        )
+        self.start(["/bin/sh", "-c", script], pass_fds=(fd,))
+        await self.wait_for_log("fjmcp .* for ")
+        port = listener.getsockname()[1]
+        for _ in range(100):
+            try:
+                return await http_client().get(f"http://127.0.0.1:{port}/healthz")
+            except Exception:
+                await sleep(0.05)
+        raise AssertionError(f"nothing answered on the activated socket:\n{self.log_text()}")
+
     async def wait_exit(self, timeout: float = 15.0) -> int:
         assert self.proc is not None
         deadline = time.monotonic() + timeout
@@ -227,25 +247,9 @@ class ListenTests(TestCase):
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         listener.bind(("127.0.0.1", 0))
         listener.listen(16)
-        port = listener.getsockname()[1]
         self.addCleanup(listener.close)
         daemon = Daemon(self, extra=["--listen=systemd:domain=INET:index=0"])
-        fd = listener.fileno()
-        # $$ is the shell's pid, which exec hands on to twistd unchanged.
-        script = (
-            f"exec 3<&{fd}; LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=fjmcp.socket exec "
-            + " ".join(_shell_quote(a) for a in daemon.argv)
-        )
-        daemon.start(["/bin/sh", "-c", script], pass_fds=(fd,))
-        await daemon.wait_for_log("fjmcp .* for ")
-        response = None
-        for _ in range(100):
-            try:
-                response = await http_client().get(f"http://127.0.0.1:{port}/healthz")
-                break
-            except Exception:
-                await sleep(0.05)
-        assert response is not None
+        response = await daemon.start_socket_activated(listener, "fjmcp.socket")
         self.assertEqual(response.code, 200)
         await response.content()
         self.assertEqual((await daemon.terminate())[0], 0)

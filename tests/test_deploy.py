@@ -29,7 +29,7 @@ from fjmcp import __version__
 from fjmcp.buildinfo import BuildInfo, git_revision, read_build_info
 from fjmcp.config import ENV_PREFIX, OPTIONS, Config, build_config
 from tests.helpers import http_client
-from tests.test_daemon import TWISTD, Daemon, _shell_quote, sleep
+from tests.test_daemon import TWISTD, Daemon
 
 ROOT = Path(__file__).resolve().parent.parent
 CONTAINERFILE = ROOT / "Containerfile"
@@ -801,25 +801,10 @@ class DeployedDaemonTests(TestCase):
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         listener.bind(("127.0.0.1", 0))
         listener.listen(16)
-        port = listener.getsockname()[1]
         self.addCleanup(listener.close)
         daemon = self.unit_daemon()
         daemon.env["FJMCP_LISTEN"] = socket_listen_example()
-        fd = listener.fileno()
-        # As systemd hands it over: fd 3, LISTEN_PID = the exec'd twistd.
-        script = f"exec 3<&{fd}; LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES={name} exec " + " ".join(
-            _shell_quote(a) for a in daemon.argv
-        )
-        daemon.start(["/bin/sh", "-c", script], pass_fds=(fd,))
-        await daemon.wait_for_log("fjmcp .* for ")
-        response = None
-        for _ in range(100):
-            try:
-                response = await http_client().get(f"http://127.0.0.1:{port}/healthz")
-                break
-            except Exception:
-                await sleep(0.05)
-        assert response is not None
+        response = await daemon.start_socket_activated(listener, name)
         self.assertEqual(response.code, 200)
         self.assertEqual((await response.json())["build"]["revision"], REVISION)
         self.assertEqual((await daemon.terminate())[0], 0)
