@@ -97,6 +97,18 @@ def add_query(uri: str, params: Mapping[str, str]) -> str:
     return urlunsplit(parts._replace(query=urlencode(query)))
 
 
+async def open_login_session(store: Store, user_id: int, now: float) -> str:
+    """
+    A new broker login (the cookie's value) for a user who just signed in
+    at Forgejo; the store keeps only its digest.
+    """
+    login_session = new_token()
+    await store.create_login_session(
+        token_hash(login_session), user_id, now + LOGIN_SESSION_LIFETIME
+    )
+    return login_session
+
+
 def same_resource(given: str, expected: str) -> bool:
     return given.rstrip("/") == expected.rstrip("/")
 
@@ -358,8 +370,7 @@ class AuthorizationFlow:
                 "This sign-in can no longer be completed. Start again from your application.",
             ) from None
         try:
-            tokens = await self._upstream.exchange_code(args.get("code", ""), verifier)
-            user = await self._upstream.get_user(tokens.access_token)
+            user = await self._credentials.sign_in(args.get("code", ""), verifier)
         except UpstreamError as e:
             log.warn("the Forgejo sign-in could not be completed: {error}", error=str(e))
             return self._error_redirect(
@@ -368,7 +379,6 @@ class AuthorizationFlow:
                 "server_error",
                 "Forgejo did not accept the sign-in; try again",
             )
-        await self._credentials.save(user, tokens)
         await self._store.remember_consent(user.id, pending.client_id, pending.scope)
         code = new_token()
         await self._store.issue_authorization_code(
@@ -382,10 +392,7 @@ class AuthorizationFlow:
             pending.resource,
             self._clock.seconds() + CODE_LIFETIME,
         )
-        login_session = new_token()
-        await self._store.create_login_session(
-            token_hash(login_session), user.id, self._clock.seconds() + LOGIN_SESSION_LIFETIME
-        )
+        login_session = await open_login_session(self._store, user.id, self._clock.seconds())
         log.info(
             "user {login} ({user}) authorized client {client}",
             login=user.login,

@@ -30,7 +30,7 @@ from urllib.parse import urlsplit
 import attrs
 from twisted.logger import Logger
 
-from fjmcp.authorize import LOGIN_SESSION_LIFETIME, PageError
+from fjmcp.authorize import PageError, open_login_session
 from fjmcp.credentials import UpstreamCredentials
 from fjmcp.crypto import new_pkce_pair, new_token, token_hash
 from fjmcp.sessions import SessionManager
@@ -201,18 +201,13 @@ class Connections:
                 403, "Not signed in", "The sign-in at Forgejo was cancelled or refused."
             )
         try:
-            tokens = await self._upstream.exchange_code(args.get("code", ""), pending.verifier)
-            user = await self._upstream.get_user(tokens.access_token)
+            user = await self._credentials.sign_in(args.get("code", ""), pending.verifier)
         except UpstreamError as e:
             log.warn("a connections-page sign-in could not be completed: {error}", error=str(e))
             raise PageError(
                 502, "Sign-in failed", "Forgejo did not accept the sign-in; try again."
             ) from None
-        await self._credentials.save(user, tokens)
-        login_session = new_token()
-        await self._store.create_login_session(
-            token_hash(login_session), user.id, self._clock.seconds() + LOGIN_SESSION_LIFETIME
-        )
+        login_session = await open_login_session(self._store, user.id, self._clock.seconds())
         log.info(
             "user {login} ({user}) signed in to the connections page",
             login=user.login,

@@ -72,6 +72,19 @@ class UpstreamCredentials:
         # at the store); bounded by the refresh margin and a few seconds.
         self._cache: dict[int, tuple[str, float]] = {}
 
+    async def sign_in(self, code: str, verifier: str) -> ForgejoUser:
+        """
+        The end of a login at Forgejo: exchange its code (with our PKCE
+        verifier), learn who signed in, and keep their new credential
+        (Forgejo has just invalidated the previous refresh token).
+
+        @raise fjmcp.upstream.UpstreamError: Forgejo refused or failed.
+        """
+        tokens = await self._upstream.exchange_code(code, verifier)
+        user = await self._upstream.get_user(tokens.access_token)
+        await self.save(user, tokens)
+        return user
+
     async def save(self, user: ForgejoUser, tokens: UpstreamTokens) -> int:
         """
         Make C{tokens} the user's only Forgejo credential; returns its generation.
