@@ -400,7 +400,14 @@ class BrokerApp:
 
     # --- the authorization flow (pages a person sees)
 
-    def _page(self, request: Request, status: int, body: bytes) -> bytes:
+    def _page(
+        self,
+        request: Request,
+        status: int,
+        body: bytes,
+        csp_extra: bytes = b"",
+        referrer_policy: bytes = b"no-referrer",
+    ) -> bytes:
         request.setResponseCode(status)
         request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
         request.setHeader(b"Cache-Control", b"no-store")
@@ -408,9 +415,9 @@ class BrokerApp:
         request.setHeader(
             b"Content-Security-Policy",
             b"default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'; "
-            b"base-uri 'none'",
+            b"base-uri 'none'" + csp_extra,
         )
-        request.setHeader(b"Referrer-Policy", b"no-referrer")
+        request.setHeader(b"Referrer-Policy", referrer_policy)
         return body
 
     def _redirect(self, request: Request, location: str) -> bytes:
@@ -514,16 +521,11 @@ class BrokerApp:
     # --- the connections page (fjmcp.connections does the work)
 
     def _connections_page(self, request: Request, status: int, body: bytes) -> bytes:
-        self._page(request, status, body)
         # Forms post only here; and "same-origin" (not "no-referrer") so the
         # browser's POST carries our Origin instead of "null".
-        request.setHeader(
-            b"Content-Security-Policy",
-            b"default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'; "
-            b"base-uri 'none'; form-action 'self'",
+        return self._page(
+            request, status, body, b"; form-action 'self'", referrer_policy=b"same-origin"
         )
-        request.setHeader(b"Referrer-Policy", b"same-origin")
-        return body
 
     def _cross_site(self, request: Request) -> bool:
         origin = request.getHeader(b"origin")
