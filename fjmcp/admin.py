@@ -52,7 +52,14 @@ from twisted.python.failure import Failure
 from fjmcp.config import DB_FILENAME
 from fjmcp.credentials import credential_context
 from fjmcp.crypto import UPSTREAM_PKCE_CONTEXT, DecryptionError, SecretBox, key_id
-from fjmcp.keyring import CHECK_INTERVAL, KeyFileError, new_key, read_key_file, write_key_file
+from fjmcp.keyring import (
+    CHECK_INTERVAL,
+    KeyFileError,
+    fsync_directory,
+    new_key,
+    read_key_file,
+    write_key_file,
+)
 from fjmcp.store import Store, UpstreamUser, configure_connection, known_migrations
 from fjmcp.store.admin import ResealBatch
 from fjmcp.store.database import BUSY_TIMEOUT_MS, Txn
@@ -444,7 +451,7 @@ def backup(store: SyncStore, args: argparse.Namespace) -> Result:
         raise AdminError(f"the backup failed: {e}") from None
     finally:
         tmp.unlink(missing_ok=True)
-    _fsync_dir(dest.parent)
+    fsync_directory(dest.parent)
     size = dest.stat().st_size
     return Result(
         {
@@ -457,14 +464,6 @@ def backup(store: SyncStore, args: argparse.Namespace) -> Result:
         f"backed up to {dest.resolve()} ({size} bytes, schema {version}, integrity ok); "
         "the secret key file is not in it: keep that safe separately",
     )
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # --- key rotation

@@ -160,6 +160,13 @@ def write_key_file(path: Path, keys: Sequence[bytes]) -> None:
             pass
         raise
     # The rename itself must survive a crash too.
+    fsync_directory(directory)
+
+
+def fsync_directory(directory: Path) -> None:
+    """
+    Make a new or renamed entry in C{directory} survive a crash.
+    """
     dir_fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
