@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from treq.client import HTTPClient
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred
 from twisted.logger import LogLevel
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
@@ -110,3 +111,18 @@ def self_signed(name: str) -> tuple[bytes, bytes]:
         serialization.NoEncryption(),
     )
     return key_pem, certificate.public_bytes(serialization.Encoding.PEM)
+
+
+class Answer:
+    """
+    The response stream of one request sent straight to a session's router.
+    """
+
+    def __init__(self) -> None:
+        self.done: Deferred[dict[str, Any]] = Deferred()
+
+    def message(self, message: dict[str, Any]) -> None:
+        pass
+
+    def finish(self, response: dict[str, Any]) -> None:
+        self.done.callback(response)

@@ -27,7 +27,7 @@ from fjmcp.store import Store, UpstreamUser, migrate_database
 from fjmcp.store.tokens import _revoke_family_txn
 from fjmcp.tokens import AccessGrant, TokenService
 from tests.broker_support import REDIRECT, SCRIPTED_CHILD
-from tests.helpers import make_config
+from tests.helpers import Answer, make_config
 from tests.test_sessions import (
     PROMPT,
     SessionTestCase,
@@ -68,17 +68,6 @@ class FakeCache:
     def forget_families(self, family_ids: Collection[str]) -> None:
         self.forgotten.append(set(family_ids))
         self.families -= set(family_ids)
-
-
-class _Answer:
-    def __init__(self) -> None:
-        self.done: Deferred[dict[str, Any]] = Deferred()
-
-    def message(self, message: dict[str, Any]) -> None:
-        pass
-
-    def finish(self, response: dict[str, Any]) -> None:
-        self.done.callback(response)
 
 
 class PeriodicCheckTests(TestCase):
@@ -127,7 +116,7 @@ class PeriodicCheckTests(TestCase):
         self.sessions.grant_cache = cache
         closed: list[str] = []
         a1.standalone.attach(lambda m: None, lambda: closed.append("a1"))
-        pending = _Answer()
+        pending = Answer()
         a2.router.client_request(tool(7, "slow", {"delay": 10}), pending)
 
         self.clock.advance(2.0)

@@ -20,6 +20,7 @@ from twisted.logger import Logger
 
 from fjmcp import sessions as sessions_module
 from fjmcp.children import ChildExit
+from tests.helpers import Answer
 from tests.test_sessions import (
     PROMPT,
     SessionTestCase,
@@ -398,21 +399,6 @@ class EnvironmentTests(SessionTestCase):
         self.assertNotEqual(alices["token"], bobs["token"])
 
 
-class _Answer:
-    """
-    The response stream of one request sent straight to a session's router.
-    """
-
-    def __init__(self) -> None:
-        self.done: Deferred[dict[str, Any]] = Deferred()
-
-    def message(self, message: dict[str, Any]) -> None:
-        pass
-
-    def finish(self, response: dict[str, Any]) -> None:
-        self.done.callback(response)
-
-
 # 1,000 cycles take about 15-25 s on this 2-core machine (each is a Python
 # interpreter starting, answering initialize and exiting).
 CYCLES = 1000
@@ -431,7 +417,7 @@ class HygieneTests(SessionTestCase):
         session = sessions.create(user_id, f"user{user_id}", "client", "2025-06-18", "tok")
         assert session.child.pid is not None
         pids.append(session.child.pid)
-        answer = _Answer()
+        answer = Answer()
         session.router.client_request(initialize(1), answer)
         response = await within(answer.done)
         self.assertEqual(response["result"]["serverInfo"]["name"], "scripted-child")
