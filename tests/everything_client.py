@@ -40,9 +40,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
-import logging
 import sys
-import traceback
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeVar
 
@@ -55,7 +53,7 @@ try:
     from mcp.client.streamable_http import streamable_http_client
     from mcp.shared.auth import OAuthClientMetadata
 
-    from tests.sdk_oauth_client import Browser, MemoryStorage
+    from tests.sdk_oauth_client import Browser, MemoryStorage, run_script
 except ImportError as e:  # an SDK older than this script expects
     print(json.dumps({"unsupported": f"{type(e).__name__}: {e}"}))
     sys.exit(3)
@@ -409,41 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=90.0, help="seconds for the whole run")
     parser.add_argument("--verbose", action="store_true", help="SDK debug logging on stderr")
     options = parser.parse_args(argv)
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=logging.DEBUG if options.verbose else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
-    summary: dict[str, Any] = {"ok": False, "error": None}
-
-    async def bounded() -> None:
-        with anyio.fail_after(options.timeout):
-            await run(options, summary)
-
-    status = 0
-    try:
-        anyio.run(bounded)
-        summary["ok"] = True
-    except TimeoutError as e:
-        summary["error"] = str(e) or f"timed out after {options.timeout} seconds"
-        status = 1
-    except BaseException as e:  # reported, with the traceback on stderr
-        if isinstance(e, KeyboardInterrupt):
-            raise
-        traceback.print_exc(file=sys.stderr)
-        summary["error"] = _describe(e)
-        status = 1
-    if summary["error"] is not None:
-        print(f"everything_client: {summary['error']}", file=sys.stderr)
-    print(json.dumps(summary, default=str))
-    return status
-
-
-def _describe(e: BaseException) -> str:
-    inner = getattr(e, "exceptions", None)
-    if inner:
-        return "; ".join(_describe(x) for x in inner)
-    return f"{type(e).__name__}: {e}"[:1000]
+    return run_script("everything_client", run, options)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ import json
 import logging
 import sys
 import traceback
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
@@ -322,6 +323,20 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--call {tool}: the arguments must be a JSON object")
         calls.append((tool, parsed))
     options.call = calls
+    return run_script("sdk_oauth_client", run, options)
+
+
+def run_script(
+    prog: str,
+    run: Callable[[argparse.Namespace, dict[str, Any]], Awaitable[None]],
+    options: argparse.Namespace,
+) -> int:
+    """
+    Run a client script's C{run} within C{options.timeout} seconds and
+    print its summary as one JSON line (what the tests read): C{ok}, the
+    C{error} if any, and whatever C{run} put in it.  The exit status is 1
+    on any error, whose traceback goes to stderr.
+    """
     logging.basicConfig(
         stream=sys.stderr,
         level=logging.DEBUG if options.verbose else logging.WARNING,
@@ -337,8 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         anyio.run(bounded)
         summary["ok"] = True
-    except TimeoutError:
-        summary["error"] = f"timed out after {options.timeout} seconds"
+    except TimeoutError as e:
+        summary["error"] = str(e) or f"timed out after {options.timeout} seconds"
         status = 1
     except BaseException as e:  # reported, with the traceback on stderr
         if isinstance(e, KeyboardInterrupt):
@@ -347,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         summary["error"] = _describe(e)
         status = 1
     if summary["error"] is not None:
-        print(f"sdk_oauth_client: {summary['error']}", file=sys.stderr)
+        print(f"{prog}: {summary['error']}", file=sys.stderr)
     print(json.dumps(summary, default=str))
     return status
 
