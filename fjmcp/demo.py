@@ -85,11 +85,9 @@ def find_forgejo_mcp(explicit: str | None) -> str:
     for candidate in (shutil.which("forgejo-mcp"), "bin/forgejo-mcp"):
         if candidate and os.access(candidate, os.X_OK):
             return str(Path(candidate).resolve())
-    unavailable = Path("bin/.forgejo-mcp.unavailable")
-    why = unavailable.read_text().strip() if unavailable.exists() else "not built"
     fail(
         "forgejo-mcp is not available, so the broker cannot run MCP sessions.\n"
-        f"  {why}\n  Build it with `make forgejo-mcp`, put a forgejo-mcp binary on PATH, "
+        "  Build it with `make forgejo-mcp`, put a forgejo-mcp binary on PATH, "
         "or name one with --forgejo-mcp PATH (or FJMCP_FORGEJO_MCP=PATH)."
     )
 
