@@ -53,7 +53,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgentEndpointFactory, IResponse
 from zope.interface import implementer
 
-from fjmcp import __version__
+from fjmcp import __version__, safejson
 
 log = Logger()
 
@@ -97,6 +97,15 @@ def _show(value: object, limit: int = 80) -> str:
     if len(safe) > limit:
         safe = safe[: limit - 3] + "..."
     return f"'{safe}'"
+
+
+def _plain(text: str, limit: int = 160) -> str:
+    """
+    A message of our own making (which may quote a fragment of the input)
+    as an C{error_description} may carry it: see L{_show}, without quotes.
+    """
+    safe = "".join(c if " " <= c <= "~" and c not in '"\\' else "?" for c in text)
+    return safe if len(safe) <= limit else safe[: limit - 3] + "..."
 
 
 # --- which client ids are metadata document URLs ---------------------------------
@@ -468,15 +477,12 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return result
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
 def parse_document(body: bytes) -> Any:
     """
     Parse a document body: UTF-8 JSON (a leading byte order mark is
-    tolerated), no repeated member names (parsers disagree on which one
-    wins), no C{NaN} or C{Infinity}.
+    tolerated) as L{fjmcp.safejson} accepts it (no C{NaN}, C{Infinity},
+    lone surrogates or deep nesting), with no repeated member names
+    (parsers disagree on which one wins).
     """
     try:
         text = body.decode("utf-8")
@@ -484,11 +490,19 @@ def parse_document(body: bytes) -> Any:
         raise CIMDError("the document is not UTF-8 text") from None
     text = text.removeprefix("\ufeff")
     try:
-        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+        # The broker's strict decoder first: it refuses what Python's takes
+        # but the store cannot write (lone surrogates) or nothing can walk
+        # (deep nesting), so a document cannot turn into a 500 later.
+        document = safejson.loads(text)
+    except safejson.JSONInputError as e:
+        raise CIMDError(f"the document is not valid JSON: {_plain(str(e))}") from None
+    try:
+        # A second pass (documents are a few KiB) for what safejson does not
+        # look at: a repeated member, of which it would silently keep the last.
+        json.loads(text, object_pairs_hook=_no_duplicates)
     except _DuplicateKeyError as e:
         raise CIMDError(f"the document repeats the member {_show(e.args[0])}") from None
-    except (ValueError, RecursionError):
-        raise CIMDError("the document is not valid JSON") from None
+    return document
 
 
 def check_document(url: str, document: Any) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from twisted.web.iweb import IRequest
 from twisted.web.server import Request
 from werkzeug.exceptions import HTTPException
 
-from fjmcp import __version__
+from fjmcp import __version__, safejson
 from fjmcp.authorize import (
     LOGIN_SESSION_LIFETIME,
     AuthorizationFlow,
@@ -149,10 +149,12 @@ def read_json_body(request: Request, limit: int) -> tuple[Any, bytes | None]:
             request, 413, "invalid_request", f"the request body is larger than {limit} bytes"
         )
     try:
-        return json.loads(content), None
-    except ValueError:
+        return safejson.loads(content), None
+    except safejson.JSONInputError as e:
+        # Python's own decoder would take lone surrogates (which the store
+        # cannot write) and let deep nesting end in a RecursionError: a 500.
         return None, oauth_error(
-            request, 400, "invalid_client_metadata", "the request body is not valid JSON"
+            request, 400, "invalid_client_metadata", f"the request body is not valid JSON: {e}"
         )
 
 

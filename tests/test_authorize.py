@@ -265,3 +265,43 @@ class MetadataDocumentTests(TestCase):
         record = await broker.store.get_client(client_id)
         assert record is not None
         self.assertEqual(record.kind, "cimd")
+
+    async def test_document_with_a_lone_surrogate(self) -> None:
+        """
+        A metadata document whose name is not Unicode (a lone surrogate
+        escape) is refused on the page, not answered with a 500.
+        """
+        broker = Broker(self)
+        doc_site, doc_url = listen(self)
+        client_id = doc_url + "/client.json"
+        document = json.dumps(
+            {"client_id": client_id, "client_name": "\ud800", "redirect_uris": [REDIRECT]}
+        )
+
+        class Doc(Resource):
+            isLeaf = True
+
+            def render_GET(self, request: Any) -> bytes:
+                request.setHeader(b"content-type", b"application/json")
+                return document.encode()
+
+        doc_site.resource = Doc()
+        _, challenge = new_pkce_pair()
+        response = await browser().get(
+            broker.url
+            + "/oauth/authorize?"
+            + urlencode(
+                {
+                    "response_type": "code",
+                    "client_id": client_id,
+                    "redirect_uri": REDIRECT,
+                    "code_challenge": challenge,
+                    "code_challenge_method": "S256",
+                }
+            )
+        )
+        body = (await response.content()).decode()
+        self.assertEqual(response.code, 400, body)
+        self.assertIn("surrogate", body)
+        self.assertIsNone(await broker.store.get_client(client_id))
+        self.assertEqual(self.flushLoggedErrors(), [])

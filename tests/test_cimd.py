@@ -971,6 +971,18 @@ class DocumentTests(SynchronousTestCase):
 
     def test_huge_number(self) -> None:
         self.assertIn("not valid JSON", self.refused(b"9" * 5000))
+        self.assertIn("too large", self.refused(b'{"x": 1e999}'))
+
+    def test_what_the_broker_could_not_store_or_walk(self) -> None:
+        """
+        A lone surrogate (valid JSON, not Unicode: the database cannot
+        store it) and deep nesting are refused with the reason.
+        """
+        named = valid_document(self.url)
+        body = json.dumps(named).replace("Test Client", "\\ud800 Client").encode()
+        self.assertIn("surrogate", self.refused(body))
+        deep = json.dumps(valid_document(self.url, x=[])).replace("[]", "[" * 100 + "]" * 100)
+        self.assertIn("nested deeper", self.refused(deep.encode()))
 
     def test_quoting(self) -> None:
         """

@@ -12,7 +12,9 @@ from typing import Any
 
 from hypothesis import given
 from hypothesis import strategies as st
+from treq.testing import StubTreq
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred, succeed
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.http_headers import Headers
 
@@ -24,7 +26,7 @@ from fjmcp.registration import (
     check_redirect_uri,
     redirect_uri_registered,
 )
-from fjmcp.store import Store, migrate_database
+from fjmcp.store import ClientRecord, Store, migrate_database
 from fjmcp.web import BrokerApp
 from tests.helpers import http_client, make_config, serve
 
@@ -319,3 +321,100 @@ class RegistrationHTTPTests(BrokerHTTPTests):
         self.assertIn("larger than", body["error_description"])
         code, body, _ = await self.post_json("/oauth/register", [1, 2])
         self.assertEqual((code, body["error"]), (400, "invalid_client_metadata"))
+
+    async def test_hostile_json_is_a_400_with_its_reason(self) -> None:
+        """
+        JSON that Python's decoder takes but the broker cannot use (nesting
+        that ends in a RecursionError, a lone surrogate the database cannot
+        store, NaN, a number too large for a float) is refused with the
+        reason, not a 500 and a traceback.
+        """
+        good = b'{"redirect_uris": ["https://a.example/cb"], '
+        for body, reason in [
+            (good + b'"x": ' + b"[" * 5000 + b"]" * 5000 + b"}", "nested deeper"),
+            (good + b'"x": ' + b"[" * 100 + b"]" * 100 + b"}", "nested deeper"),
+            (good + b'"client_name": "\\ud800"}', "surrogate"),
+            (b'{"redirect_uris": ["https://a.example/\\udfff"]}', "surrogate"),
+            (good + b'"x": {"\\ud83d": 1}}', "surrogate"),
+            (good + b'"x": NaN}', "NaN"),
+            (good + b'"x": 1e999}', "too large"),
+            (b"\xff{}", "not UTF-8"),
+        ]:
+            code, answer, _ = await self.post_json("/oauth/register", body)
+            self.assertEqual((code, answer["error"]), (400, "invalid_client_metadata"), body[:60])
+            self.assertIn(reason, answer["error_description"])
+            self.assertIn("not valid JSON", answer["error_description"])
+        self.assertEqual(self.flushLoggedErrors(), [])
+        # Non-ASCII text that is valid Unicode is welcome.
+        code, answer, _ = await self.post_json(
+            "/oauth/register",
+            {"redirect_uris": ["https://a.example/cb"], "client_name": "Clé 🔑"},
+        )
+        self.assertEqual((code, answer["client_name"]), (201, "Clé 🔑"))
+
+
+class BindingStore:
+    """
+    The store's C{create_client}, synchronous: binds the text it would
+    write the way SQLite does (as UTF-8), so what the real store refuses
+    fails here too.
+    """
+
+    def __init__(self) -> None:
+        self._db = sqlite3.connect(":memory:")
+
+    def create_client(
+        self, client_id: str, kind: str, secret_hash: bytes | None, metadata: dict[str, Any]
+    ) -> Deferred[ClientRecord]:
+        self._db.execute(
+            "SELECT ?, ?, ?", (client_id, metadata.get("client_name"), json.dumps(metadata))
+        )
+        return succeed(ClientRecord(client_id, kind, secret_hash, metadata, 0.0, None))
+
+
+def _json_text(value: Any) -> bytes:
+    return json.dumps(value).encode()
+
+
+# Text with lone surrogates too, which st.text() leaves out.
+_TEXT = st.text(st.characters() | st.integers(0xD800, 0xDFFF).map(chr), max_size=8)
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | _TEXT,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_TEXT, inner, max_size=3),
+    max_leaves=12,
+)
+
+
+class RegistrationBodyProperties(SynchronousTestCase):
+    @given(
+        st.binary(max_size=200)
+        | st.integers(0, 3000).map(lambda n: b"[" * n + b"]" * n)
+        | st.builds(
+            lambda extra, name: _json_text(
+                {"redirect_uris": ["https://a.example/cb"], "client_name": name, "x": extra}
+            ),
+            _JSON,
+            _TEXT,
+        )
+        | _JSON.map(_json_text)
+    )
+    def test_any_body_is_answered_without_a_server_error(self, body: bytes) -> None:
+        """
+        Whatever bytes come to /oauth/register, the answer is 201 or a 4xx
+        with a JSON error, and nothing is logged as an error.
+        """
+        config = make_config(self.mktemp())
+        clients = ClientRegistry(BindingStore())  # type: ignore[arg-type]
+        stub = StubTreq(BrokerApp(config, None, [], reactor, clients=clients).resource())  # type: ignore[arg-type]
+        d = stub.post(
+            "https://mcp.example.org/oauth/register",
+            data=body,
+            headers={b"Content-Type": [b"application/json"]},
+        )
+        stub.flush()
+        response = self.successResultOf(d)
+        answer = json.loads(self.successResultOf(response.content()))
+        self.assertIn(response.code, (201, 400, 413), answer)
+        if response.code != 201:
+            self.assertTrue(answer["error_description"])
+        self.assertEqual(self.flushLoggedErrors(), [])
