@@ -618,23 +618,50 @@ def query_args(request: Request) -> dict[str, str]:
     """
     Query fields, and for a POST the urlencoded form fields, first value of
     each, as text.  (The site does not let Twisted parse forms.)
+
+    @raise PageError: 400 when a field is not UTF-8 (raw or percent-encoded),
+        413 when the form is larger than L{MAX_FORM_BODY}.
     """
-    args = dict(request.args)
+    out = {}
+    for key, values in request.args.items():
+        if values:
+            out[_utf8(key, "web address")] = _utf8(values[0], "web address")
     if request.method == b"POST" and request.content is not None:
         content_type = (request.getHeader(b"content-type") or b"").split(b";")[0].strip()
         if content_type.lower() == b"application/x-www-form-urlencoded":
             request.content.seek(0)
-            form = parse_qs(request.content.read(MAX_FORM_BODY), keep_blank_values=True)
-            for key, values in form.items():
-                args.setdefault(key, values)
-    out = {}
-    for key, values in args.items():
-        if values:
+            body = request.content.read(MAX_FORM_BODY + 1)
+            if len(body) > MAX_FORM_BODY:
+                # Cutting it short could split a character or a field.
+                raise PageError(
+                    413, "Form too large", f"This form is larger than {MAX_FORM_BODY} bytes."
+                )
+            # parse_qs on bytes decodes them as ASCII, strictly: any other
+            # byte, even percent-encoded, would end in a 500.  On text, its
+            # default would turn bad percent-escapes into U+FFFD silently.
             try:
-                out[key.decode("utf-8")] = values[0].decode("utf-8")
+                form = parse_qs(body.decode("utf-8"), keep_blank_values=True, errors="strict")
             except UnicodeDecodeError:
-                continue
+                raise _not_utf8("form") from None
+            for key, values in form.items():
+                out.setdefault(key, values[0])
     return out
+
+
+def _not_utf8(where: str) -> PageError:
+    return PageError(
+        400,
+        "Bad request",
+        f"The text of this {where} is not UTF-8, so it cannot be read. Go back to the "
+        "page it came from and try again; if it comes from a program, it must send UTF-8.",
+    )
+
+
+def _utf8(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _not_utf8(where) from None
 
 
 def read_body(request: Request, limit: int) -> bytes:

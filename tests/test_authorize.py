@@ -173,6 +173,36 @@ class FlowTests(BrokerTestCase):
         await response.content()
         self.assertEqual(response.code, 200)
 
+    async def test_form_and_query_text_is_utf_8(self) -> None:
+        """
+        The consent form is read as UTF-8, raw or percent-encoded; a form or
+        a query that is not UTF-8 gets a 400 page that says so, not a 500
+        (a form) or a silently dropped field (a query).
+        """
+        client = await self.broker.register()
+        url = self.broker.url + "/oauth/authorize"
+        form = Headers({b"Content-Type": [b"application/x-www-form-urlencoded"]})
+
+        async def post(note: bytes) -> tuple[Any, bytes]:
+            _, body = await self.consent(client["client_id"])
+            token = body.split('name="consent" value="')[1].split('"')[0].encode()
+            data = b"consent=" + token + b"&decision=approve&note=" + note
+            response = await self.browser.post(url, data=data, headers=form)
+            return response, await response.content()
+
+        for note in ("é".encode(), b"%C3%A9", "中文+✓".encode()):
+            response, _ = await post(note)
+            self.assertEqual(response.code, 303, note)
+            self.assertTrue(location(response).startswith(self.broker.forgejo_url), note)
+        for note in (b"\xff", b"%FF", b"\xc3", b"%C3"):
+            response, page = await post(note)
+            self.assertEqual(response.code, 400, note)
+            self.assertIn(b"not UTF-8", page)
+        response = await self.browser.get(self.authorize_url(client["client_id"]) + "&prompt=%FF")
+        self.assertEqual(response.code, 400)
+        self.assertIn(b"not UTF-8", await response.content())
+        self.assertEqual(self.flushLoggedErrors(), [])
+
     async def test_callback_unknown_or_replayed(self) -> None:
         response = await self.browser.get(self.broker.url + "/oauth/callback?state=nope&code=x")
         self.assertEqual(response.code, 400)

@@ -203,6 +203,31 @@ class ConnectionsPageTests(SessionTestCase):
         self.assertFalse(self.live(session_id))
         self.assertEqual((await self.revoke(client_id, token)).code, 403)
 
+    async def test_revoke_form_text_is_utf_8(self) -> None:
+        """
+        The revoke form is read as UTF-8, raw or percent-encoded; one that is
+        not UTF-8 gets a 400 page that says so, not a 500.
+        """
+        await self.login_tokens("alice", client_name="Client One")
+        form = Headers({b"Content-Type": [b"application/x-www-form-urlencoded"]})
+
+        async def post(client_id: bytes) -> tuple[Any, bytes]:
+            _, body = await self.page()
+            data = b"csrf=" + form_token(body).encode() + b"&client_id=" + client_id
+            response = await self.browser.post(
+                self.broker.url + "/connections/revoke", data=data, headers=form
+            )
+            return response, await response.content()
+
+        for client_id in ("clé".encode(), b"cl%C3%A9"):
+            response, _ = await post(client_id)
+            self.assertEqual(response.code, 303, client_id)
+        for client_id in (b"\xff", b"%FF", b"cl\xe9"):
+            response, page = await post(client_id)
+            self.assertEqual(response.code, 400, client_id)
+            self.assertIn(b"not UTF-8", page)
+        self.assertEqual(self.flushLoggedErrors(), [])
+
     async def test_a_token_belongs_to_the_login_session_it_was_shown_to(self) -> None:
         await self.login_tokens("alice", client_name="Client One")
         _, body = await self.page()

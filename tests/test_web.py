@@ -5,15 +5,20 @@ The broker's routes served in memory (treq's StubTreq over the Klein tree).
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import quote_from_bytes
 
+from hypothesis import given
+from hypothesis import strategies as st
 from treq.testing import StubTreq
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from fjmcp import __version__
+from fjmcp.authorize import AuthorizationFlow
 from fjmcp.buildinfo import build_info
+from fjmcp.connections import Connections
 from fjmcp.store import Store, migrate_database
 from fjmcp.web import BrokerApp
 from tests.helpers import http_client, make_config, serve
@@ -81,3 +86,58 @@ class HealthTests(TestCase):
         stub = StubTreq(app_over(self, BrokenStore(), reactor).resource())
         response = await stub.get("http://broker.test/nope")
         self.assertEqual(response.code, 404)
+
+
+def _form(pairs: list[tuple[bytes, bytes]]) -> bytes:
+    return b"&".join(
+        quote_from_bytes(k).encode() + b"=" + quote_from_bytes(v).encode() for k, v in pairs
+    )
+
+
+_FIELDS = st.sampled_from([b"consent", b"decision", b"csrf", b"client_id"]) | st.binary(max_size=8)
+
+
+class FormBodyProperties(SynchronousTestCase):
+    """
+    The routes that read urlencoded forms, over stores they never reach:
+    without cookies, every form ends in a refusal before any lookup.
+    """
+
+    def setUp(self) -> None:
+        config = make_config(self.mktemp())
+        clock = Clock()
+        flow = AuthorizationFlow(config, None, None, None, None, None, clock)  # type: ignore[arg-type]
+        connections = Connections(None, None, None, None, None, clock)  # type: ignore[arg-type]
+        app = BrokerApp(config, None, [], clock, flow=flow, connections=connections)  # type: ignore[arg-type]
+        self.stub = StubTreq(app.resource())
+
+    @given(
+        st.sampled_from(["/oauth/authorize", "/connections/revoke"]),
+        st.binary(max_size=300)
+        | st.lists(st.tuples(_FIELDS, st.binary(max_size=20)), max_size=5).map(_form)
+        | st.lists(st.tuples(st.text(max_size=8), st.text(max_size=20)), max_size=5).map(
+            lambda pairs: b"&".join(f"{k}={v}".encode() for k, v in pairs)
+        ),
+    )
+    def test_any_form_body_is_answered_without_a_server_error(self, path: str, body: bytes) -> None:
+        d = self.stub.post(
+            "https://mcp.example.org" + path,
+            data=body,
+            headers={b"Content-Type": [b"application/x-www-form-urlencoded"]},
+        )
+        self.stub.flush()
+        response = self.successResultOf(d)
+        page = self.successResultOf(response.content())
+        self.assertIn(response.code, (400, 403), page)
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_a_form_too_large_is_refused_not_cut_short(self) -> None:
+        d = self.stub.post(
+            "https://mcp.example.org/oauth/authorize",
+            data=b"decision=approve&consent=" + b"x" * 20_000,
+            headers={b"Content-Type": [b"application/x-www-form-urlencoded"]},
+        )
+        self.stub.flush()
+        response = self.successResultOf(d)
+        self.assertEqual(response.code, 413)
+        self.assertIn(b"larger than", self.successResultOf(response.content()))
