@@ -572,6 +572,10 @@ class BrokerApp:
     @app.route("/connections/revoke", methods=["POST"])
     async def revoke_connection(self, request: Request) -> bytes:
         assert self._connections is not None
+        # Anyone may post here, and each post costs a database lookup
+        # before it can be refused.
+        if (limited := self._too_many(request, "authorize")) is not None:
+            return limited
         if self._cross_site(request):
             return self._connections_page(
                 request,

@@ -9,13 +9,17 @@ from __future__ import annotations
 import html
 from typing import Any
 
+from treq.testing import StubTreq
 from twisted.internet.task import Clock
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.http_headers import Headers
 
 from fjmcp.connections import FORM_LIFETIME, Connection, Connections, cross_site
 from fjmcp.pages import connections_page
+from fjmcp.ratelimit import Limit, RateLimiter
+from fjmcp.web import BrokerApp
 from tests.broker_support import browser, location
+from tests.helpers import make_config
 from tests.test_sessions import SessionTestCase, request, within
 
 HOSTILE = '<script>alert("pwned")</script><img src=x onerror=alert(1)>'
@@ -290,3 +294,36 @@ class FormTokenTests(TestCase):
         self.assertNotIn("<img", page)
         self.assertNotIn("<b>x</b>", page)
         self.assertIn("never", page)
+
+
+class RevokeLimitTests(SynchronousTestCase):
+    def test_revoke_posts_are_rate_limited(self) -> None:
+        """
+        Anyone can post to /connections/revoke (it is refused later, once
+        the login cookie and form token are looked up): it counts against
+        the same per-address limit as the other pages.
+        """
+        clock = Clock()
+        app = BrokerApp(
+            make_config(self.mktemp()),
+            None,  # type: ignore[arg-type]
+            [],
+            clock,
+            connections=Connections(None, None, None, None, None, clock),  # type: ignore[arg-type]
+            limiter=RateLimiter(clock, {"authorize": Limit(per_minute=1, burst=2)}),
+        )
+        stub = StubTreq(app.resource())
+        codes = []
+        for _ in range(3):
+            d = stub.post(
+                "https://mcp.example.org/connections/revoke",
+                data=b"csrf=x&client_id=y",
+                headers={b"Content-Type": [b"application/x-www-form-urlencoded"]},
+            )
+            stub.flush()
+            response = self.successResultOf(d)
+            page = self.successResultOf(response.content())
+            codes.append(response.code)
+        self.assertEqual(codes, [403, 403, 429])
+        self.assertEqual(response.headers.getRawHeaders(b"retry-after"), [b"60"])
+        self.assertIn(b"Too many requests", page)
