@@ -241,7 +241,7 @@ def validate_listen(description: str) -> None:
     from twisted.internet import endpoints, reactor
 
     try:
-        endpoints.serverFromString(reactor, description)
+        endpoint = endpoints.serverFromString(reactor, description)
     except (IndexError, KeyError) as e:
         if description.startswith("systemd:"):
             raise ValueError(
@@ -251,6 +251,12 @@ def validate_listen(description: str) -> None:
         raise ValueError(f"not a usable endpoint description {description!r}: {e}") from None
     except Exception as e:
         raise ValueError(f"not a usable endpoint description {description!r}: {e}") from None
+    # Twisted takes any integer as a tcp:, tcp6: or ssl: port and only fails
+    # when the reactor binds it (OverflowError), too late to be reported
+    # with the other mistakes.  Those endpoints keep the port in _port.
+    port = getattr(endpoint, "_port", None)
+    if isinstance(port, int) and not 0 <= port <= 65535:
+        raise ValueError(f"{description!r}: port {port} is outside 0..65535")
 
 
 # --- the option table

@@ -69,6 +69,7 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.routing import Map, Rule
 
 from fjmcp import __version__
+from fjmcp.listeners import Listener
 
 T = TypeVar("T")
 
@@ -486,10 +487,11 @@ def serve_metrics(
 ) -> StreamServerEndpointService:
     """
     Add to C{parent} the separate listener on C{description} that serves
-    C{registry} on C{/metrics}.
+    C{registry} on C{/metrics}; like the public one, it ends the daemon
+    when it cannot be opened.
     """
     endpoint = endpoints.serverFromString(reactor, description)
-    service = StreamServerEndpointService(endpoint, metrics_site(registry))
+    service = Listener(reactor, description, endpoint, metrics_site(registry))
     service.setName("metrics")
     service.setServiceParent(parent)
     return service

@@ -15,7 +15,7 @@ from typing import Any
 
 from treq.client import HTTPClient
 from treq.cookies import IndexableCookieJar
-from twisted.application.internet import StreamServerEndpointService, TimerService
+from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
 from twisted.internet import endpoints
 from twisted.internet.defer import Deferred
@@ -34,6 +34,7 @@ from fjmcp.config import Options as _ConfigOptions
 from fjmcp.connections import Connections
 from fjmcp.credentials import UpstreamCredentials
 from fjmcp.keyring import secret_box
+from fjmcp.listeners import Listener
 from fjmcp.logs import prepare_twistd_observer
 from fjmcp.mcp_http import MCPEndpoint
 from fjmcp.ratelimit import RateLimiter
@@ -213,7 +214,7 @@ def build_service(config: Config, reactor: Any, schema_version: int) -> MultiSer
     site.displayTracebacks = False
     for description in config.listen:
         endpoint = endpoints.serverFromString(reactor, description)
-        StreamServerEndpointService(endpoint, site).setServiceParent(top)
+        Listener(reactor, description, endpoint, site).setServiceParent(top)
     if config.metrics_listen:
         # Its own listener: the public one (behind Caddy) never serves /metrics.
         metrics.instrument(site, metrics.RouteLabels.of(BrokerApp.app))

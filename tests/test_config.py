@@ -218,6 +218,32 @@ class ParseTests(SynchronousTestCase):
         for secret in config.secrets():
             self.assertNotIn(secret, text)
 
+    def test_port_out_of_range(self) -> None:
+        """
+        A TCP port outside 0..65535 (``--listen tcp:80800`` from the issue)
+        is a configuration mistake reported with the others, not an
+        OverflowError from a daemon that then runs on with nothing listening.
+        """
+        with self.assertRaises(ConfigError) as cm:
+            self.parse(
+                [
+                    *good_argv(self.files, self.data_dir),
+                    "--listen=tcp:80800",
+                    "--listen=tcp6:port=-1:interface=\\:\\:1",
+                    "--listen=tcp:65535:interface=127.0.0.1",
+                    "--listen=tcp:0:interface=127.0.0.1",
+                    "--metrics-listen=tcp:70000:interface=127.0.0.1",
+                    "--max-sessions=none",
+                ]
+            )
+        problems = cm.exception.problems
+        joined = "\n".join(problems)
+        self.assertEqual(len(problems), 4, joined)
+        self.assertIn("--listen: 'tcp:80800': port 80800 is outside 0..65535", joined)
+        self.assertIn("port -1 is outside 0..65535", joined)
+        self.assertIn("--metrics-listen: 'tcp:70000:interface=127.0.0.1': port 70000", joined)
+        self.assertIn("--max-sessions", joined)
+
 
 class ValueParserTests(SynchronousTestCase):
     @given(st.integers(1, 10**6))

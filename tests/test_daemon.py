@@ -254,6 +254,50 @@ class ListenTests(TestCase):
         await response.content()
         self.assertEqual((await daemon.terminate())[0], 0)
 
+    async def test_taken_port_exits_3_with_one_line(self) -> None:
+        """
+        A --listen or --metrics-listen port held by another process: one
+        line naming the endpoint and the reason, no traceback, and exit
+        status 3 within seconds, so systemd sees the failure and restarts
+        (the daemon used to log a CannotListenError and run on, listening
+        on nothing).
+        """
+        taken = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        self.addCleanup(taken.close)
+        endpoint = f"tcp:{taken.getsockname()[1]}:interface=127.0.0.1"
+        for flags in (
+            [f"--listen={endpoint}"],
+            ["--listen=tcp:0:interface=127.0.0.1", f"--metrics-listen={endpoint}"],
+        ):
+            daemon = Daemon(self, extra=flags)
+            proc = daemon.start()
+            code = await daemon.wait_exit(timeout=10)
+            stderr = proc.stderr.read() if proc.stderr else ""
+            self.assertEqual(code, 3, f"{flags}\n{daemon.log_text()}\n{stderr}")
+            log = daemon.log_text()
+            lines = [line for line in log.splitlines() if "cannot listen" in line]
+            self.assertEqual(len(lines), 1, log)
+            self.assertIn(f"cannot listen on {endpoint}: address already in use", lines[0])
+            self.assertNotIn("Traceback", log + stderr)
+            self.assertNotIn("Unhandled", log + stderr)
+
+    async def test_port_out_of_range_exits_2(self) -> None:
+        """
+        ``--listen tcp:80800`` is a configuration mistake (exit 2, one
+        line), not an OverflowError from a daemon that keeps running.
+        """
+        daemon = Daemon(self, extra=["--listen=tcp:80800"])
+        proc = daemon.start()
+        code = await daemon.wait_exit(timeout=10)
+        stderr = proc.stderr.read() if proc.stderr else ""
+        self.assertEqual(code, 2, stderr)
+        self.assertEqual(
+            stderr.strip().splitlines(),
+            ["fjmcp: configuration error: --listen: 'tcp:80800': port 80800 is outside 0..65535"],
+        )
+
 
 class LogTests(TestCase):
     async def test_no_secret_in_log(self) -> None:
