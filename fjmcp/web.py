@@ -17,6 +17,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
+from twisted.web.resource import Resource
 from twisted.web.server import Request
 from werkzeug.exceptions import HTTPException
 
@@ -158,6 +159,34 @@ def read_json_body(request: Request, limit: int) -> tuple[Any, bytes | None]:
         )
 
 
+class UTF8Gate(Resource):
+    """
+    Answers a request whose path or Host name is not UTF-8 with a plain 400
+    before Klein sees it: Klein cannot route such a request either, and
+    answers 400 too, but logs each one as an error with a traceback, so any
+    client could fill the operator's log with what are only bad requests.
+    """
+
+    isLeaf = True
+
+    def __init__(self, inner: Resource) -> None:
+        super().__init__()
+        self._inner = inner
+
+    def render(self, request: IRequest) -> Any:
+        # What Klein decodes before routing: the path, percent-decoded by
+        # twisted.web into segments, and the host name from Host.
+        path = b"/".join([*request.prepath, *request.postpath])
+        for what, raw in (("path", path), ("Host header", request.getRequestHostname())):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError:
+                request.setResponseCode(400)
+                request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+                return f"400 Bad Request: the request's {what} is not UTF-8\n".encode()
+        return self._inner.render(request)
+
+
 class BrokerApp:
     """
     All broker routes.  Dependencies come in through the constructor so
@@ -200,7 +229,7 @@ class BrokerApp:
         self._login_cookie = prefix + b"fjmcp-login"
 
     def resource(self) -> Any:
-        return self.app.resource()
+        return UTF8Gate(self.app.resource())
 
     def client_address(self, request: Request) -> str:
         return request_client_address(request, self._config.trusted_proxies)

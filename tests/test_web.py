@@ -12,7 +12,10 @@ from hypothesis import strategies as st
 from treq.testing import StubTreq
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, fail
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from fjmcp import __version__
@@ -86,6 +89,65 @@ class HealthTests(TestCase):
         stub = StubTreq(app_over(self, BrokenStore(), reactor).resource())
         response = await stub.get("http://broker.test/nope")
         self.assertEqual(response.code, 404)
+
+
+class _Exchange(Protocol):
+    """
+    Send bytes as they are (no client library would send these), collect
+    the answer until the server closes.
+    """
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+        self._received: list[bytes] = []
+        self.done: Deferred[bytes] = Deferred()
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.write(self._data)
+
+    def dataReceived(self, data: bytes) -> None:
+        self._received.append(data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.done.callback(b"".join(self._received))
+
+
+class RawURLTests(TestCase):
+    async def exchange(self, target: bytes, host: bytes = b"mcp.example.org") -> tuple[int, bytes]:
+        url = serve(self, app_over(self, BrokenStore(), reactor).resource())
+        port = int(url.rsplit(":", 1)[1])
+        protocol = _Exchange(
+            b"GET " + target + b" HTTP/1.1\r\nHost: " + host + b"\r\nConnection: close\r\n\r\n"
+        )
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), protocol)
+        answer = await protocol.done
+        head, _, body = answer.partition(b"\r\n\r\n")
+        return int(head.split(b" ")[1]), body
+
+    async def test_a_path_or_host_that_is_not_utf_8_is_a_clean_400(self) -> None:
+        """
+        Klein cannot route what it cannot decode; it answered 400 but logged
+        each such request as an error, with a traceback.
+        """
+        for target, host, says in [
+            (b"/%ff", b"mcp.example.org", b"path"),
+            (b"/mcp/%c3", b"mcp.example.org", b"path"),
+            (b"/\xff", b"mcp.example.org", b""),  # Twisted's own parser refuses this one
+            (b"/.well-known/oauth-authorization-server", b"\xff", b"Host"),
+            (b"/.well-known/oauth-authorization-server", b"mcp.\xc3:443", b"Host"),
+        ]:
+            code, body = await self.exchange(target, host)
+            self.assertEqual(code, 400, (target, host))
+            self.assertIn(says, body)
+        self.assertEqual(self.flushLoggedErrors(), [])
+        # UTF-8 is fine, in either place.
+        code, _ = await self.exchange(b"/%C3%A9")
+        self.assertEqual(code, 404)
+        code, _ = await self.exchange(
+            b"/.well-known/oauth-authorization-server", "bücher.example".encode()
+        )
+        self.assertEqual(code, 200)
 
 
 def _form(pairs: list[tuple[bytes, bytes]]) -> bytes:
