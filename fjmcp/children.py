@@ -9,7 +9,6 @@ messages in and gets messages, stderr lines and the exit out.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, cast
 
@@ -22,12 +21,15 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from fjmcp import __version__, metrics
+from fjmcp import __version__, metrics, safejson
 
 # forgejo-mcp answers with whole tool results on one line; lists of issues or
 # file contents can be large, so the limit is generous but still bounded.
 DEFAULT_MAX_LINE = 16 * 1024 * 1024
 MAX_STDERR_LINE = 8 * 1024
+# Tool results carry Forgejo's JSON, which nests a few levels; the child is
+# trusted further than clients, but nothing may nest without bound.
+CHILD_MAX_DEPTH = 512
 CHILD_PATH = "/usr/local/bin:/usr/bin:/bin"
 
 log = Logger()
@@ -98,8 +100,7 @@ class JSONRPCChildProtocol(ProcessProtocol):
         """
         if self.transport is None or self.exit is not None:
             raise error.ProcessDone(None)
-        line = json.dumps(message, separators=(",", ":"), ensure_ascii=False)
-        self.transport.write(line.encode("utf-8") + b"\n")
+        self.transport.write(safejson.dumps(message) + b"\n")
 
     def outReceived(self, data: bytes) -> None:
         self._out += data
@@ -131,9 +132,9 @@ class JSONRPCChildProtocol(ProcessProtocol):
             self._on_protocol_error(f"child wrote a line longer than {self._max_line} bytes")
             return
         try:
-            message = json.loads(line)
-        except ValueError:
-            self._on_protocol_error("child wrote a line that is not JSON")
+            message = safejson.loads(line, max_depth=CHILD_MAX_DEPTH)
+        except safejson.JSONInputError as e:
+            self._on_protocol_error(f"child wrote a line that is not usable JSON ({e})")
             return
         self._on_message(message)
 

@@ -82,6 +82,11 @@ class Config:
     # follows the file itself for rotations (fjmcp.keyring).
     secret_keys: tuple[bytes, ...] = attrs.field(default=(), repr=False)
     secret_key_file: Path | None = None
+    # Every request ends: its deadline, how long an unused session lives,
+    # and how many requests and streams one user may hold open.
+    request_timeout: float = 300.0
+    session_unused_timeout: float = 120.0
+    max_requests_per_user: int = 64
 
     @property
     def db_path(self) -> Path:
@@ -311,6 +316,24 @@ OPTIONS: tuple[Option, ...] = (
         "30m",
     ),
     Option(
+        "session-unused-timeout",
+        "End a session that got no request after initialize after this long "
+        "(clients that open sessions they never use).",
+        "2m",
+    ),
+    Option(
+        "request-timeout",
+        "Deadline of every MCP request: the client then gets a JSON-RPC error, and a "
+        "forgejo-mcp process that wrote nothing meanwhile is ended.",
+        "300s",
+    ),
+    Option(
+        "max-requests-per-user",
+        "Most MCP requests in flight and GET streams one user may hold open at once "
+        "(more get 429).",
+        "64",
+    ),
+    Option(
         "trusted-proxies",
         "Proxy addresses/networks whose X-Forwarded-* headers are believed "
         "(space or comma separated).",
@@ -425,6 +448,9 @@ def build_config(
     max_sessions = parse("max-sessions", parse_positive_int)
     max_per_user = parse("max-sessions-per-user", parse_positive_int)
     idle = parse("session-idle-timeout", parse_duration)
+    unused = parse("session-unused-timeout", parse_duration)
+    request_timeout = parse("request-timeout", parse_duration)
+    max_requests = parse("max-requests-per-user", parse_positive_int)
     proxies = parse("trusted-proxies", parse_networks)
     origins = parse("allowed-origins", parse_origins)
     max_body = parse("max-request-body", parse_positive_int)
@@ -519,6 +545,9 @@ def build_config(
         max_sessions=max_sessions,
         max_sessions_per_user=max_per_user,
         session_idle_timeout=idle,
+        session_unused_timeout=unused,
+        request_timeout=request_timeout,
+        max_requests_per_user=max_requests,
         trusted_proxies=proxies,
         log_format=log_format,
         log_level=log_level,

@@ -3,13 +3,15 @@ MCP Streamable HTTP on `/mcp`, for an already authenticated user: session
 headers, protocol versions, JSON or SSE answers, the GET stream, DELETE.
 
 This module owns the wire format (status codes, headers, SSE framing and
-keep-alives); sessions and their children are L{fjmcp.sessions}', message
-routing L{fjmcp.router}'s.
+keep-alives), what a body must be before anything of it reaches a child
+(L{fjmcp.safejson}, L{fjmcp.jsonrpc}), and the per-user cap on exchanges
+held open; sessions and their children are L{fjmcp.sessions}', message
+routing and request deadlines L{fjmcp.router}'s.
 """
 
 from __future__ import annotations
 
-import json
+import collections
 from collections.abc import Callable
 from typing import Any
 
@@ -20,24 +22,37 @@ from twisted.logger import Logger
 from twisted.web.server import Request
 from zope.interface import implementer
 
+from fjmcp import safejson
 from fjmcp.children import Child
+from fjmcp.jsonrpc import (
+    INTERNAL_ERROR,
+    INVALID_REQUEST,
+    PARSE_ERROR,
+    SERVER_ERROR,
+    SESSION_NOT_FOUND,
+    classify,
+    known_id,
+)
+from fjmcp.jsonrpc import error as rpc_error
+from fjmcp.router import ResponseStream, SessionRouter
 from fjmcp.sessions import Session, SessionLimitError, SessionManager, SpawnError
 
 SUPPORTED_VERSIONS = ("2025-03-26", "2025-06-18", "2025-11-25")
 DEFAULT_VERSION = "2025-03-26"
 SESSION_HEADER = b"Mcp-Session-Id"
 KEEPALIVE = 15.0
+# Requests in flight and GET streams one user may hold open at once: enough
+# for parallel tool calls in several sessions, far below what would starve
+# other users of descriptors.
+MAX_EXCHANGES_PER_USER = 64
+EXCHANGES_RETRY_AFTER = 5
 
 log = Logger()
 
 
-def rpc_error(id: Any, code: int, message: str) -> dict[str, Any]:
-    return {"jsonrpc": "2.0", "id": id, "error": {"code": code, "message": message}}
-
-
 def sse_event(message: dict[str, Any]) -> bytes:
     # JSON never contains a raw newline, so one data: line carries it.
-    return b"event: message\ndata: " + json.dumps(message, ensure_ascii=False).encode() + b"\n\n"
+    return b"event: message\ndata: " + safejson.dumps(message) + b"\n\n"
 
 
 @implementer(IPushProducer)
@@ -139,10 +154,13 @@ class PostExchange:
         self._on_response = on_response
         self._sse: _SSE | None = None
         self.closed = False
+        # The client went away before the answer.
+        self.gone = False
         self.done: Deferred[None] = Deferred(lambda d: self._gone())
 
     def _gone(self) -> None:
         self.closed = True
+        self.gone = True
         if self._sse is not None:
             self._sse.close(finish=False)
 
@@ -158,16 +176,19 @@ class PostExchange:
             return
         if self._on_response is not None:
             self._on_response(response, self._request)
-        if self._sse is not None:
-            self._sse.send(response)
-            self._sse.close()
-        else:
-            self._request.setResponseCode(200)
-            self._request.setHeader(b"Content-Type", b"application/json")
-            self._request.write(json.dumps(response, ensure_ascii=False).encode())
-            self._request.finish()
         self.closed = True
-        self.done.callback(None)
+        try:
+            if self._sse is not None:
+                self._sse.send(response)
+                self._sse.close()
+            else:
+                self._request.setResponseCode(200)
+                self._request.setHeader(b"Content-Type", b"application/json")
+                self._request.write(safejson.dumps(response))
+                self._request.finish()
+        finally:
+            # Whatever went wrong writing it, the exchange is over.
+            self.done.callback(None)
 
 
 class BatchExchange:
@@ -179,10 +200,18 @@ class BatchExchange:
     def __init__(self, request: Request, clock: Any, expected: int) -> None:
         self._sse = _SSE(request, clock, KEEPALIVE)
         self._left = expected
-        self.done: Deferred[None] = Deferred(lambda d: self._sse.close(finish=False))
+        self.parts: list[_BatchPart] = []
+        self.gone = False
+        self.done: Deferred[None] = Deferred(lambda d: self._gone())
+
+    def _gone(self) -> None:
+        self.gone = True
+        self._sse.close(finish=False)
 
     def part(self) -> _BatchPart:
-        return _BatchPart(self)
+        part = _BatchPart(self)
+        self.parts.append(part)
+        return part
 
     def _message(self, message: dict[str, Any]) -> None:
         self._sse.send(message)
@@ -206,16 +235,6 @@ class _BatchPart:
         self._batch._finish(response)
 
 
-def _kind(message: Any) -> str:
-    if not isinstance(message, dict) or message.get("jsonrpc") != "2.0":
-        return "invalid"
-    if "method" in message:
-        return "request" if message.get("id") is not None else "notification"
-    if "id" in message and ("result" in message or "error" in message):
-        return "response"
-    return "invalid"
-
-
 class MCPEndpoint:
     """
     `/mcp` after authentication.  Each method answers one HTTP request for
@@ -230,48 +249,96 @@ class MCPEndpoint:
         clock: Any,
         max_body: int = 1024 * 1024,
         keepalive: float = KEEPALIVE,
+        max_exchanges_per_user: int = MAX_EXCHANGES_PER_USER,
     ) -> None:
         self._sessions = sessions
         self._users = users
         self._clock = clock
         self._max_body = max_body
         self._keepalive = keepalive
+        self._max_exchanges = max_exchanges_per_user
+        # Open exchanges (requests waiting for an answer, GET streams) by user.
+        self._open: collections.Counter[int] = collections.Counter()
+
+    def open_exchanges(self, user_id: int) -> int:
+        return self._open[user_id]
 
     def _json(self, request: Request, status: int, body: Any) -> bytes:
         request.setResponseCode(status)
         request.setHeader(b"Content-Type", b"application/json")
-        return json.dumps(body).encode()
+        return safejson.dumps(body)
 
     def _session(
-        self, request: Request, user_id: int, family_id: str = ""
+        self, request: Request, user_id: int, family_id: str = "", message: Any = None
     ) -> tuple[Session | None, bytes | None]:
         """
-        The request's session, or the error answer: 400 without a session
-        id, 404 for an unknown, ended or someone else's session, 400 for an
-        unsupported protocol version.
+        The request's session, or the error answer (under the id of
+        C{message} when it has one): 400 for an unsupported protocol
+        version, 400 without a session id, 404 for an unknown, ended or
+        someone else's session.
         """
-        raw = request.getHeader(SESSION_HEADER)
-        if not raw:
-            return None, self._json(
-                request,
-                400,
-                rpc_error(None, -32600, "Bad Request: Mcp-Session-Id header is required"),
-            )
-        session = self._sessions.get(raw.decode("latin-1"), user_id, family_id)
-        if session is None:
-            return None, self._json(request, 404, rpc_error(None, -32001, "Session not found"))
+        id = known_id(message)
         version = request.getHeader(b"mcp-protocol-version")
         if version is not None and version.decode("latin-1") not in SUPPORTED_VERSIONS:
             return None, self._json(
                 request,
                 400,
                 rpc_error(
-                    None,
-                    -32600,
-                    f"Bad Request: unsupported MCP-Protocol-Version {version.decode('latin-1')!r}",
+                    id,
+                    INVALID_REQUEST,
+                    f"Bad Request: unsupported MCP-Protocol-Version {version.decode('latin-1')!r}"
+                    f" (supported: {', '.join(SUPPORTED_VERSIONS)})",
                 ),
             )
+        raw = request.getHeader(SESSION_HEADER)
+        if not raw:
+            return None, self._json(
+                request,
+                400,
+                rpc_error(id, INVALID_REQUEST, "Bad Request: Mcp-Session-Id header is required"),
+            )
+        session = self._sessions.get(raw.decode("latin-1"), user_id, family_id)
+        if session is None:
+            return None, self._json(
+                request, 404, rpc_error(id, SESSION_NOT_FOUND, "Session not found")
+            )
         return session, None
+
+    def _full(self, request: Request, user_id: int, message: Any = None) -> bytes | None:
+        """
+        None while the user may open another exchange; else the 429 answer.
+        """
+        if self._open[user_id] < self._max_exchanges:
+            return None
+        log.info(
+            "user {u} holds {n} requests and streams open; refusing another",
+            u=user_id,
+            n=self._open[user_id],
+        )
+        request.setHeader(b"Retry-After", str(EXCHANGES_RETRY_AFTER).encode())
+        return self._json(
+            request,
+            429,
+            rpc_error(
+                known_id(message),
+                SERVER_ERROR,
+                f"Too many requests in flight: a user may have {self._max_exchanges} requests "
+                "and streams open at once; retry when some have ended",
+            ),
+        )
+
+    async def _hold(self, user_id: int, done: Deferred[None]) -> None:
+        """
+        Count an exchange against its user until it ends (answered, or the
+        client went away).
+        """
+        self._open[user_id] += 1
+        try:
+            await _until_done(done)
+        finally:
+            self._open[user_id] -= 1
+            if self._open[user_id] <= 0:
+                del self._open[user_id]
 
     async def post(
         self,
@@ -286,49 +353,60 @@ class MCPEndpoint:
             return self._json(
                 request,
                 413,
-                rpc_error(None, -32600, f"request body larger than {self._max_body} bytes"),
+                rpc_error(
+                    None, INVALID_REQUEST, f"request body larger than {self._max_body} bytes"
+                ),
             )
         try:
-            message = json.loads(body)
-        except ValueError:
-            return self._json(request, 400, rpc_error(None, -32700, "Parse error: not JSON"))
+            message = safejson.loads(body)
+        except safejson.JSONInputError as e:
+            return self._json(request, 400, rpc_error(None, PARSE_ERROR, f"Parse error: {e}"))
 
         if isinstance(message, list):
             return await self._batch(request, user_id, message, family_id)
-        kind = _kind(message)
-        if kind == "invalid":
-            return self._json(request, 400, rpc_error(None, -32600, "Invalid JSON-RPC message"))
-        if kind == "request" and message["method"] == "initialize":
+        what = classify(message)
+        if what.kind == "invalid":
+            return self._json(request, 400, what.refusal(message))
+        if what.kind == "request" and message["method"] == "initialize":
             if request.getHeader(SESSION_HEADER):
                 return self._json(
                     request,
                     400,
-                    rpc_error(message["id"], -32600, "this session is already initialized"),
+                    rpc_error(
+                        message["id"], INVALID_REQUEST, "this session is already initialized"
+                    ),
                 )
+            if (full := self._full(request, user_id, message)) is not None:
+                return full
             user = await self._users.get_user(user_id)
             login = user.login if user is not None else str(user_id)
             return await self._initialize(
                 request, user_id, login, client_id, message, forgejo_token, family_id
             )
 
-        session, error = self._session(request, user_id, family_id)
+        session, error = self._session(request, user_id, family_id, message)
         if session is None:
             return error
         # The user's Forgejo token may have been renewed since the child
         # started; the session then moves to a child holding the new one.
         self._sessions.renew(session, forgejo_token)
-        if kind == "notification":
+        if what.kind == "notification":
             self._sessions.client_notification(session, message)
             return _accepted(request)
-        if kind == "response":
+        if what.kind == "response":
             if not self._sessions.client_response(session, message):
                 return self._json(
-                    request, 400, rpc_error(None, -32600, "no server request has that id")
+                    request,
+                    400,
+                    rpc_error(message["id"], INVALID_REQUEST, "no server request has that id"),
                 )
             return _accepted(request)
+        if (full := self._full(request, user_id, message)) is not None:
+            return full
         exchange = PostExchange(request, self._clock, self._keepalive, child=lambda: session.child)
-        session.router.client_request(message, exchange)
-        await _until_done(exchange.done)
+        router = self._sessions.client_request(session, message, exchange)
+        await self._hold(user_id, exchange.done)
+        _abandon(router, exchange, exchange)
         return None
 
     async def _initialize(
@@ -347,7 +425,8 @@ class MCPEndpoint:
 
         def on_response(response: dict[str, Any], req: Request) -> None:
             if "result" not in response:
-                # The child refused or died: no session for the client.
+                # The child refused, died or did not answer in time: no
+                # session for the client.
                 if holder and not holder[0].ended:
                     self._sessions.end(holder[0], "initialize failed", "initialize_failed")
                 return
@@ -357,26 +436,29 @@ class MCPEndpoint:
             req.setHeader(SESSION_HEADER, holder[0].id.encode())
 
         exchange = PostExchange(request, self._clock, self._keepalive, on_response)
-        token = forgejo_token
         try:
             session = self._sessions.create(
                 user_id,
                 user_login,
                 client_id,
                 asked if asked in SUPPORTED_VERSIONS else DEFAULT_VERSION,
-                token,
+                forgejo_token,
                 family_id=family_id,
             )
         except SessionLimitError as e:
-            request.setHeader(b"Retry-After", b"30")
-            return self._json(request, 503, rpc_error(message["id"], -32000, str(e)))
+            request.setHeader(b"Retry-After", str(e.retry_after).encode())
+            return self._json(request, 503, rpc_error(message["id"], SERVER_ERROR, str(e)))
         except SpawnError as e:
             log.error("{error}", error=str(e))
-            return self._json(request, 503, rpc_error(message["id"], -32603, str(e)))
+            request.setHeader(b"Retry-After", b"30")
+            return self._json(request, 503, rpc_error(message["id"], INTERNAL_ERROR, str(e)))
         holder.append(session)
         session.initialize = message
-        session.router.client_request(message, exchange)
-        await _until_done(exchange.done)
+        router = self._sessions.client_request(session, message, exchange)
+        await self._hold(user_id, exchange.done)
+        if _abandon(router, exchange, exchange) and not session.ended:
+            # The client never learnt this session's id: nobody can use it.
+            self._sessions.end(session, "the client went away during initialize", "abandoned")
         return None
 
     async def _batch(
@@ -389,30 +471,47 @@ class MCPEndpoint:
             return self._json(
                 request,
                 400,
-                rpc_error(None, -32600, "batches are only allowed in 2025-03-26 sessions"),
+                rpc_error(None, INVALID_REQUEST, "batches are only allowed in 2025-03-26 sessions"),
             )
-        kinds = [_kind(m) for m in messages]
-        if (
-            not messages
-            or "invalid" in kinds
-            or any(
-                k == "request" and m["method"] == "initialize"
-                for k, m in zip(kinds, messages, strict=True)
+        if not messages:
+            return self._json(
+                request, 400, rpc_error(None, INVALID_REQUEST, "Invalid Request: empty batch")
             )
-        ):
-            return self._json(request, 400, rpc_error(None, -32600, "Invalid batch"))
-        for kind, message in zip(kinds, messages, strict=True):
-            if kind == "notification":
+        # JSON-RPC answers each element on its own: the broken ones with an
+        # error under their id, the rest as if sent one by one.
+        refusals: list[dict[str, Any]] = []
+        requests: list[dict[str, Any]] = []
+        for message in messages:
+            what = classify(message)
+            if what.kind == "invalid":
+                refusals.append(what.refusal(message))
+            elif what.kind == "request" and message["method"] == "initialize":
+                refusals.append(
+                    rpc_error(message["id"], INVALID_REQUEST, "initialize cannot be batched")
+                )
+            elif what.kind == "request":
+                requests.append(message)
+            elif what.kind == "notification":
                 self._sessions.client_notification(session, message)
-            elif kind == "response":
-                self._sessions.client_response(session, message)
-        requests = [m for k, m in zip(kinds, messages, strict=True) if k == "request"]
-        if not requests:
+            elif not self._sessions.client_response(session, message):
+                refusals.append(
+                    rpc_error(message["id"], INVALID_REQUEST, "no server request has that id")
+                )
+        if not requests and not refusals:
             return _accepted(request)
-        batch = BatchExchange(request, self._clock, len(requests))
-        for message in requests:
-            session.router.client_request(message, batch.part())
-        await _until_done(batch.done)
+        if requests and (full := self._full(request, user_id)) is not None:
+            return full
+        batch = BatchExchange(request, self._clock, len(requests) + len(refusals))
+        for refusal in refusals:
+            batch.part().finish(refusal)
+        routers = [
+            self._sessions.client_request(session, message, batch.part()) for message in requests
+        ]
+        if not requests:
+            return None
+        await self._hold(user_id, batch.done)
+        for router, part in zip(routers, batch.parts[len(refusals) :], strict=True):
+            _abandon(router, part, batch)
         return None
 
     async def get(
@@ -430,6 +529,8 @@ class MCPEndpoint:
         session, error = self._session(request, user_id, family_id)
         if session is None:
             return error
+        if (full := self._full(request, user_id)) is not None:
+            return full
         if forgejo_token is not None:
             self._sessions.renew(session, forgejo_token)
         sse = _SSE(request, self._clock, self._keepalive, child=lambda: session.child)
@@ -444,7 +545,7 @@ class MCPEndpoint:
 
         session.standalone.attach(sse.send, end_stream)
         try:
-            await _until_done(done)
+            await self._hold(user_id, done)
         finally:
             session.standalone.detach(sse.send)
         return None
@@ -459,6 +560,20 @@ class MCPEndpoint:
         return b""
 
 
+def _abandon(
+    router: SessionRouter, stream: ResponseStream, exchange: PostExchange | BatchExchange
+) -> bool:
+    """
+    After an exchange ended: if it ended because the client went away, the
+    request is forgotten and the child told (L{SessionRouter.abandon}).
+    Returns whether the client went away.
+    """
+    if not exchange.gone:
+        return False
+    router.abandon(stream)
+    return True
+
+
 def _accepted(request: Request) -> bytes:
     request.setResponseCode(202)
     # No body, so no content type (Twisted would claim text/html).
@@ -469,7 +584,7 @@ def _accepted(request: Request) -> bytes:
 async def _until_done(done: Deferred[None]) -> None:
     """
     Wait for an exchange to end.  If the client disconnects, Klein cancels
-    us: the exchange is marked gone and the request itself runs on.
+    us: the exchange is marked gone, and the caller forgets its requests.
     """
     try:
         await done

@@ -86,6 +86,9 @@ SESSION_END_REASONS = (
     "crashed",  # the child exited while its session was live
     "misbehaved",  # the child wrote something that is not JSON-RPC framing
     "initialize_failed",  # the child never answered initialize properly
+    "unused",  # no request after initialize for --session-unused-timeout
+    "unresponsive",  # the child wrote nothing while a request waited out its deadline
+    "abandoned",  # the client went away before it learnt the session id
     "shutdown",  # the broker stopped
     OTHER,
 )

@@ -2,11 +2,14 @@
 Message routing inside one MCP session: which HTTP exchange each message
 from the stdio child belongs to, and which id it carries on either side.
 
-This module owns the id spaces of one session and nothing else: no HTTP, no
-processes, no reactor.  A L{SessionRouter} is driven by plain method calls
-(what a client POSTed, what the child wrote) and answers through callables
-(write to the child, deliver on the session's standalone GET stream) and
-L{ResponseStream}s (the response of one client POST).
+This module owns the id spaces of one session and the life of each request
+in them: no HTTP, no processes.  A L{SessionRouter} is driven by plain
+method calls (what a client POSTed, what the child wrote, a client that went
+away) and answers through callables (write to the child, deliver on the
+session's standalone GET stream) and L{ResponseStream}s (the response of one
+client POST).  Every client request ends exactly once: with the child's
+answer, or with an error when the child is gone, the client cancelled it, or
+its deadline passed (the clock is the only piece of the reactor it uses).
 
 Ids on the pipe to the child are the router's own:
 
@@ -33,15 +36,15 @@ from collections.abc import Callable
 from typing import Any, Protocol, TypeGuard
 
 import attrs
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
-log = Logger()
+from fjmcp.jsonrpc import INTERNAL_ERROR, REQUEST_CANCELLED, REQUEST_TIMEOUT
+from fjmcp.jsonrpc import error as _error
 
-# JSON-RPC error codes the router answers with on the child's behalf.
-INTERNAL_ERROR = -32603
-# What the MCP Python SDK answers a cancelled request with on the
-# 2025-era Streamable HTTP wire (LSP's RequestCancelled).
-REQUEST_CANCELLED = -32800
+__all__ = ["INTERNAL_ERROR", "REQUEST_CANCELLED", "REQUEST_TIMEOUT", "SessionRouter"]
+
+log = Logger()
 
 # Notifications that describe the session, not any one request.
 STANDALONE_NOTIFICATIONS = frozenset(
@@ -80,6 +83,10 @@ class _ClientRequest:
     stream: ResponseStream
     # The client's own progress token, or None when it asked for no progress.
     progress_token: str | int | None
+    # When it was written to the child, and what ends it if the child never
+    # answers (None: no deadline).
+    sent_at: float = 0.0
+    deadline: IDelayedCall | None = None
 
 
 @attrs.define
@@ -150,10 +157,6 @@ def _with_param(message: dict[str, Any], name: str, value: Any) -> dict[str, Any
     return out
 
 
-def _error(client_id: Any, code: int, message: str) -> dict[str, Any]:
-    return {"jsonrpc": "2.0", "id": client_id, "error": {"code": code, "message": message}}
-
-
 class SessionRouter:
     """
     The routing state of one MCP session between HTTP exchanges and one
@@ -162,15 +165,31 @@ class SessionRouter:
     @param to_child: writes one message to the child's stdin.
     @param standalone: delivers a message not tied to any client request
         (the session's GET/SSE stream; the caller queues it).
+    @param clock: what deadlines are measured with; None: requests have no
+        deadline.
+    @param timeout: seconds a client request may wait for the child.  At the
+        deadline the client gets a JSON-RPC error, the child a
+        C{notifications/cancelled}, and the router forgets the request.
+    @param on_silent: called when a request reached its deadline and the
+        child had written nothing at all since it was sent: a child that
+        hangs (stopped, deadlocked) rather than one that is merely slow.
     """
 
     def __init__(
         self,
         to_child: Callable[[dict[str, Any]], None],
         standalone: Callable[[dict[str, Any]], None],
+        clock: IReactorTime | None = None,
+        timeout: float | None = None,
+        on_silent: Callable[[], None] = lambda: None,
     ) -> None:
         self._to_child = to_child
         self._standalone = standalone
+        self._clock = clock
+        self._timeout = timeout
+        self._on_silent = on_silent
+        # When the child last wrote anything.
+        self._last_heard = clock.seconds() if clock is not None else 0.0
         self._next_child_id = 1
         self._next_server_id = 1
         # Client requests waiting for the child, by child-side id.
@@ -212,14 +231,59 @@ class SessionRouter:
         token = _progress_token(message)
         out = dict(message) if token is None else _with_progress_token(message, child_id)
         out["id"] = child_id
-        self._pending[child_id] = _ClientRequest(client_id, stream, token)
+        request = _ClientRequest(client_id, stream, token)
+        self._pending[child_id] = request
         if not self._send(out):
-            request = self._pending.pop(child_id, None)
-            if request is not None:
+            if self._pending.pop(child_id, None) is not None:
                 self._finish(
                     request,
                     _error(client_id, INTERNAL_ERROR, "could not write to the MCP server process"),
                 )
+            return
+        if self._clock is not None and self._timeout is not None and child_id in self._pending:
+            request.sent_at = self._clock.seconds()
+            request.deadline = self._clock.callLater(self._timeout, self._expire, child_id)
+
+    def _expire(self, child_id: int) -> None:
+        request = self._pending.pop(child_id, None)
+        if request is None:
+            return
+        request.deadline = None
+        silent = self._last_heard < request.sent_at
+        self._cancel_in_child(child_id, "the request timed out")
+        self._finish(
+            request,
+            _error(
+                request.client_id,
+                REQUEST_TIMEOUT,
+                f"Request timed out: the MCP server did not answer within {self._timeout:g} s",
+            ),
+        )
+        if silent:
+            self._on_silent()
+
+    def abandon(self, stream: ResponseStream) -> int:
+        """
+        The client of C{stream} went away: nothing can reach it any more
+        (the broker keeps no events for resumption), so its requests are
+        forgotten and the child is told to stop working on them.  Returns
+        how many were in flight.
+        """
+        gone = [cid for cid, r in self._pending.items() if r.stream is stream]
+        for child_id in gone:
+            request = self._pending.pop(child_id)
+            _cancel_timer(request)
+            self._cancel_in_child(child_id, "the client disconnected")
+        return len(gone)
+
+    def _cancel_in_child(self, child_id: int, reason: str) -> None:
+        self._send(
+            {
+                "jsonrpc": "2.0",
+                "method": "notifications/cancelled",
+                "params": {"requestId": child_id, "reason": reason},
+            }
+        )
 
     def client_notification(self, message: dict[str, Any]) -> None:
         """
@@ -251,6 +315,7 @@ class SessionRouter:
             return
         child_id = matches[0]
         request = self._pending.pop(child_id)
+        _cancel_timer(request)
         self._send(_with_param(message, "requestId", child_id))
         self._finish(request, _error(request.client_id, REQUEST_CANCELLED, "Request cancelled"))
 
@@ -284,6 +349,8 @@ class SessionRouter:
         Route anything the child wrote: a message, or a batch of them.
         Anything else is logged and dropped.
         """
+        if self._clock is not None:
+            self._last_heard = self._clock.seconds()
         if isinstance(message, list):
             for element in message:
                 self._child_one(element)
@@ -307,10 +374,22 @@ class SessionRouter:
 
     def _child_response(self, message: dict[str, Any]) -> None:
         child_id = message["id"]
+        if child_id is None and "error" in message and self._pending:
+            # The child could not tell which request it refuses (it failed
+            # to parse it).  It reads its stdin in order and refuses at
+            # once, so the request it means is the one written last.
+            child_id = max(self._pending)
+            log.warn(
+                "the child refused a request without naming it: {error!r}; "
+                "answering request {id} with it",
+                error=message["error"],
+                id=child_id,
+            )
         request = self._pending.pop(child_id, None) if _is_int(child_id) else None
         if request is None:
             log.debug("dropping a child response to unknown id {id!r}", id=child_id)
             return
+        _cancel_timer(request)
         out = dict(message)
         out["id"] = request.client_id
         self._finish(request, out)
@@ -403,6 +482,7 @@ class SessionRouter:
         self._server_requests = {}
         self._server_ids = {}
         for request in pending.values():
+            _cancel_timer(request)
             self._finish(request, _error(request.client_id, code, message))
 
     # Delivery.
@@ -434,3 +514,9 @@ class SessionRouter:
             request.stream.finish(response)
         except Exception:
             log.failure("finishing a response stream failed")
+
+
+def _cancel_timer(request: _ClientRequest) -> None:
+    if request.deadline is not None and request.deadline.active():
+        request.deadline.cancel()
+    request.deadline = None

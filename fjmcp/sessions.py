@@ -2,10 +2,10 @@
 MCP sessions: one forgejo-mcp child per session, owned by one user.
 
 This module owns the session table and every session's life: creating one
-(caps, spawning the child with only that user's token), looking one up for
-its owner, reaping idle ones, ending one (and its child), ending the
-sessions whose grant was revoked, and what happens when a child dies or
-misbehaves.  Routing messages inside a session is
+(caps on sessions and on processes, spawning the child with only that
+user's token), looking one up for its owner, reaping idle and unused ones,
+ending one (and its child), ending the sessions whose grant was revoked, and
+what happens when a child dies, misbehaves or stops answering.  Routing messages inside a session is
 L{fjmcp.router}'s job; HTTP is L{fjmcp.mcp_http}'s.
 """
 
@@ -23,7 +23,7 @@ from twisted.internet.defer import CancelledError, Deferred, DeferredList
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from fjmcp import metrics
+from fjmcp import descriptors, metrics
 from fjmcp.children import (
     Child,
     ChildExit,
@@ -33,7 +33,7 @@ from fjmcp.children import (
 )
 from fjmcp.crypto import token_hash
 from fjmcp.logs import Redactor
-from fjmcp.router import SessionRouter
+from fjmcp.router import ResponseStream, SessionRouter
 
 # JSON-RPC error codes the broker itself answers with.
 CHILD_GONE = -32603
@@ -44,8 +44,16 @@ REAP_INTERVAL = 30.0
 # How often the grants behind live sessions are checked for revocation; a
 # revocation by another process (fjmcp-admin) ends sessions within this.
 REVOCATION_INTERVAL = 2.0
-# Claude gives a tool call 300 s; a retiring child gets no longer.
-RETIRE_TIMEOUT = 300.0
+# Claude gives a tool call 300 s; no request waits longer by default, and a
+# retiring child gets no longer either.
+REQUEST_TIMEOUT = 300.0
+RETIRE_TIMEOUT = REQUEST_TIMEOUT
+# A session that got nothing after initialize (mcp-remote opens a second one
+# per start and never uses it) is reaped this much sooner than an idle one.
+UNUSED_TIMEOUT = 120.0
+# How long a client refused for a user's processes still stopping should
+# wait: forgejo-mcp exits within a second of its stdin closing.
+STOPPING_RETRY_AFTER = 5
 
 # forgejo-mcp colours its log levels; a log file wants plain text.
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -61,8 +69,13 @@ child_log = Logger(namespace="fjmcp.child")
 
 class SessionLimitError(Exception):
     """
-    The broker runs as many sessions as it may; try again later.
+    The broker runs as many sessions (or processes) as it may; try again
+    in C{retry_after} seconds.
     """
+
+    def __init__(self, message: str, retry_after: int = 30) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class SpawnError(Exception):
@@ -189,6 +202,9 @@ class Session:
     initialize: dict[str, Any] | None = None
     retiring: list[tuple[Child, SessionRouter]] = attrs.Factory(list)
     ended: bool = False
+    # Whether the client sent any request after initialize; sessions that
+    # never get one are reaped sooner.
+    used: bool = False
 
 
 class SessionManager(Service):
@@ -212,11 +228,18 @@ class SessionManager(Service):
         args_prefix: Sequence[str] = (),
         grants: GrantSource | None = None,
         revocation_interval: float = REVOCATION_INTERVAL,
+        request_timeout: float = REQUEST_TIMEOUT,
+        unused_timeout: float = UNUSED_TIMEOUT,
+        budget: descriptors.Budget | None = None,
     ) -> None:
         """
         @param grants: asked every C{revocation_interval} seconds which of
             the live sessions' grants were revoked; None: never (only tests
             that need no store).
+        @param request_timeout: the deadline of every client request.
+        @param unused_timeout: how long a session that got no request after
+            initialize lives (never longer than C{idle_timeout}).
+        @param budget: whether the process has descriptors for another child.
         """
         self._reactor = reactor
         self._children = children
@@ -226,6 +249,12 @@ class SessionManager(Service):
         self._max_per_user = max_per_user
         self._idle_timeout = idle_timeout
         self._max_line = max_line
+        self._request_timeout = request_timeout
+        self._unused_timeout = min(unused_timeout, idle_timeout)
+        self._budget = budget or descriptors.Budget()
+        # Every live process of each user: sessions' children, children being
+        # retired after a renewal, and children still stopping.
+        self._processes: dict[int, set[Child]] = {}
         # Tests run a scripted child through an interpreter: its script
         # and behaviours go before forgejo-mcp's own arguments.
         self._args_prefix = list(args_prefix)
@@ -266,6 +295,16 @@ class SessionManager(Service):
     def of_user(self, user_id: int) -> list[Session]:
         return [s for s in self._sessions.values() if s.user_id == user_id]
 
+    def processes_of(self, user_id: int) -> int:
+        """
+        How many child processes of the user are alive, whatever their state.
+        """
+        return len(self._processes.get(user_id, ()))
+
+    @property
+    def request_timeout(self) -> float:
+        return self._request_timeout
+
     def get(self, session_id: str, user_id: int, family_id: str = "") -> Session | None:
         """
         The user's live session of that id.  C{family_id} is the grant of the
@@ -296,9 +335,29 @@ class SessionManager(Service):
         C{family_id} is the grant of the bearer that asked: the session ends
         when it is revoked.
 
-        @raise SessionLimitError: the broker is full.
+        @raise SessionLimitError: the broker or the user is at a cap.
         @raise SpawnError: the child could not be started.
         """
+        # Processes are counted, not just sessions: an evicted session's
+        # child takes a moment to exit, and a client that initializes
+        # hundreds of times at once must not get a process each meanwhile.
+        # A user may have twice their session cap alive, half of it stopping.
+        if self.processes_of(user_id) >= 2 * self._max_per_user:
+            raise SessionLimitError(
+                f"too many of this user's MCP server processes are still starting or "
+                f"stopping (at most {2 * self._max_per_user})",
+                retry_after=STOPPING_RETRY_AFTER,
+            )
+        # Globally, room for one user's worth of children still stopping.
+        most = self._max + self._max_per_user
+        if len(self._children) >= most:
+            raise SessionLimitError(
+                f"the broker already runs {most} MCP server processes",
+                retry_after=STOPPING_RETRY_AFTER,
+            )
+        if not self._budget.room_for_child():
+            log.warn("refusing a new session: the broker is close to its open-files limit")
+            raise SessionLimitError("the broker is out of file descriptors")
         mine = sorted(self.of_user(user_id), key=lambda s: s.last_used)
         while len(mine) >= self._max_per_user:
             # The user's least recently used session makes room (Claude
@@ -383,8 +442,38 @@ class SessionManager(Service):
             metrics.child_spawned(False)
             raise SpawnError(f"forgejo-mcp could not be started: {e}") from None
         metrics.child_spawned(True)
-        router = SessionRouter(child.send, session.standalone)
+        processes = self._processes.setdefault(session.user_id, set())
+        processes.add(child)
+
+        def forget_process(exit: ChildExit) -> ChildExit:
+            processes.discard(child)
+            if not processes and self._processes.get(session.user_id) is processes:
+                del self._processes[session.user_id]
+            return exit
+
+        def on_silent() -> None:
+            log.warn(
+                "session {s} of {u}: forgejo-mcp (pid {pid}) wrote nothing for {t:g} s "
+                "with a request waiting; ending it",
+                s=session.id[:8],
+                u=session.user_login,
+                pid=child.pid,
+                t=self._request_timeout,
+            )
+            if routers and routers[0] is session.router:
+                self.end(session, "the forgejo-mcp process stopped answering", "unresponsive")
+            else:
+                child.stop()
+
+        router = SessionRouter(
+            child.send,
+            session.standalone,
+            clock=self._reactor,
+            timeout=self._request_timeout,
+            on_silent=on_silent,
+        )
         routers.append(router)
+        protocol.exited.addCallback(forget_process)
         protocol.exited.addCallback(self._child_exited, session, child, router)
         return child, router
 
@@ -435,6 +524,19 @@ class SessionManager(Service):
     def _maybe_retire(self, session: Session, child: Child, router: SessionRouter) -> None:
         if router.in_flight == 0 and router.server_requests_pending == 0:
             child.stop()
+
+    def client_request(
+        self, session: Session, message: dict[str, Any], stream: ResponseStream
+    ) -> SessionRouter:
+        """
+        Route a client request to the session's current child; returns the
+        router that holds it (the one to tell if the client goes away).
+        """
+        if message.get("method") != "initialize":
+            session.used = True
+        router = session.router
+        router.client_request(message, stream)
+        return router
 
     def client_response(self, session: Session, message: dict[str, Any]) -> bool:
         """
@@ -500,14 +602,22 @@ class SessionManager(Service):
         # any client waits for an answer: a child that never answers must
         # not pin its session (and a process) for good.
         stuck = now - max(self._idle_timeout, RETIRE_TIMEOUT)
+        unused_cutoff = now - self._unused_timeout
         for session in list(self._sessions.values()):
-            if session.last_used < cutoff and (
-                session.router.in_flight == 0 or session.last_used < stuck
-            ):
+            if session.router.in_flight and session.last_used >= stuck:
+                continue
+            if session.last_used < cutoff:
                 log.info(
                     "session {s} of {u} idle; ending it", s=session.id[:8], u=session.user_login
                 )
                 self.end(session, "the session was idle too long", "idle")
+            elif not session.used and session.last_used < unused_cutoff:
+                log.info(
+                    "session {s} of {u} got no request after initialize; ending it",
+                    s=session.id[:8],
+                    u=session.user_login,
+                )
+                self.end(session, "the session was never used", "unused")
 
     # --- revocation
 

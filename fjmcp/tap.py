@@ -23,7 +23,7 @@ from twisted.logger import Logger
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.server import Site
 
-from fjmcp import __version__, metrics
+from fjmcp import __version__, descriptors, metrics
 from fjmcp.authorize import AuthorizationFlow
 from fjmcp.buildinfo import build_info
 from fjmcp.children import ChildSupervisor
@@ -98,6 +98,7 @@ class CleanShutdown(Service):
 
 
 PURGE_INTERVAL = 600.0
+IDLE_CONNECTION_TIMEOUT = 300.0
 
 
 async def purge_expired(store: Store) -> None:
@@ -158,6 +159,8 @@ def build_service(config: Config, reactor: Any, schema_version: int) -> MultiSer
         config.session_idle_timeout,
         # Revocations by fjmcp-admin or on /connections end sessions within seconds.
         grants=store,
+        request_timeout=config.request_timeout,
+        unused_timeout=config.session_unused_timeout,
     )
     # After the supervisor, so it stops first: sessions end (pending requests
     # answered) before their children are stopped.
@@ -201,7 +204,13 @@ def build_service(config: Config, reactor: Any, schema_version: int) -> MultiSer
         tokens=tokens,
         credentials=credentials,
         limiter=RateLimiter(reactor),
-        mcp=MCPEndpoint(sessions, store, reactor, max_body=config.max_request_body),
+        mcp=MCPEndpoint(
+            sessions,
+            store,
+            reactor,
+            max_body=config.max_request_body,
+            max_exchanges_per_user=config.max_requests_per_user,
+        ),
         connections=Connections(store, sessions, tokens, upstream, credentials, reactor),
     )
     # No form parsing by Twisted: it costs every /mcp POST a MIME parse, and
@@ -210,6 +219,10 @@ def build_service(config: Config, reactor: Any, schema_version: int) -> MultiSer
         app.resource(),
         logFormatter=access_log_formatter(config.trusted_proxies),
         parsePOSTFormSubmission=False,
+        # Twisted's default keeps an idle connection for 12 hours.  Caddy
+        # drops its idle upstream connections after 2 minutes; closing ours
+        # later than that avoids racing it for a connection it reuses.
+        timeout=IDLE_CONNECTION_TIMEOUT,
     )
     site.displayTracebacks = False
     for description in config.listen:
@@ -224,6 +237,19 @@ def build_service(config: Config, reactor: Any, schema_version: int) -> MultiSer
     log.debug("configuration: {config!r}", config=config)
     for warning in config.warnings:
         log.warn("{warning}", warning=warning)
+    open_files = descriptors.raise_limit()
+    wanted = descriptors.needed(
+        config.max_sessions, config.max_requests_per_user, config.max_sessions_per_user
+    )
+    if open_files < wanted:
+        log.warn(
+            "the open-files limit ({limit}) is below the {wanted} that --max-sessions "
+            "{sessions} may need; new sessions are refused near the limit (raise "
+            "LimitNOFILE= or the container's nofile ulimit)",
+            limit=open_files,
+            wanted=wanted,
+            sessions=config.max_sessions,
+        )
     build = build_info()
     log.info(
         "fjmcp {version} (revision {revision}, built {built}) for {forgejo} at {public} "

@@ -183,6 +183,8 @@ class Broker:
             args_prefix=self.command[1:],
             grants=self.store,
             revocation_interval=self.revocation_interval,
+            request_timeout=self.config.request_timeout,
+            unused_timeout=self.config.session_unused_timeout,
         )
         # Wired as fjmcp.tap wires them: revocations end sessions.
         self.tokens.on_revoked = self.sessions.grants_revoked
@@ -206,6 +208,7 @@ class Broker:
                 reactor,
                 max_body=self.config.max_request_body,
                 keepalive=1.0,
+                max_exchanges_per_user=self.config.max_requests_per_user,
             ),
             connections=Connections(
                 self.store, self.sessions, self.tokens, upstream, self.credentials, reactor

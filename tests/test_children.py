@@ -82,7 +82,24 @@ class FramingTests(SynchronousTestCase):
         proto, messages, errors, _ = collecting()
         proto.outReceived(b"hello\n\n  \n[1]\n")
         self.assertEqual(messages, [[1]])
-        self.assertEqual(errors, ["child wrote a line that is not JSON"])
+        self.assertEqual(len(errors), 1)
+        self.assertTrue(errors[0].startswith("child wrote a line that is not usable JSON"))
+
+    def test_json_no_client_could_read(self) -> None:
+        """
+        NaN, numbers beyond a float, invalid UTF-8 and lone surrogates are
+        JSON to Python's decoder but nothing a client can take: refused
+        like any other bad line, so they never reach a client's answer.
+        """
+        for line in (
+            b'{"id": 1, "result": NaN}',
+            b'{"id": 1, "result": 1e999}',
+            b'{"id": 1, "result": "\xff"}',
+            b'{"id": 1, "result": "\\ud800"}',
+        ):
+            proto, messages, errors, _ = collecting()
+            proto.outReceived(line + b"\n")
+            self.assertEqual((messages, len(errors)), ([], 1), line)
 
     def test_stderr_lines(self) -> None:
         proto, _, _, stderr = collecting()

@@ -530,10 +530,15 @@ class OwnershipAndProtocolTests(SessionTestCase):
     async def test_unknown_session(self) -> None:
         token = await self.token()
         await self.open_session(token)
-        for method, body in (("POST", request(1, "tools/list")), ("GET", None), ("DELETE", None)):
+        for method, body, id in (
+            ("POST", request(7, "tools/list"), 7),
+            ("GET", None, None),
+            ("DELETE", None, None),
+        ):
             reply = await (await self.send(method, token, body, "no-such-session")).finished()
             body_ = self.assert_rpc_error(reply, 404)
-            self.assertIsNone(body_["id"])
+            # JSON-RPC: the error answers the request under its own id.
+            self.assertEqual(body_["id"], id)
 
     async def test_no_session_id(self) -> None:
         token = await self.token()
@@ -651,6 +656,11 @@ class OwnershipAndProtocolTests(SessionTestCase):
         self.assertEqual(len(both.events), 2)
         self.assertEqual(json.loads(tool_text(by_id["a"])), {"n": 1})
         self.assertIn("tools", by_id["b"]["result"])
-        # Empty batches and batches with an initialize are invalid.
+        # An empty batch is invalid; an initialize in a batch is refused
+        # under its own id, and the rest of the batch is served.
         self.assert_rpc_error(await self.post(token, [], session_id), 400)
-        self.assert_rpc_error(await self.post(token, [initialize(9)], session_id), 400)
+        mixed = await self.post(token, [initialize(9), request(10, "tools/list")], session_id)
+        self.assertEqual(mixed.code, 200)
+        by_id = {e["id"]: e for e in mixed.events}
+        self.assertEqual(by_id[9]["error"]["code"], -32600)
+        self.assertIn("tools", by_id[10]["result"])
