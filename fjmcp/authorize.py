@@ -34,6 +34,7 @@ from fjmcp.registration import (
     ClientMetadata,
     RegistrationError,
     check_client_metadata,
+    redirect_host,
     redirect_uri_registered,
 )
 from fjmcp.store import Store
@@ -278,7 +279,7 @@ class AuthorizationFlow:
         return Consent(
             client_name=name,
             client_id=checked.client_id,
-            redirect_host=urlsplit(checked.redirect_uri).netloc or checked.redirect_uri,
+            redirect_host=redirect_host(checked.redirect_uri),
             unverified_name=checked.unverified_name,
             consent_token=consent_token,
         )

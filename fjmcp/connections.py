@@ -33,6 +33,7 @@ from twisted.logger import Logger
 from fjmcp.authorize import PageError, open_login_session
 from fjmcp.credentials import UpstreamCredentials
 from fjmcp.crypto import new_pkce_pair, new_token, token_hash
+from fjmcp.registration import redirect_host
 from fjmcp.sessions import SessionManager
 from fjmcp.store import Store
 from fjmcp.tokens import TokenService
@@ -109,7 +110,7 @@ def cross_site(origin: str | None, fetch_site: str | None, public_url: str) -> b
 def _hosts(uris: tuple[str, ...]) -> tuple[str, ...]:
     seen: dict[str, None] = {}
     for uri in uris:
-        seen.setdefault(urlsplit(uri).netloc or uri, None)
+        seen.setdefault(redirect_host(uri), None)
     return tuple(seen)
 
 

@@ -13,7 +13,7 @@ import ipaddress
 import re
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import attrs
 
@@ -129,6 +129,20 @@ def check_redirect_uri(uri: Any) -> str:
         raise RegistrationError(
             "invalid_redirect_uri", f"redirect URIs must not have a fragment: {uri[:80]!r}"
         )
+    if "@" in parts.netloc:
+        # https://claude.ai@evil.example/ goes to evil.example, but a
+        # person reading it sees claude.ai.
+        raise RegistrationError(
+            "invalid_redirect_uri",
+            f"redirect URIs must not contain user info (a name or password before @ in the "
+            f"host part): {uri[:80]!r}",
+        )
+    if "\\" in uri:
+        # Browsers read a backslash as a slash, Python does not: the host
+        # the broker would show and the one the browser goes to differ.
+        raise RegistrationError(
+            "invalid_redirect_uri", f"redirect URIs must not contain a backslash: {uri[:80]!r}"
+        )
     if scheme == "https":
         if not parts.hostname:
             raise RegistrationError("invalid_redirect_uri", f"https URI without host: {uri[:80]!r}")
@@ -144,6 +158,32 @@ def check_redirect_uri(uri: Any) -> str:
             "invalid_redirect_uri", f"the {scheme}: scheme cannot receive codes: {uri[:80]!r}"
         )
     return uri
+
+
+_DEFAULT_PORTS = {"https": 443, "http": 80}
+
+
+def redirect_host(uri: str) -> str:
+    """
+    Where a redirect URI sends a person, as a page shows it: the host, and
+    the port unless it is the scheme's default.  Never the user info, which
+    reads like a host and is not one (clients registered before it was
+    refused may still have it).  A URI without a host (a native app's
+    private-use scheme) is shown without its query.
+    """
+    try:
+        parts = urlsplit(uri)
+        port = parts.port
+    except ValueError:
+        return "an address that cannot be read"
+    host = parts.hostname
+    if not host:
+        return urlunsplit((parts.scheme, "", parts.path, "", ""))
+    if ":" in host:
+        host = f"[{host}]"
+    if port is not None and port != _DEFAULT_PORTS.get(parts.scheme.lower()):
+        host = f"{host}:{port}"
+    return host
 
 
 def _optional_uri(metadata: Mapping[str, Any], name: str) -> str | None:

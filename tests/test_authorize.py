@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlencode
 
@@ -18,6 +19,52 @@ from twisted.web.resource import Resource
 from fjmcp.crypto import new_pkce_pair
 from tests.broker_support import REDIRECT, Broker, BrokerTestCase, browser, location, query
 from tests.helpers import listen
+
+
+def client_metadata(redirect_uris: list[str], **extra: Any) -> dict[str, Any]:
+    """
+    Stored metadata of a public client, as the store takes it.
+    """
+    return {
+        "redirect_uris": redirect_uris,
+        "token_endpoint_auth_method": "none",
+        "grant_types": ["authorization_code"],
+        "response_types": ["code"],
+        **extra,
+    }
+
+
+def serve_document(test: TestCase, document: Callable[[str], dict[str, Any]]) -> str:
+    """
+    Serve C{document(client_id)} as a client ID metadata document on
+    loopback; returns the client_id, its URL.
+    """
+    doc_site, doc_url = listen(test)
+    client_id = doc_url + "/client.json"
+    body = json.dumps(document(client_id)).encode()
+
+    class Doc(Resource):
+        isLeaf = True
+
+        def render_GET(self, request: Any) -> bytes:
+            request.setHeader(b"content-type", b"application/json")
+            return body
+
+    doc_site.resource = Doc()
+    return client_id
+
+
+def authorize_query(client_id: str, redirect_uri: str = REDIRECT) -> str:
+    _, challenge = new_pkce_pair()
+    return urlencode(
+        {
+            "response_type": "code",
+            "client_id": client_id,
+            "redirect_uri": redirect_uri,
+            "code_challenge": challenge,
+            "code_challenge_method": "S256",
+        }
+    )
 
 
 class FlowTests(BrokerTestCase):
@@ -173,6 +220,21 @@ class FlowTests(BrokerTestCase):
         await response.content()
         self.assertEqual(response.code, 200)
 
+    async def test_consent_page_shows_the_host_only(self) -> None:
+        """
+        A client registered before user info was refused: the page names
+        the host the browser will really go to, not the user info that
+        reads like one.
+        """
+        sneaky = "https://claude.ai@evil.example/api/mcp/auth_callback"
+        await self.broker.store.create_client(
+            "fjmcp-registered-long-ago", "dcr", None, client_metadata([sneaky])
+        )
+        response, body = await self.consent("fjmcp-registered-long-ago", redirect_uri=sneaky)
+        self.assertEqual(response.code, 200, body)
+        self.assertIn("sent back to\n<b>evil.example</b>", body)
+        self.assertNotIn("claude.ai", body)
+
     async def test_form_and_query_text_is_utf_8(self) -> None:
         """
         The consent form is read as UTF-8, raw or percent-encoded; a form or
@@ -302,36 +364,33 @@ class MetadataDocumentTests(TestCase):
         escape) is refused on the page, not answered with a 500.
         """
         broker = Broker(self)
-        doc_site, doc_url = listen(self)
-        client_id = doc_url + "/client.json"
-        document = json.dumps(
-            {"client_id": client_id, "client_name": "\ud800", "redirect_uris": [REDIRECT]}
+        client_id = serve_document(
+            self,
+            lambda url: {"client_id": url, "client_name": "\ud800", "redirect_uris": [REDIRECT]},
         )
-
-        class Doc(Resource):
-            isLeaf = True
-
-            def render_GET(self, request: Any) -> bytes:
-                request.setHeader(b"content-type", b"application/json")
-                return document.encode()
-
-        doc_site.resource = Doc()
-        _, challenge = new_pkce_pair()
         response = await browser().get(
-            broker.url
-            + "/oauth/authorize?"
-            + urlencode(
-                {
-                    "response_type": "code",
-                    "client_id": client_id,
-                    "redirect_uri": REDIRECT,
-                    "code_challenge": challenge,
-                    "code_challenge_method": "S256",
-                }
-            )
+            broker.url + "/oauth/authorize?" + authorize_query(client_id)
         )
         body = (await response.content()).decode()
         self.assertEqual(response.code, 400, body)
         self.assertIn("surrogate", body)
         self.assertIsNone(await broker.store.get_client(client_id))
         self.assertEqual(self.flushLoggedErrors(), [])
+
+    async def test_document_with_user_info_in_a_redirect_uri(self) -> None:
+        """
+        A metadata document is held to the registration rules: user info in
+        a redirect URI is refused, with the reason.
+        """
+        broker = Broker(self)
+        sneaky = "https://claude.ai@evil.example/api/mcp/auth_callback"
+        client_id = serve_document(
+            self, lambda url: {"client_id": url, "client_name": "Claude", "redirect_uris": [sneaky]}
+        )
+        response = await browser().get(
+            broker.url + "/oauth/authorize?" + authorize_query(client_id, sneaky)
+        )
+        body = (await response.content()).decode()
+        self.assertEqual(response.code, 400, body)
+        self.assertIn("user info", body)
+        self.assertIsNone(await broker.store.get_client(client_id))

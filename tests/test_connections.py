@@ -18,8 +18,9 @@ from fjmcp.connections import FORM_LIFETIME, Connection, Connections, cross_site
 from fjmcp.pages import connections_page
 from fjmcp.ratelimit import Limit, RateLimiter
 from fjmcp.web import BrokerApp
-from tests.broker_support import browser, location
+from tests.broker_support import REDIRECT, browser, location
 from tests.helpers import make_config
+from tests.test_authorize import client_metadata
 from tests.test_sessions import SessionTestCase, request, within
 
 HOSTILE = '<script>alert("pwned")</script><img src=x onerror=alert(1)>'
@@ -206,6 +207,22 @@ class ConnectionsPageTests(SessionTestCase):
         self.assertEqual((await self.revoke(client_id, token)).code, 303)
         self.assertFalse(self.live(session_id))
         self.assertEqual((await self.revoke(client_id, token)).code, 403)
+
+    async def test_the_page_shows_only_hosts(self) -> None:
+        """
+        A client registered before user info was refused: the page names
+        the host it sends people back to, not the user info that reads like
+        one.
+        """
+        sneaky = "https://claude.ai@evil.example/api/mcp/auth_callback"
+        await self.broker.store.create_client(
+            "fjmcp-registered-long-ago", "dcr", None, client_metadata([REDIRECT, sneaky])
+        )
+        _, consent = await self.consent("fjmcp-registered-long-ago")
+        await self.through_forgejo(location(await self.approve(consent)))
+        _, body = await self.page()
+        self.assertIn("<code>127.0.0.1:9</code>, <code>evil.example</code>", body)
+        self.assertNotIn("claude.ai", body)
 
     async def test_revoke_form_text_is_utf_8(self) -> None:
         """

@@ -9,6 +9,7 @@ import json
 import sqlite3
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -24,6 +25,7 @@ from fjmcp.registration import (
     RegistrationError,
     check_client_metadata,
     check_redirect_uri,
+    redirect_host,
     redirect_uri_registered,
 )
 from fjmcp.store import ClientRecord, Store, migrate_database
@@ -62,15 +64,55 @@ class RedirectURITests(SynchronousTestCase):
                 check_redirect_uri(uri)
             self.assertEqual(cm.exception.error, "invalid_redirect_uri")
 
+    def test_user_info_refused(self) -> None:
+        """
+        User info reads like a host to a person and is not one: the first
+        of these goes to evil.example.  A backslash is a slash to browsers
+        (but not to Python), which moves the host just as well.
+        """
+        for uri, says in (
+            ("https://claude.ai@evil.example/api/mcp/auth_callback", "user info"),
+            ("https://user:password@a.example/cb", "user info"),
+            ("https://:password@a.example/cb", "user info"),
+            ("http://claude.ai@127.0.0.1:9/cb", "user info"),
+            ("cursor://someone@anysphere.cursor-retrieval/oauth/callback", "user info"),
+            ("https://evil.example\\@claude.ai/cb", "user info"),
+            ("https://evil.example\\.claude.ai/cb", "backslash"),
+        ):
+            with self.assertRaises(RegistrationError, msg=uri) as cm:
+                check_redirect_uri(uri)
+            self.assertEqual(cm.exception.error, "invalid_redirect_uri")
+            self.assertIn(says, cm.exception.description)
+
     @given(st.text(max_size=60))
     def test_never_crashes(self, text: str) -> None:
         """
-        Any string is either accepted as-is or refused with an RFC 7591 error.
+        Any string is either accepted as-is or refused with an RFC 7591 error;
+        what is accepted shows a person the host it goes to.
         """
         try:
             self.assertEqual(check_redirect_uri(text), text)
         except RegistrationError as e:
             self.assertEqual(e.error, "invalid_redirect_uri")
+        else:
+            self.assertNotIn("@", urlsplit(text).netloc)
+            self.assertNotIn("@", redirect_host(text))
+
+    def test_redirect_host(self) -> None:
+        for uri, shown in (
+            ("https://claude.ai/api/mcp/auth_callback", "claude.ai"),
+            ("https://Claude.AI:443/cb", "claude.ai"),
+            ("https://a.example:8443/cb?x=1", "a.example:8443"),
+            ("http://127.0.0.1:9/callback", "127.0.0.1:9"),
+            ("http://[::1]:8080/cb", "[::1]:8080"),
+            ("http://localhost/cb", "localhost"),
+            ("cursor://anysphere.cursor-retrieval/oauth/callback", "anysphere.cursor-retrieval"),
+            ("com.example.app:/oauth2redirect?x=1", "com.example.app:/oauth2redirect"),
+            # Registered before user info was refused: only the host shows.
+            ("https://claude.ai@evil.example/cb", "evil.example"),
+            ("https://claude.ai:x@evil.example:444/cb", "evil.example:444"),
+        ):
+            self.assertEqual(redirect_host(uri), shown, uri)
 
     @given(
         st.integers(1, 65535),
@@ -312,6 +354,12 @@ class RegistrationHTTPTests(BrokerHTTPTests):
         )
         self.assertEqual((code, body["error"]), (400, "invalid_redirect_uri"))
         self.assertIn("loopback", body["error_description"])
+        code, body, _ = await self.post_json(
+            "/oauth/register",
+            {"redirect_uris": ["https://claude.ai@evil.example/api/mcp/auth_callback"]},
+        )
+        self.assertEqual((code, body["error"]), (400, "invalid_redirect_uri"))
+        self.assertIn("user info", body["error_description"])
         code, body, _ = await self.post_json("/oauth/register", b"{not json")
         self.assertEqual((code, body["error"]), (400, "invalid_client_metadata"))
         code, body, _ = await self.post_json(
