@@ -1,13 +1,15 @@
 """
 The few HTML pages a person sees: the consent page, the connections page
 and error pages.
-Everything shown is escaped; the pages load nothing from elsewhere.
+Everything shown is escaped, and names and hosts go through L{for_people};
+the pages load nothing from elsewhere.
 """
 
 from __future__ import annotations
 
 import datetime
 import html
+import unicodedata
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -43,6 +45,28 @@ SCOPE_WORDS = {
     "activitypub": "federation (ActivityPub) data",
     "admin": "site administration",
 }
+
+
+# Characters a person cannot see but that change what they see: format
+# characters (Cf: bidi overrides and isolates such as U+202E, which shows
+# what follows it reversed, and zero-width ones), controls, line and paragraph
+# separators, and lone surrogates, which are not text at all.
+_INVISIBLE = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+UNNAMED = "An unnamed application"
+
+
+def for_people(text: str) -> str:
+    """
+    C{text} as a page may show it: without invisible characters, runs of
+    white space as one space.  Names come from clients, who choose them to
+    be read as something they are not.
+    """
+    kept = "".join(c for c in text if unicodedata.category(c) not in _INVISIBLE)
+    return " ".join(kept.split())
+
+
+def _name(name: str) -> str:
+    return for_people(name) or UNNAMED
 
 
 def render(title: str, body: str) -> bytes:
@@ -92,11 +116,11 @@ def consent_page(
         else ""
     )
     body = f"""
-<p><b>{e(client_name)}</b> wants to use your account at
+<p><b>{e(_name(client_name))}</b> wants to use your account at
 <code>{e(forgejo_url)}</code> through this MCP server.</p>
 {warning}
 <p>After you approve and sign in to Forgejo, you will be sent back to
-<b>{e(redirect_host)}</b>.</p>
+<b>{e(for_people(redirect_host))}</b>.</p>
 <p>It will be able to act as you in Forgejo, with these permissions:</p>
 <ul>{abilities}</ul>
 <p><small>Client ID: <code>{e(client_id)}</code>. You can revoke access later on
@@ -139,10 +163,10 @@ def connections_page(
     rows = []
     for c in connections:
         claimed = ' <small class="warn">(name given by the application itself)</small>'
-        hosts = ", ".join(f"<code>{e(h)}</code>" for h in c.redirect_hosts) or "none"
+        hosts = ", ".join(f"<code>{e(for_people(h))}</code>" for h in c.redirect_hosts) or "none"
         in_use = f", {c.live_sessions} open session(s)" if c.live_sessions else ""
         rows.append(
-            f"""<li class="conn"><b>{e(c.name)}</b>{claimed if c.self_named else ""}<br>
+            f"""<li class="conn"><b>{e(_name(c.name))}</b>{claimed if c.self_named else ""}<br>
 <small>Sends you back to {hosts}<br>
 Approved {e(_when(c.approved_at))} · last used {e(_when(c.last_used_at))}{e(in_use)}<br>
 Client ID: <code>{e(c.client_id)}</code></small>

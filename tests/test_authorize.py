@@ -235,6 +235,25 @@ class FlowTests(BrokerTestCase):
         self.assertIn("sent back to\n<b>evil.example</b>", body)
         self.assertNotIn("claude.ai", body)
 
+    async def test_consent_page_strips_format_characters_from_the_name(self) -> None:
+        """
+        A right-to-left override, zero-width and isolate characters in a
+        client's name would make the page show something other than the
+        name's letters (U+202E turns what follows around): they are left out.
+        """
+        client = await self.broker.register(
+            client_name="Cla\u200bude\u2066 Desktop\u2069\u202e\u0085 gpj.exe"
+        )
+        response, body = await self.consent(client["client_id"])
+        self.assertEqual(response.code, 200)
+        self.assertIn("<b>Claude Desktop gpj.exe</b> wants to use", body)
+        for character in "\u200b\u2066\u2069\u202e\u0085":
+            self.assertNotIn(character, body)
+        # Nothing left to show: the page says so instead of showing nothing.
+        client = await self.broker.register(client_name="\u202e\u200b")
+        _, body = await self.consent(client["client_id"])
+        self.assertIn("<b>An unnamed application</b>", body)
+
     async def test_form_and_query_text_is_utf_8(self) -> None:
         """
         The consent form is read as UTF-8, raw or percent-encoded; a form or

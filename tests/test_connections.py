@@ -7,15 +7,18 @@ Forgejo stand-in's login.
 from __future__ import annotations
 
 import html
+import unicodedata
 from typing import Any
 
+from hypothesis import given
+from hypothesis import strategies as st
 from treq.testing import StubTreq
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.http_headers import Headers
 
 from fjmcp.connections import FORM_LIFETIME, Connection, Connections, cross_site
-from fjmcp.pages import connections_page
+from fjmcp.pages import connections_page, for_people
 from fjmcp.ratelimit import Limit, RateLimiter
 from fjmcp.web import BrokerApp
 from tests.broker_support import REDIRECT, browser, location
@@ -296,6 +299,34 @@ class FormTokenTests(TestCase):
             (None, "cross-site"),
         ]:
             self.assertTrue(cross_site(origin, site, ours), (origin, site))
+
+    def test_page_strips_format_characters_from_names(self) -> None:
+        page = connections_page(
+            user_login="alice",
+            forgejo_url="http://f",
+            connections=[
+                Connection("c1", "Safe\u202eexe.pdf", True, ("a.example",), None, None, 1, 0),
+                Connection("c2", "\u2067\u200d", True, ("b.example\u202e",), None, None, 1, 0),
+            ],
+            form_token="t",
+            action="/connections/revoke",
+        ).decode()
+        self.assertIn("<b>Safeexe.pdf</b>", page)
+        self.assertIn("<b>An unnamed application</b>", page)
+        self.assertIn("<code>b.example</code>", page)
+        for character in "\u202e\u2067\u200d":
+            self.assertNotIn(character, page)
+
+    @given(st.text())
+    def test_shown_text_has_no_invisible_characters(self, text: str) -> None:
+        """
+        What pages show of a name: no control or format characters, no
+        line breaks of its own, and cleaning it again changes nothing.
+        """
+        shown = for_people(text)
+        for character in shown:
+            self.assertNotIn(unicodedata.category(character), ("Cc", "Cf", "Cs", "Zl", "Zp"))
+        self.assertEqual(for_people(shown), shown)
 
     def test_page_escapes_everything(self) -> None:
         page = connections_page(
