@@ -193,6 +193,14 @@ class Broker:
         self.sessions.startService()
         self.test.addCleanup(children.stopService)
         self.test.addCleanup(self.sessions.stopService)
+        self.mcp = MCPEndpoint(
+            self.sessions,
+            self.store,
+            reactor,
+            max_body=self.config.max_request_body,
+            keepalive=1.0,
+            max_exchanges_per_user=self.config.max_requests_per_user,
+        )
         app = BrokerApp(
             self.config,
             self.store,
@@ -202,14 +210,7 @@ class Broker:
             flow=flow,
             tokens=self.tokens,
             credentials=self.credentials,
-            mcp=MCPEndpoint(
-                self.sessions,
-                self.store,
-                reactor,
-                max_body=self.config.max_request_body,
-                keepalive=1.0,
-                max_exchanges_per_user=self.config.max_requests_per_user,
-            ),
+            mcp=self.mcp,
             connections=Connections(
                 self.store, self.sessions, self.tokens, upstream, self.credentials, reactor
             ),

@@ -5,11 +5,14 @@ badly on request.
     python tests/scripted_child.py [BEHAVIOUR ...]
 
 Behaviours: crash-on-initialize, crash-on-call, garbage, long-line,
-never-answer, ignore-term.  Tools: `whoami` (the token and URL it was given),
-`echo` (its arguments back), `slow` (progress notifications, then the
-answer), `ask` (a sampling request to the client, then its answer),
-`env` (its whole environment), `change` (a tools/list_changed notification),
-`flood` (thousands of large progress notifications, for backpressure).
+never-answer, ignore-term, slow-initialize (answers initialize after 2 s).
+Tools: `whoami` (the token and URL it was given), `echo` (its arguments
+back), `slow` (progress notifications, then the answer), `ask` (a sampling
+request to the client, then its answer), `env` (its whole environment),
+`change` (a tools/list_changed notification), `flood` (thousands of large
+progress notifications, for backpressure), `hang` (never answered, while
+everything else is), `cancelled` (the request ids of every
+notifications/cancelled it got).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ BEHAVIOURS = set(sys.argv[1:])
 lock = threading.Lock()
 waiting: dict[str, threading.Event] = {}
 answers: dict[str, object] = {}
+cancelled: list[object] = []
 
 
 def send(message: dict[str, object]) -> None:
@@ -107,6 +111,10 @@ def call(id: object, name: str, args: dict[str, object], meta: dict[str, object]
                 }
             )
         text(id, "flooded")
+    elif name == "hang":
+        return
+    elif name == "cancelled":
+        text(id, json.dumps(cancelled))
     elif name == "change":
         send({"jsonrpc": "2.0", "method": "notifications/tools/list_changed"})
         text(id, "changed")
@@ -128,9 +136,14 @@ def handle(message: dict[str, object]) -> None:
         return
     if "never-answer" in BEHAVIOURS:
         return
+    if method == "notifications/cancelled":
+        cancelled.append(params.get("requestId"))
+        return
     if method == "initialize":
         if "crash-on-initialize" in BEHAVIOURS:
             os._exit(2)
+        if "slow-initialize" in BEHAVIOURS:
+            time.sleep(2)
         result(
             id,
             {
@@ -153,7 +166,17 @@ def handle(message: dict[str, object]) -> None:
             {
                 "tools": [
                     {"name": n, "inputSchema": {"type": "object"}}
-                    for n in ("whoami", "echo", "slow", "ask", "env", "change", "flood")
+                    for n in (
+                        "whoami",
+                        "echo",
+                        "slow",
+                        "ask",
+                        "env",
+                        "change",
+                        "flood",
+                        "hang",
+                        "cancelled",
+                    )
                 ]
             },
         )

@@ -211,11 +211,12 @@ class SessionTestCase(BrokerTestCase):
         session_id: str | None = None,
         path: str = "/mcp",
         headers: dict[bytes, bytes] | None = None,
+        timeout: float = PROMPT,
     ) -> Reply:
         """
         Start one request to /mcp: the L{Reply} is there once the response
-        headers are; its body goes on arriving.  C{body} is JSON-encoded
-        unless it is already bytes.
+        headers are (within C{timeout} seconds); its body goes on arriving.
+        C{body} is JSON-encoded unless it is already bytes.
         """
         all_headers = {b"Accept": [ACCEPT]}
         if token is not None:
@@ -231,7 +232,8 @@ class SessionTestCase(BrokerTestCase):
         response = await within(
             self.http.request(
                 method, self.broker.url + path, data=data, headers=Headers(all_headers)
-            )
+            ),
+            timeout,
         )
         return Reply(response)
 
