@@ -23,7 +23,7 @@ from twisted.internet.defer import CancelledError, Deferred, DeferredList
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from fjmcp import descriptors, metrics
+from fjmcp import metrics, resources
 from fjmcp.children import (
     Child,
     ChildExit,
@@ -230,7 +230,7 @@ class SessionManager(Service):
         revocation_interval: float = REVOCATION_INTERVAL,
         request_timeout: float = REQUEST_TIMEOUT,
         unused_timeout: float = UNUSED_TIMEOUT,
-        budget: descriptors.Budget | None = None,
+        budget: resources.Budget | None = None,
     ) -> None:
         """
         @param grants: asked every C{revocation_interval} seconds which of
@@ -251,7 +251,7 @@ class SessionManager(Service):
         self._max_line = max_line
         self._request_timeout = request_timeout
         self._unused_timeout = min(unused_timeout, idle_timeout)
-        self._budget = budget or descriptors.Budget()
+        self._budget = budget or resources.Budget()
         # Every live process of each user: sessions' children, children being
         # retired after a renewal, and children still stopping.
         self._processes: dict[int, set[Child]] = {}

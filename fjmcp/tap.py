@@ -23,7 +23,7 @@ from twisted.logger import Logger
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.server import Site
 
-from fjmcp import __version__, descriptors, metrics
+from fjmcp import __version__, metrics, resources
 from fjmcp.authorize import AuthorizationFlow
 from fjmcp.buildinfo import build_info
 from fjmcp.children import ChildSupervisor
@@ -237,8 +237,8 @@ def build_service(config: Config, reactor: Any, schema_version: int) -> MultiSer
     log.debug("configuration: {config!r}", config=config)
     for warning in config.warnings:
         log.warn("{warning}", warning=warning)
-    open_files = descriptors.raise_limit()
-    wanted = descriptors.needed(
+    open_files = resources.raise_limit()
+    wanted = resources.descriptors_needed(
         config.max_sessions, config.max_requests_per_user, config.max_sessions_per_user
     )
     if open_files < wanted:

@@ -25,7 +25,7 @@ from pathlib import Path
 import attrs
 from twisted.trial.unittest import SkipTest, TestCase
 
-from fjmcp import __version__
+from fjmcp import __version__, resources
 from fjmcp.buildinfo import BuildInfo, git_revision, read_build_info
 from fjmcp.config import ENV_PREFIX, OPTIONS, Config, build_config
 from tests.helpers import http_client
@@ -433,6 +433,14 @@ class QuadletTests(TestCase):
         health = one(self.unit, "Container", "HealthCmd")
         self.assertEqual(shlex.split(health), healthcheck_command(containerfile()))
 
+    def test_limits_fit_the_default_caps(self) -> None:
+        nofile = one(self.unit, "Container", "Ulimit")
+        self.assertTrue(nofile.startswith("nofile="), nofile)
+        soft, hard = (int(v) for v in nofile.removeprefix("nofile=").split(":"))
+        self.assertEqual(soft, hard)
+        self.assertGreaterEqual(soft, default_descriptors_needed())
+        self.assertGreaterEqual(int(one(self.unit, "Container", "PidsLimit")), default_tasks())
+
     def test_no_privileges(self) -> None:
         self.assertEqual(one(self.unit, "Container", "User"), "65532")
         self.assertEqual(one(self.unit, "Container", "DropCapability"), "ALL")
@@ -452,10 +460,43 @@ def unit_copy(test: TestCase, *paths: Path) -> Path:
     return directory
 
 
+def _default(name: str) -> str:
+    default = next(o.default for o in OPTIONS if o.name == name)
+    assert default is not None
+    return default
+
+
+def default_descriptors_needed() -> int:
+    """
+    What a broker with the default caps may hold open (L{resources}).
+    """
+    return resources.descriptors_needed(
+        int(_default("max-sessions")),
+        int(_default("max-requests-per-user")),
+        int(_default("max-sessions-per-user")),
+    )
+
+
+def default_tasks() -> int:
+    return resources.tasks_needed(
+        int(_default("max-sessions")), int(_default("max-sessions-per-user"))
+    )
+
+
 class SystemdUnitTests(TestCase):
     def setUp(self) -> None:
         self.service = parse_unit(SERVICE)
         self.socket = parse_unit(SOCKET)
+
+    def test_limits_fit_the_default_caps(self) -> None:
+        """
+        LimitNOFILE= and TasksMax= leave room for a broker at its default
+        caps, so it refuses sessions (503) before the kernel refuses it.
+        """
+        self.assertGreaterEqual(
+            int(one(self.service, "Service", "LimitNOFILE")), default_descriptors_needed()
+        )
+        self.assertGreaterEqual(int(one(self.service, "Service", "TasksMax")), default_tasks())
 
     def test_verify(self) -> None:
         """

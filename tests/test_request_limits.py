@@ -18,7 +18,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.task import deferLater
 
-from fjmcp import descriptors
+from fjmcp import resources
 from tests.test_sessions import (
     PROMPT,
     Reply,
@@ -321,7 +321,7 @@ class CapTests(SessionTestCase):
     async def test_out_of_descriptors(self) -> None:
         token = await self.token()
         session_id = await self.open_session(token)
-        self.broker.sessions._budget = descriptors.Budget(count=lambda: 1000, cap=lambda: 1024)
+        self.broker.sessions._budget = resources.Budget(count=lambda: 1000, cap=lambda: 1024)
         refused = await self.post(token, initialize(2))
         answer = self.assert_rpc_error(refused, 503)
         self.assertIn("file descriptors", answer["error"]["message"])
@@ -380,12 +380,12 @@ class FloodTests(SessionTestCase):
         alices = await self.open_session(alice)
         bobs = await self.open_session(bob)
         await self.rpc(bob, bobs, tool(0, "echo"))
-        baseline_fds = descriptors.in_use()
+        baseline_fds = resources.in_use()
         most = _watch_processes(self)
         peak_fds = [baseline_fds]
 
         def sample() -> None:
-            peak_fds.append(descriptors.in_use())
+            peak_fds.append(resources.in_use())
 
         from twisted.internet.task import LoopingCall
 
@@ -426,7 +426,7 @@ class FloodTests(SessionTestCase):
         await wait_until(lambda: len(self.broker.sessions._children) <= 2 + 3)
         # Descriptors come back (within the sessions alice may keep).
         await wait_until(
-            lambda: descriptors.in_use() <= baseline_fds + 3 * descriptors.PER_CHILD + 8,
+            lambda: resources.in_use() <= baseline_fds + 3 * resources.PER_CHILD + 8,
             timeout=30,
         )
         await self.rpc(bob, bobs, tool(99, "echo"))

@@ -1,6 +1,8 @@
 """
-The process's file descriptors: how many it holds, how many it may hold,
-and whether another child fits.
+What the broker's process may hold: file descriptors (how many it holds,
+its limit, whether another child fits) and the tasks (threads) it and its
+children need, from which the units' C{LimitNOFILE=} and C{TasksMax=} are
+sized.
 
 Every session's child costs the broker three pipe descriptors, and every
 open HTTP exchange one socket; when the process runs out, accept() and
@@ -62,7 +64,7 @@ def raise_limit() -> int:
     return limit()
 
 
-def needed(max_sessions: int, max_requests_per_user: int, max_per_user: int) -> int:
+def descriptors_needed(max_sessions: int, max_requests_per_user: int, max_per_user: int) -> int:
     """
     Descriptors a broker at its session cap may hold: each session's child
     pipes and its open exchanges (a GET stream and, at most, its user's
@@ -70,6 +72,22 @@ def needed(max_sessions: int, max_requests_per_user: int, max_per_user: int) -> 
     """
     per_session = PER_CHILD + 1 + max(1, max_requests_per_user // max(1, max_per_user))
     return max_sessions * per_session + RESERVE
+
+
+# forgejo-mcp (Go) runs 6 OS threads idle and starts more for blocking
+# system calls; the broker itself has the reactor, Twisted's thread pool
+# (10) and the database pool.
+THREADS_PER_CHILD = 16
+BROKER_THREADS = 32
+
+
+def tasks_needed(max_sessions: int, max_per_user: int) -> int:
+    """
+    Tasks (threads of every process) a broker at its caps may run: at most
+    C{max_sessions + max_per_user} children exist, those still stopping
+    included (L{fjmcp.sessions.SessionManager.create}).
+    """
+    return (max_sessions + max_per_user) * THREADS_PER_CHILD + BROKER_THREADS
 
 
 @attrs.frozen
