@@ -82,6 +82,10 @@ class ParseTests(SynchronousTestCase):
         self.assertEqual(config.forgejo_client_secret, "the-client-secret")
         self.assertEqual(config.max_sessions, 7)
         self.assertEqual(config.log_level, LogLevel.debug)
+        # The limits that make every request end, at their defaults.
+        self.assertEqual(config.request_timeout, 300.0)
+        self.assertEqual(config.session_unused_timeout, 120.0)
+        self.assertEqual(config.max_requests_per_user, 64)
         self.assertEqual(config.listen, (DEFAULT_LISTEN,))
         self.assertEqual(len(config.secret_key), 32)
         self.assertTrue(Path(self.data_dir).is_dir())
@@ -133,6 +137,8 @@ class ParseTests(SynchronousTestCase):
                     "log-format": "xml",
                     "forgejo-mcp": str(self.tmp / "missing-binary"),
                     "trusted-proxies": "10.0.0.0/8 not-an-ip",
+                    "request-timeout": "0",
+                    "max-requests-per-user": "many",
                 },
                 ["bogus:123"],
                 environ,
@@ -151,9 +157,11 @@ class ParseTests(SynchronousTestCase):
             "--secret-key-file: required",
             "forgejo-mcp binary",
             "--forgejo-client-secret-file (or --forgejo-client-secret): required",
+            "--request-timeout: must be longer than zero: '0'",
+            "--max-requests-per-user: not a whole number: 'many'",
         ]:
             self.assertIn(needle, joined)
-        self.assertEqual(len(problems), 11, joined)
+        self.assertEqual(len(problems), 13, joined)
         for line in problems:
             self.assertNotIn("\n", line)
 
@@ -163,7 +171,8 @@ class ParseTests(SynchronousTestCase):
         and exits with status 2 rather than raising a traceback.
         """
         options = Options()
-        options.environ = {}
+        # Whether a forgejo-mcp is on PATH must not change the count.
+        options.environ = {"FJMCP_FORGEJO_MCP": str(self.tmp / "missing-binary")}
         stderr = io.StringIO()
         self.patch(sys, "stderr", stderr)
         with self.assertRaises(SystemExit) as cm:
