@@ -9,6 +9,7 @@ behind it, raw HTTP in front.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -17,8 +18,10 @@ from typing import Any
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.task import deferLater
+from twisted.web.server import Request
 
 from fjmcp import resources
+from fjmcp.mcp_http import BatchExchange, PostExchange
 from tests.test_sessions import (
     PROMPT,
     Reply,
@@ -341,6 +344,15 @@ class CapTests(SessionTestCase):
         self.assertTrue(self.live(used))
 
 
+def _held() -> int:
+    """
+    How many HTTP requests and /mcp exchanges are alive in this process.
+    """
+    gc.collect()
+    kinds = (Request, PostExchange, BatchExchange)
+    return sum(1 for o in gc.get_objects() if isinstance(o, kinds))
+
+
 def _alice_id(test: SessionTestCase) -> int:
     ids = {s.user_id for s in test.broker.sessions._sessions.values() if s.user_login == "alice"}
     return ids.pop() if ids else -1
@@ -381,6 +393,7 @@ class FloodTests(SessionTestCase):
         bobs = await self.open_session(bob)
         await self.rpc(bob, bobs, tool(0, "echo"))
         baseline_fds = resources.in_use()
+        baseline_objects = _held()
         most = _watch_processes(self)
         peak_fds = [baseline_fds]
 
@@ -430,3 +443,5 @@ class FloodTests(SessionTestCase):
             timeout=30,
         )
         await self.rpc(bob, bobs, tool(99, "echo"))
+        # Memory: nothing of the flood's thousand exchanges is still held.
+        await wait_until(lambda: _held() <= baseline_objects)
