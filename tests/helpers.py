@@ -16,7 +16,10 @@ from cryptography.x509.oid import NameOID
 from treq.client import HTTPClient
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import LogLevel
+from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.resource import Resource
@@ -126,3 +129,36 @@ class Answer:
 
     def finish(self, response: dict[str, Any]) -> None:
         self.done.callback(response)
+
+
+class _RawExchange(Protocol):
+    """
+    Send bytes as they are (no client library would send these), collect
+    the answer until the server closes.
+    """
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+        self._received: list[bytes] = []
+        self.done: Deferred[bytes] = Deferred()
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.write(self._data)
+
+    def dataReceived(self, data: bytes) -> None:
+        self._received.append(data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.done.callback(b"".join(self._received))
+
+
+async def raw_http(url: str, data: bytes) -> bytes:
+    """
+    Send C{data} as it is to the server at C{url} (http://127.0.0.1:PORT) and
+    return everything it answers until it closes the connection.
+    """
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    protocol = _RawExchange(data)
+    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), protocol)
+    return await protocol.done

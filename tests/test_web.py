@@ -12,10 +12,7 @@ from hypothesis import strategies as st
 from treq.testing import StubTreq
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, fail
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import Clock
-from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from fjmcp import __version__
@@ -24,7 +21,7 @@ from fjmcp.buildinfo import build_info
 from fjmcp.connections import Connections
 from fjmcp.store import Store, migrate_database
 from fjmcp.web import BrokerApp
-from tests.helpers import http_client, make_config, serve
+from tests.helpers import http_client, make_config, raw_http, serve
 
 
 class BrokenStore:
@@ -91,37 +88,13 @@ class HealthTests(TestCase):
         self.assertEqual(response.code, 404)
 
 
-class _Exchange(Protocol):
-    """
-    Send bytes as they are (no client library would send these), collect
-    the answer until the server closes.
-    """
-
-    def __init__(self, data: bytes) -> None:
-        self._data = data
-        self._received: list[bytes] = []
-        self.done: Deferred[bytes] = Deferred()
-
-    def connectionMade(self) -> None:
-        assert self.transport is not None
-        self.transport.write(self._data)
-
-    def dataReceived(self, data: bytes) -> None:
-        self._received.append(data)
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self.done.callback(b"".join(self._received))
-
-
 class RawURLTests(TestCase):
     async def exchange(self, target: bytes, host: bytes = b"mcp.example.org") -> tuple[int, bytes]:
         url = serve(self, app_over(self, BrokenStore(), reactor).resource())
-        port = int(url.rsplit(":", 1)[1])
-        protocol = _Exchange(
-            b"GET " + target + b" HTTP/1.1\r\nHost: " + host + b"\r\nConnection: close\r\n\r\n"
+        answer = await raw_http(
+            url,
+            b"GET " + target + b" HTTP/1.1\r\nHost: " + host + b"\r\nConnection: close\r\n\r\n",
         )
-        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), protocol)
-        answer = await protocol.done
         head, _, body = answer.partition(b"\r\n\r\n")
         return int(head.split(b" ")[1]), body
 
