@@ -454,10 +454,11 @@ class MCPEndpoint:
             return self._json(request, 503, rpc_error(message["id"], INTERNAL_ERROR, str(e)))
         holder.append(session)
         session.initialize = message
-        router = self._sessions.client_request(session, message, exchange)
+        self._sessions.client_request(session, message, exchange)
         await self._hold(user_id, exchange.done)
-        if _abandon(router, exchange, exchange) and not session.ended:
+        if exchange.gone and not session.ended:
             # The client never learnt this session's id: nobody can use it.
+            # (Ending it forgets the initialize; MCP has no cancelling one.)
             self._sessions.end(session, "the client went away during initialize", "abandoned")
         return None
 

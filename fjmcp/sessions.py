@@ -47,7 +47,6 @@ REVOCATION_INTERVAL = 2.0
 # Claude gives a tool call 300 s; no request waits longer by default, and a
 # retiring child gets no longer either.
 REQUEST_TIMEOUT = 300.0
-RETIRE_TIMEOUT = REQUEST_TIMEOUT
 # A session that got nothing after initialize (mcp-remote opens a second one
 # per start and never uses it) is reaped this much sooner than an idle one.
 UNUSED_TIMEOUT = 120.0
@@ -511,7 +510,7 @@ class SessionManager(Service):
         )
         # Whatever happens, a retiring child is gone after the longest a
         # client waits for a tool call.
-        deadline = self._reactor.callLater(RETIRE_TIMEOUT, old_child.stop)
+        deadline = self._reactor.callLater(self._request_timeout, old_child.stop)
 
         def cancel_deadline(result: ChildExit) -> ChildExit:
             if deadline.active():
@@ -598,13 +597,10 @@ class SessionManager(Service):
     def reap(self) -> None:
         now = self._reactor.seconds()
         cutoff = now - self._idle_timeout
-        # A request in flight keeps an idle session, but not for longer than
-        # any client waits for an answer: a child that never answers must
-        # not pin its session (and a process) for good.
-        stuck = now - max(self._idle_timeout, RETIRE_TIMEOUT)
         unused_cutoff = now - self._unused_timeout
         for session in list(self._sessions.values()):
-            if session.router.in_flight and session.last_used >= stuck:
+            if session.router.in_flight:
+                # A request in flight keeps a session, and ends by its deadline.
                 continue
             if session.last_used < cutoff:
                 log.info(

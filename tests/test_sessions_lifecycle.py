@@ -18,7 +18,6 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
-from fjmcp import sessions as sessions_module
 from fjmcp.children import ChildExit
 from tests.helpers import Answer
 from tests.test_sessions import (
@@ -141,13 +140,11 @@ class CapTests(SessionTestCase):
 
     async def test_a_stuck_request_does_not_keep_a_session_forever(self) -> None:
         """
-        A request nobody waits for any more (Claude gives a tool call
-        RETIRE_TIMEOUT seconds) does not pin an idle session and its child:
-        after both the idle timeout and that bound, the session is reaped
-        and the request answered with an error.
+        A request in flight keeps an idle session, but only until its
+        deadline (--request-timeout): then it is answered with an error and
+        the session is reaped like any idle one.
         """
-        self.patch(sessions_module, "RETIRE_TIMEOUT", 1.0)
-        self.use_broker(session_idle_timeout=0.5)
+        self.use_broker(session_idle_timeout=0.5, request_timeout=1.0)
         token = await self.token()
         session_id = await self.open_session(token)
         asking = await self.send("POST", token, tool("stuck", "ask"), session_id)
@@ -156,11 +153,10 @@ class CapTests(SessionTestCase):
         await deferLater(reactor, max(0.0, last_used + 0.5 - reactor.seconds()) + 0.1, lambda: None)
         self.broker.sessions.reap()
         self.assertTrue(self.live(session_id))
-        await deferLater(reactor, max(0.0, last_used + 1.0 - reactor.seconds()) + 0.1, lambda: None)
-        self.broker.sessions.reap()
         await asking.finished()
         self.assertEqual(asking.events[-1]["id"], "stuck")
-        self.assertIn("idle", asking.events[-1]["error"]["message"])
+        self.assertIn("timed out", asking.events[-1]["error"]["message"])
+        self.broker.sessions.reap()
         await self.assert_gone(token, session_id)
 
 
