@@ -1,6 +1,7 @@
 """
 Users' Forgejo credentials: sealing them into the store, and handing out a
-usable Forgejo access token, refreshed when it is about to expire.
+usable Forgejo access token, refreshed when it is about to expire (how long
+before depends on the lifetime Forgejo gave it, see L{refresh_margin}).
 
 Forgejo invalidates every older refresh token of a user on each issue, so a
 user's credential is refreshed by one request at a time: concurrent callers
@@ -30,12 +31,30 @@ from fjmcp.upstream import (
 # Refresh a Forgejo token this long before it expires, so a child started
 # with it does not meet an expired token in the middle of a tool call.
 REFRESH_MARGIN = 300.0
+# ... or in the last quarter of its life when that is shorter: a margin as
+# long as the lifetime (Forgejo can be set to hand out tokens of a few
+# minutes) would renew the token, and replace the child, on every request.
+# A quarter keeps renewals within 4/3 of the fewest possible while a call
+# that started on the old child keeps a quarter of the lifetime to finish.
+REFRESH_FRACTION = 0.25
 # How long a user's token is handed out from memory before the store is
 # asked again (which also notices a credential removed by the admin command).
 CACHE_SECONDS = 5.0
 CACHE_SIZE = 10_000
 
 log = Logger()
+
+
+def refresh_margin(lifetime: float | None, cap: float = REFRESH_MARGIN) -> float:
+    """
+    How long before its expiry a token that Forgejo gave C{lifetime}
+    seconds is renewed: C{cap}, or a quarter of the lifetime when that is
+    less.  An unknown lifetime (a credential stored before lifetimes were
+    kept) gets the whole C{cap}, as it always did.
+    """
+    if lifetime is None:
+        return cap
+    return min(cap, lifetime * REFRESH_FRACTION)
 
 
 class LoginRequiredError(Exception):
@@ -97,12 +116,13 @@ class UpstreamCredentials:
             (self._box.seal(refresh, credential_context(user.id, "refresh")) if refresh else None),
             tokens.expires_at,
             tokens.scope,
+            tokens.lifetime,
         )
 
     async def access_token(self, forgejo_user_id: int) -> str:
         """
         A Forgejo access token for the user that is good for at least the
-        refresh margin.
+        refresh margin of its lifetime.
 
         @raise LoginRequiredError: no credential, or Forgejo refused to renew it.
         @raise fjmcp.upstream.UpstreamError: Forgejo could not be reached.
@@ -134,7 +154,8 @@ class UpstreamCredentials:
 
     def _usable(self, cred: SealedCredential) -> str | None:
         now = self._clock.seconds()
-        if cred.expires_at - now <= self._margin:
+        margin = refresh_margin(cred.lifetime, self._margin)
+        if cred.expires_at - now <= margin:
             return None
         try:
             token = self._box.open(
@@ -146,7 +167,7 @@ class UpstreamCredentials:
             self._cache.clear()
         self._cache[cred.forgejo_user_id] = (
             token,
-            min(cred.expires_at - self._margin, now + CACHE_SECONDS),
+            min(cred.expires_at - margin, now + CACHE_SECONDS),
         )
         return token
 

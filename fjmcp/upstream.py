@@ -66,6 +66,8 @@ class UpstreamTokens:
     """
     A Forgejo credential.  C{expires_at} is absolute, on the client's clock,
     counted from when the token request was sent (so it errs early).
+    C{lifetime} is the access token's lifetime as Forgejo gave it
+    (C{expires_in}); L{None} where it is not known.
     C{scope} is what the broker asked for: Forgejo's answer names no scope,
     and for a returning user Forgejo keeps the scope the grant was created
     with, so it is not necessarily what the grant allows.
@@ -75,6 +77,7 @@ class UpstreamTokens:
     refresh_token: str | None = attrs.field(repr=False)
     expires_at: float
     scope: str
+    lifetime: float | None = None
 
 
 @attrs.frozen
@@ -382,6 +385,7 @@ class ForgejoClient:
             refresh_token=refresh_token,
             expires_at=sent_at + expires_in,
             scope=self.scope,
+            lifetime=float(expires_in),
         )
 
     # --- the API

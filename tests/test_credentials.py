@@ -9,14 +9,21 @@ import os
 import sqlite3
 from pathlib import Path
 
+from hypothesis import given
+from hypothesis import strategies as st
 from treq.client import HTTPClient
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.task import Clock
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 
-from fjmcp.credentials import LoginRequiredError, UpstreamCredentials
+from fjmcp.credentials import (
+    REFRESH_MARGIN,
+    LoginRequiredError,
+    UpstreamCredentials,
+    refresh_margin,
+)
 from fjmcp.crypto import SecretBox
 from fjmcp.standin.model import Forge, seed
 from fjmcp.standin.web import StandinForgejo
@@ -81,6 +88,39 @@ class CredentialTests(TestCase):
         )
         await self.credentials.save(ForgejoUser(user.id, user.login, user.full_name), tokens)
         return tokens
+
+    async def test_short_lifetime_is_renewed_near_its_end_only(self) -> None:
+        """
+        Forgejo handing out 120 s tokens (less than the 300 s margin): six
+        requests within a second renew nothing (they used to renew on every
+        request, 7 renewals for 6 requests, each replacing the child), one
+        later on neither, and one in the token's last quarter does.
+        """
+        self.forge.access_token_lifetime = 120
+        user = self.forge.user_by_login("alice")
+        assert user is not None
+        grant = self.forge.ensure_grant(user.id, "broker", "read:user")
+        code = self.forge.issue_code(grant, "http://127.0.0.1/cb", "", "")
+        # Through Forgejo's token endpoint, so its expires_in is what is stored.
+        await self.credentials.sign_in(code, "")
+        first = await self.credentials.access_token(1)
+        for _ in range(6):
+            self.clock.advance(1 / 6)
+            self.assertEqual(await self.credentials.access_token(1), first)
+        # Past the in-memory cache: the stored row decides.
+        self.clock.advance(60)
+        self.assertEqual(await self.credentials.access_token(1), first)
+        self.assertEqual(self.refreshes, 0)
+        # 120 s after it was asked for, less a quarter: time to renew.
+        self.clock.advance(120 - 30 - 61 + 0.5)
+        renewed = await self.credentials.access_token(1)
+        self.assertNotEqual(renewed, first)
+        self.assertEqual(self.refreshes, 1)
+        self.assertEqual(self.forge.user_for_access_token(renewed)[0].login, "alice")  # type: ignore[index]
+        # The renewed token has the same 120 s, so it is not renewed at once.
+        self.clock.advance(1)
+        self.assertEqual(await self.credentials.access_token(1), renewed)
+        self.assertEqual(self.refreshes, 1)
 
     async def test_fresh_token_is_used_as_is(self) -> None:
         tokens = await self.login()
@@ -157,3 +197,23 @@ class CredentialTests(TestCase):
         )
         with self.assertRaises(LoginRequiredError):
             await other.access_token(1)
+
+
+class RefreshMarginTests(SynchronousTestCase):
+    @given(st.one_of(st.integers(1, 10**9), st.floats(min_value=1e-6, max_value=1e12)))
+    def test_margin_bounds(self, lifetime: float) -> None:
+        """
+        For any positive lifetime: never negative, never more than 300 s,
+        and more than zero but less than the lifetime, so a token is renewed
+        strictly before it expires and not as soon as it arrives.
+        """
+        margin = refresh_margin(lifetime)
+        self.assertGreater(margin, 0)
+        self.assertLessEqual(margin, REFRESH_MARGIN)
+        self.assertLess(margin, lifetime)
+
+    def test_long_and_unknown_lifetimes_keep_the_full_margin(self) -> None:
+        self.assertEqual(refresh_margin(3600), REFRESH_MARGIN)
+        # A credential stored before lifetimes were (schema 1): as before.
+        self.assertEqual(refresh_margin(None), REFRESH_MARGIN)
+        self.assertEqual(refresh_margin(120), 30)

@@ -221,22 +221,25 @@ class ForgejoMCPSessionTests(TestCase):
 
     async def test_renewal_mid_session(self) -> None:
         """
-        Forgejo access tokens that the broker renews every second or so (it
-        renews one with less than five minutes left; these are issued for
-        301 s): the client keeps calling a tool across several renewals and
-        notices nothing.  The stand-in is strict (L{APIWatch}): each renewal
-        kills the previous token at once, so a call that still reached a
-        child holding it would fail; and the API sees a new token after each
-        renewal, which proves the session moved to a child holding it.
+        Forgejo access tokens that the broker renews every three seconds or
+        so (it renews one in the last quarter of its lifetime; these are
+        issued for 4 s): the client keeps calling a tool across several
+        renewals and notices nothing.  The stand-in is strict (L{APIWatch}):
+        each renewal kills the previous token at once, so a call that still
+        reached a child holding it would fail; and the API sees a new token
+        after each renewal, which proves the session moved to a child
+        holding it.
         (With renewal switched off, both checks fail: the strict stand-in's
         401 comes back to the SDK as an MCP error, and without strictness
         the API sees only the first token.)
         """
-        self.broker.forge.access_token_lifetime = 301
+        # Not shorter: the stand-in counts expiry in whole seconds, so a 4 s
+        # token lives more than the 3 s after which the broker renews it.
+        self.broker.forge.access_token_lifetime = 4
         self.watch.strict = True
-        summary = await self.run_client("alice", *calls(*[ME] * 8), "--call-interval", "0.6")
+        summary = await self.run_client("alice", *calls(*[ME] * 14), "--call-interval", "0.6")
         me = self.results(summary, "get_my_user_info")
-        self.assertEqual([m["login"] for m in me], ["alice"] * 8)
+        self.assertEqual([m["login"] for m in me], ["alice"] * 14)
         self.assertGreaterEqual(self.watch.refreshes, 2)
         self.assertEqual([r for r in self.watch.seen if r.refused], [])
         tokens = {r.token for r in self.watch.seen}

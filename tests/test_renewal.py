@@ -81,3 +81,25 @@ class RenewalTests(BrokerTestCase):
             self.fail("the retired child is still running")
         self.assertEqual((await self.call("whoami", id=12))["pid"], after["pid"])
         self.assertEqual(len(self.broker.sessions), 1)
+
+    async def test_short_lifetime_does_not_renew_every_request(self) -> None:
+        """
+        The issue's reproduction: Forgejo handing out 120 s tokens, less
+        than the 300 s refresh margin.  Six tool calls within a second used
+        to renew the token six times and start a new child for each; now
+        they share one token and one child.
+        """
+        self.broker.forge.access_token_lifetime = 120
+        credentials = self.broker.credentials
+        renewals = []
+        real_refresh = credentials._upstream.refresh
+
+        async def counting_refresh(token: str) -> UpstreamTokens:
+            renewals.append(token)
+            return await real_refresh(token)
+
+        credentials._upstream.refresh = counting_refresh  # type: ignore[method-assign, assignment]
+        self.token, self.session_id = await self.mcp_session()
+        seen = [await self.call("whoami", id=20 + i) for i in range(6)]
+        self.assertEqual(renewals, [])
+        self.assertEqual(len({(s["pid"], s["token"]) for s in seen}), 1, seen)

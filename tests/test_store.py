@@ -174,6 +174,35 @@ class CredentialTests(StoreTestCase):
         self.assertEqual(await store.get_user(7), renamed)
         self.assertNotIn("a3", repr(cred))
 
+    async def test_lifetime_kept_and_old_rows_still_read(self) -> None:
+        """
+        The token lifetime Forgejo gave is stored with the credential; a
+        row written under schema 1 (no lifetime) reads back with lifetime
+        None after the upgrade, everything else intact.
+        """
+        conn = sqlite3.connect(self.path, isolation_level=None)
+        apply_migrations(conn.cursor(), self.path, 0.0, known_migrations()[:1])
+        conn.execute("INSERT INTO users VALUES (1, 'old', '', 0, 0)")
+        conn.execute(
+            "INSERT INTO upstream_credentials (forgejo_user_id, access_token_enc,"
+            " refresh_token_enc, expires_at, scope, updated_at)"
+            " VALUES (1, x'aa', x'bb', 50.0, 's', 0)"
+        )
+        conn.close()
+        store = self.open_store()
+        old = await store.get_upstream_credential(1)
+        assert old is not None
+        self.assertEqual(
+            (old.access_token_enc, old.refresh_token_enc, old.expires_at, old.lifetime),
+            (b"\xaa", b"\xbb", 50.0, None),
+        )
+        await store.replace_upstream_credential(
+            UpstreamUser(1, "old"), b"a2", b"r2", 170.0, "s", lifetime=120.0
+        )
+        new = await store.get_upstream_credential(1)
+        assert new is not None
+        self.assertEqual((new.expires_at, new.lifetime, new.generation), (170.0, 120.0, 2))
+
     async def test_concurrent_replacements(self) -> None:
         """
         Many replacements at once: every one gets its own generation and the

@@ -204,6 +204,8 @@ class StandinTests(TestCase):
     async def test_expires_at_is_on_the_clients_clock(self) -> None:
         tokens = await self.tokens()
         self.assertEqual(tokens.expires_at, 1000 + 3600)
+        # Forgejo's expires_in, which sets how early the token is renewed.
+        self.assertEqual(tokens.lifetime, 3600)
         self.clock.advance(600)
         assert tokens.refresh_token is not None
         renewed = await self.client.refresh(tokens.refresh_token)
@@ -498,6 +500,7 @@ class CannedTests(TestCase):
         self.clock.advance(50)
         tokens = await self.client(self.listen(canned)).refresh("eyJ.some.refresh")
         self.assertEqual(tokens.expires_at, 50 + 3600)
+        self.assertEqual(tokens.lifetime, 3600)
         self.assertIsNone(tokens.refresh_token)
         self.assertEqual(tokens.scope, "read:user write:repository")
 

@@ -25,6 +25,8 @@ class UpstreamUser:
 class SealedCredential:
     """
     A user's Forgejo tokens as stored: sealed, never in the clear.
+    C{lifetime} is the access token's lifetime as Forgejo gave it; L{None}
+    for a credential stored before that was kept.
     """
 
     forgejo_user_id: int
@@ -34,6 +36,7 @@ class SealedCredential:
     scope: str
     generation: int
     updated_at: float
+    lifetime: float | None = None
 
 
 class CredentialStore(Database):
@@ -44,6 +47,7 @@ class CredentialStore(Database):
         refresh_token_enc: bytes | None,
         expires_at: float,
         scope: str,
+        lifetime: float | None = None,
     ) -> Deferred[int]:
         """
         Record C{user} and make the given sealed tokens their only upstream
@@ -63,12 +67,13 @@ class CredentialStore(Database):
             )
             txn.execute(
                 "INSERT INTO upstream_credentials (forgejo_user_id, access_token_enc,"
-                " refresh_token_enc, expires_at, scope, generation, updated_at)"
-                " VALUES (?, ?, ?, ?, ?, 1, ?)"
+                " refresh_token_enc, expires_at, scope, generation, updated_at, lifetime)"
+                " VALUES (?, ?, ?, ?, ?, 1, ?, ?)"
                 " ON CONFLICT (forgejo_user_id) DO UPDATE SET"
                 " access_token_enc = excluded.access_token_enc,"
                 " refresh_token_enc = excluded.refresh_token_enc,"
                 " expires_at = excluded.expires_at, scope = excluded.scope,"
+                " lifetime = excluded.lifetime,"
                 " generation = upstream_credentials.generation + 1,"
                 " updated_at = excluded.updated_at"
                 " RETURNING generation",
@@ -79,6 +84,7 @@ class CredentialStore(Database):
                     expires_at,
                     scope,
                     now,
+                    lifetime,
                 ),
             )
             return int(txn.fetchone()[0])
@@ -89,7 +95,7 @@ class CredentialStore(Database):
         def q(txn: Txn) -> SealedCredential | None:
             txn.execute(
                 "SELECT forgejo_user_id, access_token_enc, refresh_token_enc, expires_at,"
-                " scope, generation, updated_at FROM upstream_credentials"
+                " scope, generation, updated_at, lifetime FROM upstream_credentials"
                 " WHERE forgejo_user_id = ?",
                 (forgejo_user_id,),
             )
