@@ -12,7 +12,7 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.web.http_headers import Headers
 
 from fjmcp.upstream import UpstreamTokens
-from tests.broker_support import BrokerTestCase
+from tests.broker_support import Broker, BrokerTestCase
 
 INITIALIZE = b'{"jsonrpc":"2.0","id":1,"method":"initialize","params":{}}'
 
@@ -108,6 +108,9 @@ class GateTests(BrokerTestCase):
         self.assertIn('error="invalid_token"', self.www_auth(headers))
 
     async def test_concurrent_requests_one_upstream_refresh(self) -> None:
+        # Room for ten sessions of one user: each request here opens one,
+        # and the point is the one refresh behind them, not the caps.
+        self.broker = Broker(self, max_sessions_per_user=10, max_sessions=20)
         tokens = await self.login_tokens()
         await self.expire_upstream()
         grant = self.broker.forge.grant_for(1, "fjmcp-broker")
