@@ -20,7 +20,7 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError
 from twisted.internet.error import CannotListenError, ReactorNotRunning
-from twisted.internet.interfaces import IProtocolFactory, IStreamServerEndpoint
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -89,6 +89,8 @@ class Listener(StreamServerEndpointService):
         self._on_exit = on_exit
         self._listening_now = False
         self._failed_now: Failure | None = None
+        # Once listening: the port (its getHost() says where, e.g. for tcp:0).
+        self.port: IListeningPort | None = None
 
     def privilegedStartService(self) -> None:
         # Not the parent's: it logs the failure with a traceback before any
@@ -97,11 +99,15 @@ class Listener(StreamServerEndpointService):
         self._listening_now = True
         try:
             self._waitingForPort = self.endpoint.listen(self.factory)
-            self._waitingForPort.addErrback(self._cannot_listen)
+            self._waitingForPort.addCallbacks(self._listening, self._cannot_listen)
         finally:
             self._listening_now = False
         if self._failed_now is not None:
             self._give_up(self._failed_now)
+
+    def _listening(self, port: IListeningPort) -> IListeningPort:
+        self.port = port
+        return port
 
     def _cannot_listen(self, failure: Failure) -> None:
         if failure.check(CancelledError):

@@ -58,7 +58,6 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessColl
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IServiceCollection
 from twisted.internet import endpoints
 from twisted.internet.defer import Deferred
@@ -487,7 +486,7 @@ def metrics_site(registry: CollectorRegistry) -> Site:
 
 def serve_metrics(
     parent: IServiceCollection, reactor: Any, description: str, registry: CollectorRegistry
-) -> StreamServerEndpointService:
+) -> Listener:
     """
     Add to C{parent} the separate listener on C{description} that serves
     C{registry} on C{/metrics}; like the public one, it ends the daemon

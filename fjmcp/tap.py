@@ -13,12 +13,13 @@ import sys
 from http.cookiejar import DefaultCookiePolicy
 from typing import Any
 
+import attrs
 from treq.client import HTTPClient
 from treq.cookies import IndexableCookieJar
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
 from twisted.internet import endpoints
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import Logger
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.server import Site
@@ -36,9 +37,9 @@ from fjmcp.credentials import UpstreamCredentials
 from fjmcp.keyring import secret_box
 from fjmcp.listeners import Listener
 from fjmcp.logs import prepare_twistd_observer
-from fjmcp.mcp_http import MCPEndpoint
+from fjmcp.mcp_http import KEEPALIVE, MCPEndpoint
 from fjmcp.ratelimit import RateLimiter
-from fjmcp.sessions import SessionManager
+from fjmcp.sessions import REVOCATION_INTERVAL, SessionManager
 from fjmcp.store import Store, StoreError, migrate_database
 from fjmcp.tokens import TokenService
 from fjmcp.upstream import ForgejoClient
@@ -75,6 +76,41 @@ class StoreService(Service):
     def stopService(self) -> None:
         super().stopService()
         self.store.close()
+
+
+class InOrder(MultiService):
+    """
+    A C{MultiService} that stops its services one after the other, in
+    reverse order, each once the previous one has finished stopping.
+    Twisted's stops them all at once, so the database pool closed while a
+    purge or a session's last write was still queued for it, and that
+    write's Deferred (which the timer waits for) never fired.
+    """
+
+    def stopService(self) -> Deferred[None]:
+        Service.stopService(self)
+        return Deferred.fromCoroutine(self._stop_each())
+
+    async def _stop_each(self) -> None:
+        for service in reversed(list(self)):
+            try:
+                await maybeDeferred(service.stopService)
+            except Exception:
+                log.failure("stopping {service} failed", service=service)
+
+
+class PoolService(Service):
+    """
+    Closes the kept-alive connections to Forgejo when the daemon stops,
+    instead of leaving them to the process's end.
+    """
+
+    def __init__(self, pool: HTTPConnectionPool) -> None:
+        self._pool = pool
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        return self._pool.closeCachedConnections()
 
 
 class CleanShutdown(Service):
@@ -138,8 +174,62 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     return top
 
 
+@attrs.frozen
+class Seams:
+    """
+    What a test may set in the broker's wiring, and nothing more: the
+    production values are the defaults.
+    """
+
+    # The child's program and leading arguments, instead of --forgejo-mcp
+    # (tests run a scripted child through an interpreter).
+    child_command: tuple[str, ...] = ()
+    # How long a stopping child gets after its stdin closes, and after SIGTERM.
+    child_grace: tuple[float, float] = (1.0, 2.0)
+    max_line: int | None = None
+    revocation_interval: float = REVOCATION_INTERVAL
+    sse_keepalive: float = KEEPALIVE
+    # What https client metadata documents are checked against (None: the
+    # platform's trust store).
+    cimd_trust_root: object | None = None
+
+
+@attrs.define
+class Broker:
+    """
+    Everything the composition root built, for whoever runs it: twistd
+    runs C{service}; tests also reach the parts.
+    """
+
+    service: MultiService
+    store: Store
+    children: ChildSupervisor
+    sessions: SessionManager
+    clients: ClientRegistry
+    upstream: ForgejoClient
+    # The kept-alive connections to Forgejo.
+    upstream_pool: HTTPConnectionPool
+    credentials: UpstreamCredentials
+    tokens: TokenService
+    mcp: MCPEndpoint
+    app: BrokerApp
+    site: Site
+    listeners: list[Listener]
+    metrics_listener: Listener | None
+
+
 def build_service(config: Config, reactor: Any, schema_version: int) -> MultiService:
-    top = MultiService()
+    broker = build_broker(config, reactor)
+    log_start(config, schema_version)
+    return broker.service
+
+
+def build_broker(config: Config, reactor: Any, seams: Seams = Seams()) -> Broker:
+    """
+    The broker, wired: the one place that builds it, for the daemon and the
+    tests alike.  Nothing runs until C{service} starts.
+    """
+    top = InOrder()
     store = Store.open(config.db_path, reactor)
     # Order matters: MultiService stops children in reverse, so listeners
     # close first, then children end, then the pool closes.
@@ -147,18 +237,23 @@ def build_service(config: Config, reactor: Any, schema_version: int) -> MultiSer
     purge = TimerService(PURGE_INTERVAL, lambda: Deferred.fromCoroutine(purge_expired(store)))
     purge.clock = reactor
     purge.setServiceParent(top)
-    children = ChildSupervisor(reactor)
+    stdin_grace, term_grace = seams.child_grace
+    children = ChildSupervisor(reactor, stdin_grace=stdin_grace, term_grace=term_grace)
     children.setServiceParent(top)
+    command = seams.child_command or (config.forgejo_mcp,)
     sessions = SessionManager(
         reactor,
         children,
-        config.forgejo_mcp,
+        command[0],
         config.forgejo_url,
         config.max_sessions,
         config.max_sessions_per_user,
         config.session_idle_timeout,
+        max_line=seams.max_line,
+        args_prefix=command[1:],
         # Revocations by fjmcp-admin or on /connections end sessions within seconds.
         grants=store,
+        revocation_interval=seams.revocation_interval,
         request_timeout=config.request_timeout,
         unused_timeout=config.session_unused_timeout,
     )
@@ -171,8 +266,10 @@ def build_service(config: Config, reactor: Any, schema_version: int) -> MultiSer
     # Its own HTTP client, and one that keeps no cookies: treq's would carry
     # whatever Forgejo sets from one user's requests into the next user's.
     no_cookies = IndexableCookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
+    pool = HTTPConnectionPool(reactor)
+    PoolService(pool).setServiceParent(top)
     upstream = ForgejoClient(
-        HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor)), cookiejar=no_cookies),
+        HTTPClient(Agent(reactor, pool=pool), cookiejar=no_cookies),
         reactor,
         config.forgejo_url,
         config.forgejo_client_id,
@@ -189,11 +286,23 @@ def build_service(config: Config, reactor: Any, schema_version: int) -> MultiSer
         credentials,
         box,
         reactor,
-        cimd=ClientMetadataFetcher(reactor, allow_loopback=config.cimd_allow_loopback),
+        cimd=ClientMetadataFetcher(
+            reactor,
+            allow_loopback=config.cimd_allow_loopback,
+            tls_trust_root=seams.cimd_trust_root,
+        ),
     )
     # Grants revoked through the token endpoints end their sessions at once.
     tokens = TokenService(store, config, reactor, on_revoked=sessions.grants_revoked)
     sessions.grant_cache = tokens
+    mcp = MCPEndpoint(
+        sessions,
+        store,
+        reactor,
+        max_body=config.max_request_body,
+        keepalive=seams.sse_keepalive,
+        max_exchanges_per_user=config.max_requests_per_user,
+    )
     app = BrokerApp(
         config,
         store,
@@ -204,13 +313,7 @@ def build_service(config: Config, reactor: Any, schema_version: int) -> MultiSer
         tokens=tokens,
         credentials=credentials,
         limiter=RateLimiter(reactor),
-        mcp=MCPEndpoint(
-            sessions,
-            store,
-            reactor,
-            max_body=config.max_request_body,
-            max_exchanges_per_user=config.max_requests_per_user,
-        ),
+        mcp=mcp,
         connections=Connections(store, sessions, tokens, upstream, credentials, reactor),
     )
     # No form parsing by Twisted: it costs every /mcp POST a MIME parse, and
@@ -225,14 +328,41 @@ def build_service(config: Config, reactor: Any, schema_version: int) -> MultiSer
         timeout=IDLE_CONNECTION_TIMEOUT,
     )
     site.displayTracebacks = False
+    listeners = []
     for description in config.listen:
         endpoint = endpoints.serverFromString(reactor, description)
-        Listener(reactor, description, endpoint, site).setServiceParent(top)
+        listener = Listener(reactor, description, endpoint, site)
+        listener.setServiceParent(top)
+        listeners.append(listener)
+    metrics_listener = None
     if config.metrics_listen:
         # Its own listener: the public one (behind Caddy) never serves /metrics.
         metrics.instrument(site, metrics.RouteLabels.of(BrokerApp.app))
         registry = metrics.broker_registry(sessions, children, config.max_sessions)
-        metrics.serve_metrics(top, reactor, config.metrics_listen, registry)
+        metrics_listener = metrics.serve_metrics(top, reactor, config.metrics_listen, registry)
+    return Broker(
+        service=top,
+        store=store,
+        children=children,
+        sessions=sessions,
+        clients=clients,
+        upstream=upstream,
+        upstream_pool=pool,
+        credentials=credentials,
+        tokens=tokens,
+        mcp=mcp,
+        app=app,
+        site=site,
+        listeners=listeners,
+        metrics_listener=metrics_listener,
+    )
+
+
+def log_start(config: Config, schema_version: int) -> None:
+    """
+    The start-up lines: the configuration (debug), its warnings, the
+    open-files limit, and which build serves what.
+    """
     # The whole configuration, at debug level; secrets are kept out of its repr.
     log.debug("configuration: {config!r}", config=config)
     for warning in config.warnings:
@@ -262,4 +392,3 @@ def build_service(config: Config, reactor: Any, schema_version: int) -> MultiSer
         schema=schema_version,
         data=str(config.data_dir),
     )
-    return top

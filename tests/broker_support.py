@@ -16,28 +16,22 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 
 from treq.client import HTTPClient
 from twisted.internet import reactor
+from twisted.internet.interfaces import IAddress
+from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import Logger
 from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
+from twisted.web.server import Site
 
-from fjmcp import metrics as fjmcp_metrics
-from fjmcp.authorize import AuthorizationFlow
-from fjmcp.children import ChildSupervisor
-from fjmcp.cimd import ClientMetadataFetcher
-from fjmcp.clients import ClientRegistry
-from fjmcp.connections import Connections
-from fjmcp.credentials import UpstreamCredentials
-from fjmcp.crypto import SecretBox, new_pkce_pair
-from fjmcp.mcp_http import MCPEndpoint
-from fjmcp.sessions import REVOCATION_INTERVAL, SessionManager
+from fjmcp.crypto import new_pkce_pair
+from fjmcp.sessions import REVOCATION_INTERVAL
 from fjmcp.standin.model import Forge, seed
 from fjmcp.standin.web import StandinForgejo
-from fjmcp.store import Store, migrate_database
-from fjmcp.tokens import TokenService
-from fjmcp.upstream import ForgejoClient
-from fjmcp.web import BrokerApp
+from fjmcp.store import migrate_database
+from fjmcp.tap import Broker as Broker_
+from fjmcp.tap import Seams, build_broker
 from tests.helpers import listen, make_config
 
 _log = Logger()
@@ -62,6 +56,19 @@ class browser:
 
     def post(self, url: str, **kwargs: Any) -> Any:
         return self._http.post(url, allow_redirects=False, **kwargs)
+
+
+class _LateSite(ServerFactory):
+    """
+    Accepts connections for a site built after the port was taken: the
+    broker's configuration needs its own URL, so the address comes first.
+    """
+
+    site: Site | None = None
+
+    def buildProtocol(self, addr: IAddress | None) -> Protocol | None:
+        assert self.site is not None, "the broker is not built yet"
+        return self.site.buildProtocol(addr)
 
 
 class Broker:
@@ -114,11 +121,13 @@ class Broker:
         self.forgejo_site, self.forgejo_url = listen(test)
         self.forge = Forge(reactor.seconds)
         seed(self.forge)
-        self.site, self.url = listen(test, parse_forms=False)
-        self.metrics = metrics
+        self._late = _LateSite()
+        self._port = reactor.listenTCP(0, self._late, interface="127.0.0.1")
+        test.addCleanup(self._port.stopListening)
+        self.url = f"http://127.0.0.1:{self._port.getHost().port}"
+        self.metrics_url = ""
         if metrics:
-            fjmcp_metrics.instrument(self.site, fjmcp_metrics.RouteLabels.of(BrokerApp.app))
-            self.metrics_site, self.metrics_url = listen(test)
+            config["metrics_listen"] = "tcp:0:interface=127.0.0.1"
         self.public_url = public_url or self.url
         self.data = data or Path(test.mktemp()).resolve()
         self.config = make_config(
@@ -128,7 +137,7 @@ class Broker:
             forgejo_client_id="fjmcp-broker",
             forgejo_client_secret="gto_brokersecret",
             cimd_allow_loopback=True,
-            **config,
+            **{"listen": (), **config},
         )
         self.forge.add_app(
             "fjmcp",
@@ -142,87 +151,56 @@ class Broker:
         self.start()
 
     def start(self) -> None:
+        """
+        Build the broker with the daemon's own composition root
+        (L{fjmcp.tap.build_broker}) and start it.  Only the seams differ:
+        the child's command, shorter grace periods, and the address, which
+        was taken before the broker existed because its URL is part of the
+        configuration.
+        """
         migrate_database(self.config.db_path)
-        self.store = Store.open(self.config.db_path, reactor)
-        self.test.addCleanup(self.store.close)
-        box = SecretBox(self.config.secret_key)
-        upstream = ForgejoClient(
-            HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False))),
-            reactor,
-            self.config.forgejo_url,
-            self.config.forgejo_client_id,
-            self.config.forgejo_client_secret,
-            self.public_url + "/oauth/callback",
-            self.config.forgejo_scopes,
-        )
-        self.clients = ClientRegistry(self.store)
-        self.credentials = UpstreamCredentials(self.store, box, upstream, reactor)
-        flow = AuthorizationFlow(
+        self.parts = build_broker(
             self.config,
-            self.store,
-            self.clients,
-            upstream,
-            self.credentials,
-            box,
             reactor,
-            cimd=ClientMetadataFetcher(
-                reactor, allow_loopback=True, tls_trust_root=self.tls_trust_root
+            Seams(
+                child_command=tuple(self.command),
+                child_grace=(0.5, 0.5),
+                max_line=self.max_line,
+                revocation_interval=self.revocation_interval,
+                sse_keepalive=1.0,
+                cimd_trust_root=self.tls_trust_root,
             ),
         )
-        self.tokens = TokenService(self.store, self.config, reactor)
-        children = ChildSupervisor(reactor, stdin_grace=0.5, term_grace=0.5)
-        self.sessions = SessionManager(
-            reactor,
-            children,
-            self.command[0],
-            self.config.forgejo_url,
-            self.config.max_sessions,
-            self.config.max_sessions_per_user,
-            self.config.session_idle_timeout,
-            max_line=self.max_line,
-            args_prefix=self.command[1:],
-            grants=self.store,
-            revocation_interval=self.revocation_interval,
-            request_timeout=self.config.request_timeout,
-            unused_timeout=self.config.session_unused_timeout,
-        )
-        # Wired as fjmcp.tap wires them: revocations end sessions.
-        self.tokens.on_revoked = self.sessions.grants_revoked
-        self.sessions.grant_cache = self.tokens
-        children.startService()
-        self.sessions.startService()
-        self.test.addCleanup(children.stopService)
-        self.test.addCleanup(self.sessions.stopService)
-        self.mcp = MCPEndpoint(
-            self.sessions,
-            self.store,
-            reactor,
-            max_body=self.config.max_request_body,
-            keepalive=1.0,
-            max_exchanges_per_user=self.config.max_requests_per_user,
-        )
-        app = BrokerApp(
-            self.config,
-            self.store,
-            self.sessions,
-            reactor,
-            clients=self.clients,
-            flow=flow,
-            tokens=self.tokens,
-            credentials=self.credentials,
-            mcp=self.mcp,
-            connections=Connections(
-                self.store, self.sessions, self.tokens, upstream, self.credentials, reactor
-            ),
-        )
-        self.site.resource = app.resource()
-        if self.metrics:
-            self.metrics_site.resource = fjmcp_metrics.MetricsResource(
-                fjmcp_metrics.broker_registry(self.sessions, children, self.config.max_sessions)
-            )
+        parts = self.parts
+        self.store = parts.store
+        self.sessions = parts.sessions
+        self.clients = parts.clients
+        self.credentials = parts.credentials
+        self.tokens = parts.tokens
+        self.mcp = parts.mcp
+        self.site = parts.site
+        # For tests that take the broker's port down or ask where it is.
+        self.site.port = self._port
+        self._late.site = parts.site
+        parts.service.privilegedStartService()
+        parts.service.startService()
+        self.test.addCleanup(self._stop, parts)
+        if parts.metrics_listener is not None:
+            assert parts.metrics_listener.port is not None
+            address: Any = parts.metrics_listener.port.getHost()
+            self.metrics_url = f"http://127.0.0.1:{address.port}"
 
-    def restart(self) -> None:
-        self.store.close()
+    def _stop(self, parts: Broker_) -> Any:
+        if parts.service.running:
+            return parts.service.stopService()
+        return None
+
+    async def restart(self) -> None:
+        """
+        Stop the broker (its sessions end, its database closes) and start a
+        new one on the same data, as a restarted daemon would.
+        """
+        await self._stop(self.parts)
         self.start()
 
     async def register(self, **metadata: Any) -> dict[str, Any]:

@@ -26,7 +26,7 @@ import tests.broker_support as broker_support
 from fjmcp import admin
 from fjmcp.credentials import CACHE_SECONDS
 from fjmcp.crypto import key_id
-from fjmcp.keyring import CHECK_INTERVAL, FollowingSecretBox, read_key_file, write_key_file
+from fjmcp.keyring import CHECK_INTERVAL, read_key_file, write_key_file
 from fjmcp.sessions import REVOCATION_INTERVAL
 from fjmcp.store import UpstreamUser, known_migrations
 from fjmcp.store.database import BUSY_TIMEOUT_MS
@@ -52,9 +52,6 @@ class AdminTestCase(BrokerTestCase):
         self.key_file = keys_dir / "secret.key"
         self.first_key = os.urandom(32)
         write_key_file(self.key_file, [self.first_key])
-        # The harness seals with the key it is given; the daemon's box
-        # follows its key file, and that is what rotation is about.
-        self.patch(broker_support, "SecretBox", lambda key: FollowingSecretBox(self.key_file))
         self.broker = Broker(
             self,
             secret_key=self.first_key,
@@ -274,7 +271,7 @@ class KeyRotationTests(AdminTestCase):
         self.assertIn("code", query(final))
 
         # A restarted daemon reads the new file and still opens everything.
-        self.broker.restart()
+        await self.broker.restart()
         await self.check_everyone(tokens)
 
         # Nothing left to retire is not an error.

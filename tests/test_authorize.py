@@ -310,7 +310,7 @@ class FlowTests(BrokerTestCase):
         client = await self.broker.register()
         _, body = await self.consent(client["client_id"])
         upstream = location(await self.approve(body))
-        self.broker.restart()
+        await self.broker.restart()
         final = await self.through_forgejo(upstream)
         self.assertIn("code", query(final))
 

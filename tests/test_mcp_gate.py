@@ -126,7 +126,9 @@ class GateTests(BrokerTestCase):
     async def test_forgejo_down(self) -> None:
         tokens = await self.login_tokens()
         await self.expire_upstream()
+        # Forgejo goes away: its listener, and the connections kept to it.
         await self.broker.forgejo_site.port.stopListening()
+        await self.broker.parts.upstream_pool.closeCachedConnections()
         code, body, headers = await self.post_mcp(tokens["access_token"])
         self.assertEqual(code, 503)
         self.assertEqual(headers.getRawHeaders(b"retry-after"), [b"30"])

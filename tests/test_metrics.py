@@ -421,6 +421,7 @@ class TokenMetricsTests(MetricsBrokerTestCase):
         await self.metrics.start()
         credentials = await self.expiring()
         await self.broker.forgejo_site.port.stopListening()
+        await self.broker.parts.upstream_pool.closeCachedConnections()
         with self.assertRaises(UpstreamError):
             await credentials.access_token(1)
         after = await self.metrics.scrape()
