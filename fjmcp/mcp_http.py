@@ -426,14 +426,16 @@ class MCPEndpoint:
         def on_response(response: dict[str, Any], req: Request) -> None:
             if "result" not in response:
                 # The child refused, died or did not answer in time: no
-                # session for the client.
+                # session for the client (nor its id, unless a stream
+                # already carried the headers).
+                if not req.startedWriting:
+                    req.responseHeaders.removeHeader(SESSION_HEADER)
                 if holder and not holder[0].ended:
                     self._sessions.end(holder[0], "initialize failed", "initialize_failed")
                 return
             result = response["result"]
             if isinstance(result, dict) and result.get("protocolVersion") in SUPPORTED_VERSIONS:
                 holder[0].protocol_version = result["protocolVersion"]
-            req.setHeader(SESSION_HEADER, holder[0].id.encode())
 
         exchange = PostExchange(request, self._clock, self._keepalive, on_response)
         try:
@@ -454,6 +456,9 @@ class MCPEndpoint:
             return self._json(request, 503, rpc_error(message["id"], INTERNAL_ERROR, str(e)))
         holder.append(session)
         session.initialize = message
+        # Now, not with the result: a child that logs while it initializes
+        # turns the answer into a stream, whose headers go out first.
+        request.setHeader(SESSION_HEADER, session.id.encode())
         self._sessions.client_request(session, message, exchange)
         await self._hold(user_id, exchange.done)
         if exchange.gone and not session.ended:
@@ -480,28 +485,31 @@ class MCPEndpoint:
             )
         # JSON-RPC answers each element on its own: the broken ones with an
         # error under their id, the rest as if sent one by one.
+        kinds = [classify(message) for message in messages]
+        requests = [
+            m
+            for m, what in zip(messages, kinds, strict=True)
+            if what.kind == "request" and m["method"] != "initialize"
+        ]
+        # A batch refused as a whole delivers nothing: the client retries it.
+        if requests and (full := self._full(request, user_id)) is not None:
+            return full
         refusals: list[dict[str, Any]] = []
-        requests: list[dict[str, Any]] = []
-        for message in messages:
-            what = classify(message)
+        for message, what in zip(messages, kinds, strict=True):
             if what.kind == "invalid":
                 refusals.append(what.refusal(message))
             elif what.kind == "request" and message["method"] == "initialize":
                 refusals.append(
                     rpc_error(message["id"], INVALID_REQUEST, "initialize cannot be batched")
                 )
-            elif what.kind == "request":
-                requests.append(message)
             elif what.kind == "notification":
                 self._sessions.client_notification(session, message)
-            elif not self._sessions.client_response(session, message):
+            elif what.kind == "response" and not self._sessions.client_response(session, message):
                 refusals.append(
                     rpc_error(message["id"], INVALID_REQUEST, "no server request has that id")
                 )
         if not requests and not refusals:
             return _accepted(request)
-        if requests and (full := self._full(request, user_id)) is not None:
-            return full
         batch = BatchExchange(request, self._clock, len(requests) + len(refusals))
         for refusal in refusals:
             batch.part().finish(refusal)
