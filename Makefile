@@ -12,10 +12,12 @@ TRIAL_JOBS ?= 2
 
 all: check
 
-$(VENV)/.installed: setup.cfg pyproject.toml
+# The broker and, beside it, the development tools of dev/ (stand-in, demo,
+# try-client), which its wheel and image never contain.
+$(VENV)/.installed: setup.cfg pyproject.toml dev/setup.cfg dev/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -e '.[test,dev]'
+	$(VENV)/bin/pip install --quiet -e '.[test,dev]' -e './dev[try]'
 	touch $@
 
 venv: $(VENV)/.installed
@@ -79,8 +81,8 @@ caddy:
 		|| echo "WARNING: could not install caddy: tests/test_caddy.py will skip (or fail under CI)" >&2
 
 lint: venv
-	$(VENV)/bin/ruff check fjmcp tests bench twisted
-	$(VENV)/bin/ruff format --check fjmcp tests bench twisted
+	$(VENV)/bin/ruff check fjmcp dev tests bench twisted
+	$(VENV)/bin/ruff format --check fjmcp dev tests bench twisted
 	$(VENV)/bin/mypy
 
 test: venv forgejo-mcp node-deps conformance-deps caddy

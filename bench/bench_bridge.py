@@ -64,7 +64,7 @@ from bench.mcpload import (  # noqa: E402
     rss_kib,
     settle,
 )
-from fjmcp.children import child_environment  # noqa: E402
+from fjmcp.mcp.children import child_environment  # noqa: E402
 
 TARGET_P50_OVERHEAD_MS = 1.0
 TARGET_RPS_16 = 1500.0

@@ -85,7 +85,7 @@ from bench.mcpload import (  # noqa: E402
     settle,
     tree_memory,
 )
-from fjmcp.children import child_environment  # noqa: E402
+from fjmcp.mcp.children import child_environment  # noqa: E402
 
 # --------------------------------------------------------------------------
 # Installing the peers, apart from the project's virtualenv

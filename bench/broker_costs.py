@@ -162,9 +162,9 @@ def pieces(workdir: Path, n: int) -> list[tuple[str, float, str]]:
     from twisted.web.http import _parseContentType
     from twisted.web.test.requesthelper import DummyChannel, DummyRequest
 
-    from fjmcp.crypto import SecretBox
+    from fjmcp.http.routes import access_log_line
     from fjmcp.logs import make_observer
-    from fjmcp.web import access_log_line
+    from fjmcp.secrets.crypto import SecretBox
 
     out: list[tuple[str, float, str]] = []
     out.append(

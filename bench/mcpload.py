@@ -690,7 +690,7 @@ class Stack:
             [
                 sys.executable,
                 "-m",
-                "fjmcp.standin",
+                "fjmcp_dev.standin",
                 f"--listen=tcp:0:interface={HOST}",
                 f"--client={CLIENT_ID}:{self.client_secret}:{self.broker_url}/oauth/callback",
                 "--test-login",

@@ -27,7 +27,8 @@ import attrs
 from twisted.logger import LogLevel
 from twisted.python import usage
 
-from fjmcp.keyring import KeyFileError, parse_key_file
+from fjmcp.secrets.crypto import SecretBox
+from fjmcp.secrets.keyring import FollowingSecretBox, KeyFileError, parse_key_file
 
 ENV_PREFIX = "FJMCP_"
 DB_FILENAME = "broker.db"
@@ -79,7 +80,7 @@ class Config:
     cimd_allow_loopback: bool = False
     warnings: tuple[str, ...] = ()
     # Every key of the key file, current (= secret_key) first; the daemon
-    # follows the file itself for rotations (fjmcp.keyring).
+    # follows the file itself for rotations (fjmcp.secrets.keyring).
     secret_keys: tuple[bytes, ...] = attrs.field(default=(), repr=False)
     secret_key_file: Path | None = None
     # Every request ends: its deadline, how long an unused session lives,
@@ -237,7 +238,7 @@ def parse_secret_key(data: bytes) -> bytes:
     """
     The current key of a key file: one or more lines of 32 random bytes,
     base64-encoded (standard or URL-safe alphabet), the first line current
-    (see L{fjmcp.keyring} for the format and for rotation).
+    (see L{fjmcp.secrets.keyring} for the format and for rotation).
     """
     return parse_key_file(data)[0]
 
@@ -618,3 +619,14 @@ class Options(usage.Options):
                 sys.stderr.write(f"fjmcp: configuration error: {problem}\n")
             sys.stderr.flush()
             raise SystemExit(2) from None
+
+
+def secret_box(config: Config) -> SecretBox:
+    """
+    The daemon's box: following the key file when the configuration came
+    from one, else fixed keys (tests that build a Config by hand).
+    """
+    keys = config.secret_keys or (config.secret_key,)
+    if config.secret_key_file is not None:
+        return FollowingSecretBox(config.secret_key_file, keys)
+    return SecretBox(keys)

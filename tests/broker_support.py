@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
 
+from fjmcp_dev.standin.model import Forge, seed
+from fjmcp_dev.standin.web import StandinForgejo
 from treq.client import HTTPClient
 from twisted.internet import reactor
 from twisted.internet.interfaces import IAddress
@@ -25,13 +27,11 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 from twisted.web.server import Site
 
-from fjmcp.crypto import new_pkce_pair
-from fjmcp.sessions import REVOCATION_INTERVAL
-from fjmcp.standin.model import Forge, seed
-from fjmcp.standin.web import StandinForgejo
+from fjmcp.app.tap import Broker as Broker_
+from fjmcp.app.tap import Seams, build_broker
+from fjmcp.mcp.sessions import REVOCATION_INTERVAL
+from fjmcp.secrets.crypto import new_pkce_pair
 from fjmcp.store import migrate_database
-from fjmcp.tap import Broker as Broker_
-from fjmcp.tap import Seams, build_broker
 from tests.helpers import listen, make_config
 
 _log = Logger()
@@ -153,7 +153,7 @@ class Broker:
     def start(self) -> None:
         """
         Build the broker with the daemon's own composition root
-        (L{fjmcp.tap.build_broker}) and start it.  Only the seams differ:
+        (L{fjmcp.app.tap.build_broker}) and start it.  Only the seams differ:
         the child's command, shorter grace periods, and the address, which
         was taken before the broker existed because its URL is part of the
         configuration.

@@ -41,7 +41,7 @@ def listen(test: TestCase, resource: Any = None, parse_forms: bool = True) -> tu
     """
     A site on a loopback port for the length of C{test}, and its base URL.
     Its C{resource} can be set later, once the URL is known.  The broker's
-    own site is built with C{parse_forms=False}, as fjmcp.tap builds it.
+    own site is built with C{parse_forms=False}, as fjmcp.app.tap builds it.
     """
     site = Site(
         resource if resource is not None else Resource(), parsePOSTFormSubmission=parse_forms

@@ -8,7 +8,7 @@ as the HTTP auth and lets the SDK do the OAuth dance: discovery, dynamic
 registration (or a client ID metadata document URL), authorization with
 PKCE, the token request, and the retried MCP request with the bearer token.
 The person at the browser is played by the redirect handler (fjmcp-try's
-L{fjmcp.try_client.HeadlessBrowser}): it opens the authorization URL with its
+L{fjmcp_dev.try_client.HeadlessBrowser}): it opens the authorization URL with its
 own cookie jar, submits the consent form as a browser would, signs in at the
 Forgejo stand-in with its test header, follows the broker's callback, and
 hands the code it is sent back to the SDK through the callback handler.
@@ -43,12 +43,11 @@ from urllib.parse import parse_qsl, urlsplit
 try:
     import anyio
     import httpx2 as httpx
+    from fjmcp_dev.try_client import SECRET_FIELDS, HeadlessBrowser, MemoryStorage
     from mcp.client.auth import AuthorizationCodeResult, OAuthClientProvider  # noqa: F401
     from mcp.client.session import ClientSession
     from mcp.client.streamable_http import streamable_http_client
     from mcp.shared.auth import OAuthClientMetadata
-
-    from fjmcp.try_client import SECRET_FIELDS, HeadlessBrowser, MemoryStorage
 except ImportError as e:  # an SDK older than this script expects
     print(json.dumps({"unsupported": f"{type(e).__name__}: {e}"}))
     sys.exit(3)
@@ -135,7 +134,7 @@ def _redacted_json(response: Any) -> dict[str, Any]:
 
 class Browser(HeadlessBrowser):
     """
-    The person at the browser (L{fjmcp.try_client.HeadlessBrowser}), signing
+    The person at the browser (L{fjmcp_dev.try_client.HeadlessBrowser}), signing
     in at the stand-in with its test header, so the browser leg is exactly
     four hops: consent page, approval, Forgejo, callback.
     """

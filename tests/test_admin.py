@@ -23,11 +23,11 @@ from twisted.internet.task import deferLater
 from twisted.internet.utils import getProcessOutputAndValue
 
 import tests.broker_support as broker_support
-from fjmcp import admin
-from fjmcp.credentials import CACHE_SECONDS
-from fjmcp.crypto import key_id
-from fjmcp.keyring import CHECK_INTERVAL, read_key_file, write_key_file
-from fjmcp.sessions import REVOCATION_INTERVAL
+from fjmcp.cli import admin
+from fjmcp.forgejo.credentials import CACHE_SECONDS
+from fjmcp.mcp.sessions import REVOCATION_INTERVAL
+from fjmcp.secrets.crypto import key_id
+from fjmcp.secrets.keyring import CHECK_INTERVAL, read_key_file, write_key_file
 from fjmcp.store import UpstreamUser, known_migrations
 from fjmcp.store.database import BUSY_TIMEOUT_MS
 from tests.broker_support import Broker, BrokerTestCase, browser, location, query
@@ -42,7 +42,7 @@ def sleep(seconds: float) -> Deferred[None]:
 
 class AdminTestCase(BrokerTestCase):
     """
-    A broker whose box follows a key file, as fjmcp.tap builds it, and the
+    A broker whose box follows a key file, as fjmcp.app.tap builds it, and the
     admin command pointed at its data directory and key file.
     """
 
@@ -71,7 +71,7 @@ class AdminTestCase(BrokerTestCase):
         """
         out, err, code = await getProcessOutputAndValue(
             sys.executable,
-            ["-m", "fjmcp.admin", *self.base_args(), *argv],
+            ["-m", "fjmcp.cli.admin", *self.base_args(), *argv],
             env=dict(os.environ, PYTHONUNBUFFERED="1"),
             path=str(ROOT),
         )

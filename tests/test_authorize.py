@@ -16,7 +16,7 @@ from twisted.trial.unittest import TestCase
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 
-from fjmcp.crypto import new_pkce_pair
+from fjmcp.secrets.crypto import new_pkce_pair
 from tests.broker_support import REDIRECT, Broker, BrokerTestCase, browser, location, query
 from tests.helpers import listen
 

@@ -19,7 +19,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from fjmcp.children import (
+from fjmcp.mcp.children import (
     ChildSupervisor,
     JSONRPCChildProtocol,
     child_environment,

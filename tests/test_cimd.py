@@ -1,5 +1,5 @@
 """
-Tests for L{fjmcp.cimd}: client ID metadata documents fetched from real
+Tests for L{fjmcp.oauth.cimd}: client ID metadata documents fetched from real
 loopback servers, the SSRF guard driven by injected resolvers over a memory
 reactor (so a broken guard still cannot send a packet anywhere), and
 property tests of the URL and address rules.
@@ -27,7 +27,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
-from fjmcp.cimd import (
+from fjmcp.oauth.cimd import (
     CIMDError,
     ClientMetadataFetcher,
     blocked_address_reason,

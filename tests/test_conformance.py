@@ -36,7 +36,7 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import Logger
 from twisted.trial.unittest import SkipTest
 
-from fjmcp.crypto import new_pkce_pair
+from fjmcp.secrets.crypto import new_pkce_pair
 from tests.broker_support import Broker, BrokerTestCase, browser
 from tests.caddy_support import caddy_missing, free_port, run_caddy
 from tests.test_everything import find_everything

@@ -17,10 +17,10 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.http_headers import Headers
 
-from fjmcp.connections import FORM_LIFETIME, Connection, Connections, cross_site
-from fjmcp.pages import connections_page, for_people
-from fjmcp.ratelimit import Limit, RateLimiter
-from fjmcp.web import BrokerApp
+from fjmcp.http.pages import connections_page, for_people
+from fjmcp.http.ratelimit import Limit, RateLimiter
+from fjmcp.http.routes import BrokerApp
+from fjmcp.oauth.connections import FORM_LIFETIME, Connection, Connections, cross_site
 from tests.broker_support import REDIRECT, browser, location
 from tests.helpers import make_config
 from tests.test_authorize import client_metadata

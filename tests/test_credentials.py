@@ -9,6 +9,8 @@ import os
 import sqlite3
 from pathlib import Path
 
+from fjmcp_dev.standin.model import Forge, seed
+from fjmcp_dev.standin.web import StandinForgejo
 from hypothesis import given
 from hypothesis import strategies as st
 from treq.client import HTTPClient
@@ -18,17 +20,15 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 
-from fjmcp.credentials import (
+from fjmcp.forgejo.client import ForgejoClient, ForgejoUser, UpstreamTokens
+from fjmcp.forgejo.credentials import (
     REFRESH_MARGIN,
     LoginRequiredError,
     UpstreamCredentials,
     refresh_margin,
 )
-from fjmcp.crypto import SecretBox
-from fjmcp.standin.model import Forge, seed
-from fjmcp.standin.web import StandinForgejo
+from fjmcp.secrets.crypto import SecretBox
 from fjmcp.store import Store, migrate_database
-from fjmcp.upstream import ForgejoClient, ForgejoUser, UpstreamTokens
 from tests.helpers import serve
 
 

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from fjmcp.crypto import (
+from fjmcp.secrets.crypto import (
     DecryptionError,
     SecretBox,
     new_pkce_pair,

@@ -469,7 +469,7 @@ class TryClientTests(TestCase):
         """
         code = (
             "import sys; sys.modules['mcp'] = None; "
-            "from fjmcp.try_client import main; sys.exit(main(['--headless', sys.argv[1]]))"
+            "from fjmcp_dev.try_client import main; sys.exit(main(['--headless', sys.argv[1]]))"
         )
         _, err, status = await getProcessOutputAndValue(
             sys.executable, ["-c", code, self.mcp], env=dict(os.environ), path=str(ROOT)

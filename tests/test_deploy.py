@@ -25,9 +25,10 @@ from pathlib import Path
 import attrs
 from twisted.trial.unittest import SkipTest, TestCase
 
-from fjmcp import __version__, resources
+from fjmcp import __version__
 from fjmcp.buildinfo import BuildInfo, git_revision, read_build_info
 from fjmcp.config import ENV_PREFIX, OPTIONS, Config, build_config
+from fjmcp.mcp import resources
 from tests.helpers import http_client
 from tests.test_daemon import TWISTD, Daemon
 

@@ -25,8 +25,8 @@ from typing import Any, NoReturn
 from twisted.logger import Logger
 from twisted.trial.unittest import SkipTest, TestCase
 
-from fjmcp import mcp_http
-from fjmcp.router import SessionRouter
+from fjmcp.http import streamable as mcp_http
+from fjmcp.mcp.router import SessionRouter
 from tests.broker_support import REDIRECT, Broker, run_sdk_client
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -15,13 +15,13 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from fjmcp_dev.standin.model import Forge, seed
+from fjmcp_dev.standin.web import StandinForgejo
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SkipTest, TestCase
 
-from fjmcp.children import ChildExit, ChildSupervisor, JSONRPCChildProtocol, child_environment
-from fjmcp.standin.model import Forge, seed
-from fjmcp.standin.web import StandinForgejo
+from fjmcp.mcp.children import ChildExit, ChildSupervisor, JSONRPCChildProtocol, child_environment
 from tests.helpers import serve
 
 ROOT = Path(__file__).resolve().parent.parent

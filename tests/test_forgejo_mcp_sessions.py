@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 import attrs
+from fjmcp_dev.standin.model import Forge, TokenResponse
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.logger import Logger
@@ -24,8 +25,7 @@ from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
-from fjmcp.mcp_http import SUPPORTED_VERSIONS
-from fjmcp.standin.model import Forge, TokenResponse
+from fjmcp.http.streamable import SUPPORTED_VERSIONS
 from tests.broker_support import REDIRECT, Broker, run_sdk_client
 from tests.test_forgejo_mcp import find_forgejo_mcp
 from tests.test_sdk_oauth import SCRIPT, SDK_MISSING

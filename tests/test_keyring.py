@@ -13,22 +13,21 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from fjmcp.config import Config, ConfigError, build_config
-from fjmcp.crypto import (
+from fjmcp.config import Config, ConfigError, build_config, secret_box
+from fjmcp.secrets.crypto import (
     SCHEME_V1,
     DecryptionError,
     SecretBox,
     UnknownKeyError,
     key_id,
 )
-from fjmcp.keyring import (
+from fjmcp.secrets.keyring import (
     CHECK_INTERVAL,
     FollowingSecretBox,
     KeyFileError,
     format_key_file,
     parse_key_file,
     read_key_file,
-    secret_box,
     write_key_file,
 )
 from tests.helpers import make_config

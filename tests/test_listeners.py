@@ -1,5 +1,5 @@
 """
-L{fjmcp.listeners.Listener} without a real daemon: a listen that fails
+L{fjmcp.app.listeners.Listener} without a real daemon: a listen that fails
 before the reactor runs, one that fails later, and the one log line.
 (tests/test_daemon.py runs the real thing against a taken port.)
 """
@@ -18,7 +18,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
-from fjmcp.listeners import EXIT_CANNOT_LISTEN, Listener, describe_failure
+from fjmcp.app.listeners import EXIT_CANNOT_LISTEN, Listener, describe_failure
 
 
 class FakeReactor:
@@ -64,7 +64,9 @@ class ListenerTests(SynchronousTestCase):
         )
 
     def lines(self) -> list[str]:
-        return [formatEvent(e) for e in self.events if e.get("log_namespace") == "fjmcp.listeners"]
+        return [
+            formatEvent(e) for e in self.events if e.get("log_namespace") == "fjmcp.app.listeners"
+        ]
 
     def test_fails_before_the_reactor_runs(self) -> None:
         """

@@ -11,7 +11,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.web.http_headers import Headers
 
-from fjmcp.upstream import UpstreamTokens
+from fjmcp.forgejo.client import UpstreamTokens
 from tests.broker_support import Broker, BrokerTestCase
 
 INITIALIZE = b'{"jsonrpc":"2.0","id":1,"method":"initialize","params":{}}'
@@ -87,7 +87,7 @@ class GateTests(BrokerTestCase):
         refresh = self.broker.credentials._box.open(
             cred.refresh_token_enc or b"", f"forgejo-user:{user_id}:refresh"
         )
-        from fjmcp.upstream import ForgejoUser
+        from fjmcp.forgejo.client import ForgejoUser
 
         await self.broker.credentials.save(
             ForgejoUser(user.forgejo_user_id, user.login, user.full_name),

@@ -23,14 +23,16 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent
 from twisted.web.http_headers import Headers
 
+import fjmcp
 from fjmcp import metrics
+from fjmcp.app.tap import build_service
 from fjmcp.config import ConfigError, build_config
-from fjmcp.credentials import LoginRequiredError, UpstreamCredentials
-from fjmcp.crypto import new_pkce_pair
+from fjmcp.forgejo.client import ForgejoUser, UpstreamError, UpstreamTokens
+from fjmcp.forgejo.credentials import LoginRequiredError, UpstreamCredentials
+from fjmcp.http import metrics as http_metrics
+from fjmcp.http.routes import BrokerApp
+from fjmcp.secrets.crypto import new_pkce_pair
 from fjmcp.store import migrate_database
-from fjmcp.tap import build_service
-from fjmcp.upstream import ForgejoUser, UpstreamError, UpstreamTokens
-from fjmcp.web import BrokerApp
 from tests.broker_support import Broker, BrokerTestCase, browser
 from tests.helpers import http_client
 from tests.test_config import good_argv, make_files
@@ -38,7 +40,7 @@ from tests.test_daemon import Daemon, _UnixEndpoints
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
-ROUTES = metrics.RouteLabels.of(BrokerApp.app)
+ROUTES = http_metrics.RouteLabels.of(BrokerApp.app)
 
 
 async def sleep(seconds: float) -> None:
@@ -317,9 +319,7 @@ class RequestMetricsTests(MetricsBrokerTestCase):
         self.assertGreater(value(samples, "fjmcp_process_resident_memory_bytes"), 0)
         self.assertGreater(value(samples, "fjmcp_process_open_fds"), 0)
         self.assertIn("fjmcp_process_cpu_seconds_total", {name for name, _ in samples})
-        self.assertEqual(
-            label_values(samples, "fjmcp_build_info", "version"), {metrics.__version__}
-        )
+        self.assertEqual(label_values(samples, "fjmcp_build_info", "version"), {fjmcp.__version__})
 
 
 class TokenMetricsTests(MetricsBrokerTestCase):
@@ -444,7 +444,9 @@ class LabelTests(SynchronousTestCase):
 
     @given(st.lists(st.text(max_size=20), max_size=5))
     def test_route_templates_with_variables(self, segments: list[str]) -> None:
-        routes = metrics.RouteLabels(["/a", "/connections/<client_id>/revoke", "/f/<path:rest>"])
+        routes = http_metrics.RouteLabels(
+            ["/a", "/connections/<client_id>/revoke", "/f/<path:rest>"]
+        )
         path = "/" + "/".join(segments)
         self.assertIn(routes(path.encode("utf-8")), routes.templates | {"other"})
         self.assertEqual(routes(b"/connections/abc/revoke"), "/connections/<client_id>/revoke")
@@ -452,8 +454,8 @@ class LabelTests(SynchronousTestCase):
 
     @given(st.binary(max_size=20), st.integers(min_value=-1000, max_value=100_000), st.booleans())
     def test_methods_and_statuses_are_bounded(self, method: bytes, code: int, wrote: bool) -> None:
-        self.assertIn(metrics.method_label(method), metrics.METHODS | {"other"})
-        status = metrics.status_label(code, wrote)
+        self.assertIn(http_metrics.method_label(method), metrics.METHODS | {"other"})
+        status = http_metrics.status_label(code, wrote)
         self.assertTrue(status in ("aborted", "other") or 100 <= int(status) <= 599, status)
 
     @given(st.text(max_size=30), st.text(max_size=30))

@@ -15,10 +15,10 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.http_headers import Headers
 
-from fjmcp.clients import ClientRegistry
-from fjmcp.ratelimit import Limit, RateLimiter, client_address
+from fjmcp.http.ratelimit import Limit, RateLimiter, client_address
+from fjmcp.http.routes import BrokerApp
+from fjmcp.oauth.clients import ClientRegistry
 from fjmcp.store import Store, migrate_database
-from fjmcp.web import BrokerApp
 from tests.helpers import http_client, make_config, serve
 
 LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))

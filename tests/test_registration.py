@@ -19,17 +19,17 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.http_headers import Headers
 
-from fjmcp.clients import ClientRegistry
-from fjmcp.crypto import token_hash
-from fjmcp.registration import (
+from fjmcp.http.routes import BrokerApp
+from fjmcp.oauth.clients import ClientRegistry
+from fjmcp.oauth.registration import (
     RegistrationError,
     check_client_metadata,
     check_redirect_uri,
     redirect_host,
     redirect_uri_registered,
 )
+from fjmcp.secrets.crypto import token_hash
 from fjmcp.store import ClientRecord, Store, migrate_database
-from fjmcp.web import BrokerApp
 from tests.helpers import http_client, make_config, serve
 
 

@@ -16,7 +16,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from twisted.web.http_headers import Headers
 
-from fjmcp.upstream import ForgejoUser, UpstreamTokens
+from fjmcp.forgejo.client import ForgejoUser, UpstreamTokens
 from tests.broker_support import BrokerTestCase
 
 

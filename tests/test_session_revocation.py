@@ -20,12 +20,12 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import ILogObserver, LogLevel, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
-import fjmcp.tokens
-from fjmcp.children import ChildSupervisor
-from fjmcp.sessions import SessionManager
+import fjmcp.oauth.tokens
+from fjmcp.mcp.children import ChildSupervisor
+from fjmcp.mcp.sessions import SessionManager
+from fjmcp.oauth.tokens import AccessGrant, TokenService
 from fjmcp.store import Store, UpstreamUser, migrate_database
 from fjmcp.store.tokens import _revoke_family_txn
-from fjmcp.tokens import AccessGrant, TokenService
 from tests.broker_support import REDIRECT, SCRIPTED_CHILD
 from tests.helpers import Answer, make_config
 from tests.test_sessions import (
@@ -288,7 +288,7 @@ class EndToEndTests(SessionTestCase):
         super().setUp()
         # A cache far longer than the test: a 401 below proves the check
         # forgot the revoked grant's bearer checks, not that they aged out.
-        self.patch(fjmcp.tokens, "BEARER_CACHE_SECONDS", 600.0)
+        self.patch(fjmcp.oauth.tokens, "BEARER_CACHE_SECONDS", 600.0)
 
     async def test_revocation_by_another_process_ends_sessions_within_seconds(self) -> None:
         self.use_broker(revocation_interval=0.5)

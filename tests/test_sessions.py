@@ -19,7 +19,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from twisted.web.http_headers import Headers
 
-from fjmcp.sessions import Session
+from fjmcp.mcp.sessions import Session
 from tests.broker_support import SCRIPTED_CHILD, Broker, BrokerTestCase
 from tests.helpers import http_client
 

@@ -18,7 +18,7 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
-from fjmcp.children import ChildExit
+from fjmcp.mcp.children import ChildExit
 from tests.helpers import Answer
 from tests.test_sessions import (
     PROMPT,

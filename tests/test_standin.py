@@ -14,12 +14,12 @@ import base64
 from typing import Any
 from urllib.parse import parse_qsl, quote, urlsplit
 
+from fjmcp_dev.standin.model import REFRESH_TOKEN_LIFETIME, Forge
+from fjmcp_dev.standin.web import StandinForgejo
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from fjmcp.standin.model import REFRESH_TOKEN_LIFETIME, Forge
-from fjmcp.standin.web import StandinForgejo
 from tests.test_standin_support import (
     BASE,
     BROKER_ID,
@@ -1104,7 +1104,7 @@ class DiscoveryTests(SynchronousTestCase):
 
     def test_base_url_can_change_after_start(self):
         """
-        What C{python -m fjmcp.standin} does once it knows its port.
+        What C{python -m fjmcp_dev.standin} does once it knows its port.
         """
         forge = Forge(lambda: 0.0)
         web = StandinForgejo(forge, "http://unset")

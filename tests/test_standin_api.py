@@ -11,9 +11,9 @@ import re
 import uuid
 from typing import Any
 
+from fjmcp_dev.standin.model import VERSION
 from twisted.trial.unittest import SynchronousTestCase
 
-from fjmcp.standin.model import VERSION
 from tests.test_standin_support import BASE, RFC3339_UTC, Reply, Standin
 
 SCOPE_MESSAGE = "token does not have at least one of required scope(s): [{}]"

@@ -1,5 +1,5 @@
 """
-Property tests for the Forgejo stand-in's pure rules (L{fjmcp.standin.model}):
+Property tests for the Forgejo stand-in's pure rules (L{fjmcp_dev.standin.model}):
 redirect URI matching, PKCE, and scopes, each against the behaviour real
 Forgejo has (research notes: Forgejo C{models/auth/oauth2.go},
 C{services/auth/oauth2.go}, C{models/auth/access_token_scope.go}).
@@ -11,12 +11,7 @@ import base64
 import hashlib
 import string
 
-from hypothesis import assume, given
-from hypothesis import strategies as st
-from twisted.internet.task import Clock
-from twisted.trial.unittest import SynchronousTestCase
-
-from fjmcp.standin.model import (
+from fjmcp_dev.standin.model import (
     SCOPE_CATEGORIES,
     Forge,
     OAuthError,
@@ -26,6 +21,11 @@ from fjmcp.standin.model import (
     scope_allows,
     seed,
 )
+from hypothesis import assume, given
+from hypothesis import strategies as st
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
 from tests.test_standin_support import CHALLENGE, VERIFIER
 
 # --- strategies

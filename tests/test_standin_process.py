@@ -1,5 +1,5 @@
 """
-The Forgejo stand-in as its own process (C{python -m fjmcp.standin}), the
+The Forgejo stand-in as its own process (C{python -m fjmcp_dev.standin}), the
 way the demo and the end-to-end tests start it: it announces its URL on the
 first stdout line and then answers real HTTP.
 """
@@ -10,6 +10,7 @@ import os
 import sys
 from typing import Any
 
+from fjmcp_dev.standin.model import VERSION
 from treq.client import HTTPClient
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred
@@ -20,8 +21,6 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
-
-from fjmcp.standin.model import VERSION
 
 ANNOUNCEMENT = b"forgejo-standin listening on "
 STARTUP_TIMEOUT = 30.0
@@ -73,7 +72,7 @@ class ProcessTests(TestCase):
         transport = reactor.spawnProcess(
             protocol,
             sys.executable,
-            [sys.executable, "-m", "fjmcp.standin", *args],
+            [sys.executable, "-m", "fjmcp_dev.standin", *args],
             env=dict(os.environ),
         )
 

@@ -19,14 +19,13 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import attrs
+from fjmcp_dev.standin.model import ACCESS_TOKEN_LIFETIME, App, Forge, seed
+from fjmcp_dev.standin.web import StandinForgejo
 from treq.testing import StubTreq
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
-
-from fjmcp.standin.model import ACCESS_TOKEN_LIFETIME, App, Forge, seed
-from fjmcp.standin.web import StandinForgejo
 
 BASE = "http://forgejo.test"
 START = 1_750_000_000.0

@@ -349,7 +349,7 @@ class PurgeTests(StoreTestCase):
         The periodic purge drops abandoned logins and expired sessions, and
         keeps what is still alive.
         """
-        from fjmcp.tap import purge_expired
+        from fjmcp.app.tap import purge_expired
 
         store = self.open_store()
         await store.replace_upstream_credential(UpstreamUser(1, "alice"), b"x", None, 0.0, "")

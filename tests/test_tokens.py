@@ -17,10 +17,9 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.http_headers import Headers
 
-from fjmcp.clients import ClientRegistry
-from fjmcp.crypto import new_pkce_pair, token_hash
-from fjmcp.store import Store, UpstreamUser, migrate_database
-from fjmcp.tokens import (
+from fjmcp.http.routes import BrokerApp
+from fjmcp.oauth.clients import ClientRegistry
+from fjmcp.oauth.tokens import (
     AccessGrant,
     InvalidTokenError,
     MissingTokenError,
@@ -28,7 +27,8 @@ from fjmcp.tokens import (
     parse_form,
     www_authenticate,
 )
-from fjmcp.web import BrokerApp
+from fjmcp.secrets.crypto import new_pkce_pair, token_hash
+from fjmcp.store import Store, UpstreamUser, migrate_database
 from tests.helpers import http_client, make_config, serve
 
 FORM = "application/x-www-form-urlencoded"

@@ -26,10 +26,10 @@ from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from fjmcp.clients import ClientRegistry
-from fjmcp.crypto import new_pkce_pair
+from fjmcp.oauth.clients import ClientRegistry
+from fjmcp.oauth.tokens import InvalidTokenError, TokenService
+from fjmcp.secrets.crypto import new_pkce_pair
 from fjmcp.store import Store, UpstreamUser, make_pool, migrate_database
-from fjmcp.tokens import InvalidTokenError, TokenService
 from tests.helpers import make_config
 
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}

@@ -1,5 +1,5 @@
 """
-L{fjmcp.upstream.ForgejoClient} over real loopback HTTP: against the Forgejo
+L{fjmcp.forgejo.client.ForgejoClient} over real loopback HTTP: against the Forgejo
 stand-in for the OAuth flow and token rules, and against tiny canned servers
 for the ways Forgejo can fail (refused, silent, 5xx, not JSON, too big).
 """
@@ -14,6 +14,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qs, parse_qsl, urlsplit
 
+from fjmcp_dev.standin.model import Forge, seed
+from fjmcp_dev.standin.web import StandinForgejo
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet import reactor
@@ -28,10 +30,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import implementer
 
 from fjmcp import __version__
-from fjmcp.crypto import new_pkce_pair, new_token
-from fjmcp.standin.model import Forge, seed
-from fjmcp.standin.web import StandinForgejo
-from fjmcp.upstream import (
+from fjmcp.forgejo.client import (
     REDACTED,
     ForgejoClient,
     ForgejoUser,
@@ -40,6 +39,7 @@ from fjmcp.upstream import (
     UpstreamTokens,
     UpstreamUnavailableError,
 )
+from fjmcp.secrets.crypto import new_pkce_pair, new_token
 from tests.helpers import http_client, serve
 
 REDIRECT = "http://broker.test/oauth/callback"

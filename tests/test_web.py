@@ -16,11 +16,11 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from fjmcp import __version__
-from fjmcp.authorize import AuthorizationFlow
 from fjmcp.buildinfo import build_info
-from fjmcp.connections import Connections
+from fjmcp.http.routes import BrokerApp
+from fjmcp.oauth.authorize import AuthorizationFlow
+from fjmcp.oauth.connections import Connections
 from fjmcp.store import Store, migrate_database
-from fjmcp.web import BrokerApp
 from tests.helpers import http_client, make_config, raw_http, serve
 
 

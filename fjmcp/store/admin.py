@@ -4,7 +4,7 @@ the daemon uses: client listings and deletion, user lookup, names for a
 grant listing, and re-sealing every sealed value under a new key.
 
 Like every mixin these return Deferreds; the admin command runs the same
-methods synchronously on its own connection (L{fjmcp.admin.SyncStore}), so
+methods synchronously on its own connection (L{fjmcp.cli.admin.SyncStore}), so
 there is one copy of each statement.
 """
 

@@ -9,7 +9,7 @@ from twisted.application.service import ServiceMaker
 
 fjmcp = ServiceMaker(
     "fjmcp",
-    "fjmcp.tap",
+    "fjmcp.app.tap",
     "OAuth 2.1 authorization server and MCP session broker for forgejo-mcp.",
     "fjmcp",
 )

@@ -1,0 +1,3 @@
+"""
+Service wiring: the composition root (tap), listeners.
+"""

@@ -1,0 +1,3 @@
+"""
+Command-line tools for operators (fjmcp-admin).
+"""

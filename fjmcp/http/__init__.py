@@ -1,0 +1,3 @@
+"""
+The HTTP face: routes, the /mcp wire format, pages, rate limits, metrics serving.
+"""

@@ -1,0 +1,602 @@
+"""
+MCP Streamable HTTP on `/mcp`, for an already authenticated user: session
+headers, protocol versions, JSON or SSE answers, the GET stream, DELETE.
+
+This module owns the wire format (status codes, headers, SSE framing and
+keep-alives), what a body must be before anything of it reaches a child
+(L{fjmcp.safejson}, L{fjmcp.mcp.jsonrpc}), and the per-user cap on exchanges
+held open; sessions and their children are L{fjmcp.mcp.sessions}', message
+routing and request deadlines L{fjmcp.mcp.router}'s.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.web.server import Request
+from zope.interface import implementer
+
+from fjmcp import safejson
+from fjmcp.mcp.children import Child
+from fjmcp.mcp.jsonrpc import (
+    INTERNAL_ERROR,
+    INVALID_REQUEST,
+    PARSE_ERROR,
+    SERVER_ERROR,
+    SESSION_NOT_FOUND,
+    classify,
+    known_id,
+)
+from fjmcp.mcp.jsonrpc import error as rpc_error
+from fjmcp.mcp.router import ResponseStream, SessionRouter
+from fjmcp.mcp.sessions import Session, SessionLimitError, SessionManager, SpawnError
+
+SUPPORTED_VERSIONS = ("2025-03-26", "2025-06-18", "2025-11-25")
+DEFAULT_VERSION = "2025-03-26"
+SESSION_HEADER = b"Mcp-Session-Id"
+KEEPALIVE = 15.0
+# Requests in flight and GET streams one user may hold open at once: enough
+# for parallel tool calls in several sessions, far below what would starve
+# other users of descriptors.
+MAX_EXCHANGES_PER_USER = 64
+EXCHANGES_RETRY_AFTER = 5
+
+log = Logger()
+
+
+def sse_event(message: dict[str, Any]) -> bytes:
+    # JSON never contains a raw newline, so one data: line carries it.
+    return b"event: message\ndata: " + safejson.dumps(message) + b"\n\n"
+
+
+@implementer(IPushProducer)
+class _Backpressure:
+    """
+    Registered with an SSE response: when the client reads slower than the
+    child writes, Twisted pauses us and we pause reading from the child; a
+    reader that vanished stops holding the child back.
+    """
+
+    def __init__(self, child: Callable[[], Child]) -> None:
+        self._child = child
+        self._paused: Child | None = None
+
+    def pauseProducing(self) -> None:
+        if self._paused is None:
+            self._paused = self._child()
+            self._paused.pause_reading(self)
+
+    def resumeProducing(self) -> None:
+        if self._paused is not None:
+            self._paused.resume_reading(self)
+            self._paused = None
+
+    def stopProducing(self) -> None:
+        self.resumeProducing()
+
+
+class _SSE:
+    """
+    An open text/event-stream response with periodic comments, so proxies
+    and clients do not time an idle stream out.
+    """
+
+    def __init__(
+        self,
+        request: Request,
+        clock: Any,
+        keepalive: float,
+        child: Callable[[], Child] | None = None,
+    ) -> None:
+        self.request = request
+        self.open = True
+        self._producer: _Backpressure | None = None
+        if child is not None:
+            self._producer = _Backpressure(child)
+            request.registerProducer(self._producer, True)
+        request.setResponseCode(200)
+        request.setHeader(b"Content-Type", b"text/event-stream")
+        request.setHeader(b"Cache-Control", b"no-store")
+        request.setHeader(b"X-Accel-Buffering", b"no")
+        self._ping = LoopingCall(self._comment)
+        self._ping.clock = clock
+        self._ping.start(keepalive, now=False)
+
+    def _comment(self) -> None:
+        if self.open:
+            self.request.write(b": keep-alive\n\n")
+
+    def send(self, message: dict[str, Any]) -> None:
+        if self.open:
+            self.request.write(sse_event(message))
+
+    def close(self, finish: bool = True) -> None:
+        if not self.open:
+            return
+        self.open = False
+        if self._ping.running:
+            self._ping.stop()
+        if self._producer is not None:
+            self._producer.resumeProducing()
+            if finish:
+                self.request.unregisterProducer()
+        if finish:
+            self.request.finish()
+
+
+class PostExchange:
+    """
+    The answer to one client POST: plain JSON when the response comes with
+    nothing before it, an SSE stream as soon as something else (progress,
+    logging, a server-to-client request) has to go first.  A client that
+    went away gets nothing more, but its request runs on (a dropped
+    connection is not a cancellation).
+    """
+
+    def __init__(
+        self,
+        request: Request,
+        clock: Any,
+        keepalive: float = KEEPALIVE,
+        on_response: Callable[[dict[str, Any], Request], None] | None = None,
+        child: Callable[[], Child] | None = None,
+    ) -> None:
+        self._request = request
+        self._child = child
+        self._clock = clock
+        self._keepalive = keepalive
+        self._on_response = on_response
+        self._sse: _SSE | None = None
+        self.closed = False
+        # The client went away before the answer.
+        self.gone = False
+        self.done: Deferred[None] = Deferred(lambda d: self._gone())
+
+    def _gone(self) -> None:
+        self.closed = True
+        self.gone = True
+        if self._sse is not None:
+            self._sse.close(finish=False)
+
+    def message(self, message: dict[str, Any]) -> None:
+        if self.closed:
+            return
+        if self._sse is None:
+            self._sse = _SSE(self._request, self._clock, self._keepalive, self._child)
+        self._sse.send(message)
+
+    def finish(self, response: dict[str, Any]) -> None:
+        if self.closed:
+            return
+        if self._on_response is not None:
+            self._on_response(response, self._request)
+        self.closed = True
+        try:
+            if self._sse is not None:
+                self._sse.send(response)
+                self._sse.close()
+            else:
+                self._request.setResponseCode(200)
+                self._request.setHeader(b"Content-Type", b"application/json")
+                self._request.write(safejson.dumps(response))
+                self._request.finish()
+        finally:
+            # Whatever went wrong writing it, the exchange is over.
+            self.done.callback(None)
+
+
+class BatchExchange:
+    """
+    The answer to a 2025-03-26 batch: one SSE stream carrying every
+    response, closed after the last.
+    """
+
+    def __init__(self, request: Request, clock: Any, expected: int) -> None:
+        self._sse = _SSE(request, clock, KEEPALIVE)
+        self._left = expected
+        self.parts: list[_BatchPart] = []
+        self.gone = False
+        self.done: Deferred[None] = Deferred(lambda d: self._gone())
+
+    def _gone(self) -> None:
+        self.gone = True
+        self._sse.close(finish=False)
+
+    def part(self) -> _BatchPart:
+        part = _BatchPart(self)
+        self.parts.append(part)
+        return part
+
+    def _message(self, message: dict[str, Any]) -> None:
+        self._sse.send(message)
+
+    def _finish(self, response: dict[str, Any]) -> None:
+        self._sse.send(response)
+        self._left -= 1
+        if self._left == 0 and self._sse.open:
+            self._sse.close()
+            self.done.callback(None)
+
+
+class _BatchPart:
+    def __init__(self, batch: BatchExchange) -> None:
+        self._batch = batch
+
+    def message(self, message: dict[str, Any]) -> None:
+        self._batch._message(message)
+
+    def finish(self, response: dict[str, Any]) -> None:
+        self._batch._finish(response)
+
+
+class MCPEndpoint:
+    """
+    `/mcp` after authentication.  Each method answers one HTTP request for
+    the user C{user_id}, whose bearer token belongs to the grant (token
+    family) C{family_id}: a session records it, and ends when it is revoked.
+    """
+
+    def __init__(
+        self,
+        sessions: SessionManager,
+        users: Any,
+        clock: Any,
+        max_body: int = 1024 * 1024,
+        keepalive: float = KEEPALIVE,
+        max_exchanges_per_user: int = MAX_EXCHANGES_PER_USER,
+    ) -> None:
+        self._sessions = sessions
+        self._users = users
+        self._clock = clock
+        self._max_body = max_body
+        self._keepalive = keepalive
+        self._max_exchanges = max_exchanges_per_user
+        # Open exchanges (requests waiting for an answer, GET streams) by user.
+        self._open: collections.Counter[int] = collections.Counter()
+
+    def open_exchanges(self, user_id: int) -> int:
+        return self._open[user_id]
+
+    def _json(self, request: Request, status: int, body: Any) -> bytes:
+        request.setResponseCode(status)
+        request.setHeader(b"Content-Type", b"application/json")
+        return safejson.dumps(body)
+
+    def _session(
+        self, request: Request, user_id: int, family_id: str = "", message: Any = None
+    ) -> tuple[Session | None, bytes | None]:
+        """
+        The request's session, or the error answer (under the id of
+        C{message} when it has one): 400 for an unsupported protocol
+        version, 400 without a session id, 404 for an unknown, ended or
+        someone else's session.
+        """
+        id = known_id(message)
+        version = request.getHeader(b"mcp-protocol-version")
+        if version is not None and version.decode("latin-1") not in SUPPORTED_VERSIONS:
+            return None, self._json(
+                request,
+                400,
+                rpc_error(
+                    id,
+                    INVALID_REQUEST,
+                    f"Bad Request: unsupported MCP-Protocol-Version {version.decode('latin-1')!r}"
+                    f" (supported: {', '.join(SUPPORTED_VERSIONS)})",
+                ),
+            )
+        raw = request.getHeader(SESSION_HEADER)
+        if not raw:
+            return None, self._json(
+                request,
+                400,
+                rpc_error(id, INVALID_REQUEST, "Bad Request: Mcp-Session-Id header is required"),
+            )
+        session = self._sessions.get(raw.decode("latin-1"), user_id, family_id)
+        if session is None:
+            return None, self._json(
+                request, 404, rpc_error(id, SESSION_NOT_FOUND, "Session not found")
+            )
+        return session, None
+
+    def _full(self, request: Request, user_id: int, message: Any = None) -> bytes | None:
+        """
+        None while the user may open another exchange; else the 429 answer.
+        """
+        if self._open[user_id] < self._max_exchanges:
+            return None
+        log.info(
+            "user {u} holds {n} requests and streams open; refusing another",
+            u=user_id,
+            n=self._open[user_id],
+        )
+        request.setHeader(b"Retry-After", str(EXCHANGES_RETRY_AFTER).encode())
+        return self._json(
+            request,
+            429,
+            rpc_error(
+                known_id(message),
+                SERVER_ERROR,
+                f"Too many requests in flight: a user may have {self._max_exchanges} requests "
+                "and streams open at once; retry when some have ended",
+            ),
+        )
+
+    async def _hold(self, user_id: int, done: Deferred[None]) -> None:
+        """
+        Count an exchange against its user until it ends (answered, or the
+        client went away).
+        """
+        self._open[user_id] += 1
+        try:
+            await _until_done(done)
+        finally:
+            self._open[user_id] -= 1
+            if self._open[user_id] <= 0:
+                del self._open[user_id]
+
+    async def post(
+        self,
+        request: Request,
+        user_id: int,
+        client_id: str,
+        forgejo_token: str,
+        family_id: str = "",
+    ) -> bytes | None:
+        body = request.content.read(self._max_body + 1) if request.content is not None else b""
+        if len(body) > self._max_body:
+            return self._json(
+                request,
+                413,
+                rpc_error(
+                    None, INVALID_REQUEST, f"request body larger than {self._max_body} bytes"
+                ),
+            )
+        try:
+            message = safejson.loads(body)
+        except safejson.JSONInputError as e:
+            return self._json(request, 400, rpc_error(None, PARSE_ERROR, f"Parse error: {e}"))
+
+        if isinstance(message, list):
+            return await self._batch(request, user_id, message, family_id)
+        what = classify(message)
+        if what.kind == "invalid":
+            return self._json(request, 400, what.refusal(message))
+        if what.kind == "request" and message["method"] == "initialize":
+            if request.getHeader(SESSION_HEADER):
+                return self._json(
+                    request,
+                    400,
+                    rpc_error(
+                        message["id"], INVALID_REQUEST, "this session is already initialized"
+                    ),
+                )
+            if (full := self._full(request, user_id, message)) is not None:
+                return full
+            user = await self._users.get_user(user_id)
+            login = user.login if user is not None else str(user_id)
+            return await self._initialize(
+                request, user_id, login, client_id, message, forgejo_token, family_id
+            )
+
+        session, error = self._session(request, user_id, family_id, message)
+        if session is None:
+            return error
+        # The user's Forgejo token may have been renewed since the child
+        # started; the session then moves to a child holding the new one.
+        self._sessions.renew(session, forgejo_token)
+        if what.kind == "notification":
+            self._sessions.client_notification(session, message)
+            return _accepted(request)
+        if what.kind == "response":
+            if not self._sessions.client_response(session, message):
+                return self._json(
+                    request,
+                    400,
+                    rpc_error(message["id"], INVALID_REQUEST, "no server request has that id"),
+                )
+            return _accepted(request)
+        if (full := self._full(request, user_id, message)) is not None:
+            return full
+        exchange = PostExchange(request, self._clock, self._keepalive, child=lambda: session.child)
+        router = self._sessions.client_request(session, message, exchange)
+        await self._hold(user_id, exchange.done)
+        _abandon(router, exchange, exchange)
+        return None
+
+    async def _initialize(
+        self,
+        request: Request,
+        user_id: int,
+        user_login: str,
+        client_id: str,
+        message: dict[str, Any],
+        forgejo_token: str,
+        family_id: str = "",
+    ) -> bytes | None:
+        params = message.get("params") or {}
+        asked = params.get("protocolVersion") if isinstance(params, dict) else None
+        holder: list[Session] = []
+
+        def on_response(response: dict[str, Any], req: Request) -> None:
+            if "result" not in response:
+                # The child refused, died or did not answer in time: no
+                # session for the client (nor its id, unless a stream
+                # already carried the headers).
+                if not req.startedWriting:
+                    req.responseHeaders.removeHeader(SESSION_HEADER)
+                if holder and not holder[0].ended:
+                    self._sessions.end(holder[0], "initialize failed", "initialize_failed")
+                return
+            result = response["result"]
+            if isinstance(result, dict) and result.get("protocolVersion") in SUPPORTED_VERSIONS:
+                holder[0].protocol_version = result["protocolVersion"]
+
+        exchange = PostExchange(request, self._clock, self._keepalive, on_response)
+        try:
+            session = self._sessions.create(
+                user_id,
+                user_login,
+                client_id,
+                asked if asked in SUPPORTED_VERSIONS else DEFAULT_VERSION,
+                forgejo_token,
+                family_id=family_id,
+            )
+        except SessionLimitError as e:
+            request.setHeader(b"Retry-After", str(e.retry_after).encode())
+            return self._json(request, 503, rpc_error(message["id"], SERVER_ERROR, str(e)))
+        except SpawnError as e:
+            log.error("{error}", error=str(e))
+            request.setHeader(b"Retry-After", b"30")
+            return self._json(request, 503, rpc_error(message["id"], INTERNAL_ERROR, str(e)))
+        holder.append(session)
+        session.initialize = message
+        # Now, not with the result: a child that logs while it initializes
+        # turns the answer into a stream, whose headers go out first.
+        request.setHeader(SESSION_HEADER, session.id.encode())
+        self._sessions.client_request(session, message, exchange)
+        await self._hold(user_id, exchange.done)
+        if exchange.gone and not session.ended:
+            # The client never learnt this session's id: nobody can use it.
+            # (Ending it forgets the initialize; MCP has no cancelling one.)
+            self._sessions.end(session, "the client went away during initialize", "abandoned")
+        return None
+
+    async def _batch(
+        self, request: Request, user_id: int, messages: list[Any], family_id: str = ""
+    ) -> bytes | None:
+        session, error = self._session(request, user_id, family_id)
+        if session is None:
+            return error
+        if session.protocol_version != "2025-03-26":
+            return self._json(
+                request,
+                400,
+                rpc_error(None, INVALID_REQUEST, "batches are only allowed in 2025-03-26 sessions"),
+            )
+        if not messages:
+            return self._json(
+                request, 400, rpc_error(None, INVALID_REQUEST, "Invalid Request: empty batch")
+            )
+        # JSON-RPC answers each element on its own: the broken ones with an
+        # error under their id, the rest as if sent one by one.
+        kinds = [classify(message) for message in messages]
+        requests = [
+            m
+            for m, what in zip(messages, kinds, strict=True)
+            if what.kind == "request" and m["method"] != "initialize"
+        ]
+        # A batch refused as a whole delivers nothing: the client retries it.
+        if requests and (full := self._full(request, user_id)) is not None:
+            return full
+        refusals: list[dict[str, Any]] = []
+        for message, what in zip(messages, kinds, strict=True):
+            if what.kind == "invalid":
+                refusals.append(what.refusal(message))
+            elif what.kind == "request" and message["method"] == "initialize":
+                refusals.append(
+                    rpc_error(message["id"], INVALID_REQUEST, "initialize cannot be batched")
+                )
+            elif what.kind == "notification":
+                self._sessions.client_notification(session, message)
+            elif what.kind == "response" and not self._sessions.client_response(session, message):
+                refusals.append(
+                    rpc_error(message["id"], INVALID_REQUEST, "no server request has that id")
+                )
+        if not requests and not refusals:
+            return _accepted(request)
+        batch = BatchExchange(request, self._clock, len(requests) + len(refusals))
+        for refusal in refusals:
+            batch.part().finish(refusal)
+        routers = [
+            self._sessions.client_request(session, message, batch.part()) for message in requests
+        ]
+        if not requests:
+            return None
+        await self._hold(user_id, batch.done)
+        for router, part in zip(routers, batch.parts[len(refusals) :], strict=True):
+            _abandon(router, part, batch)
+        return None
+
+    async def get(
+        self,
+        request: Request,
+        user_id: int,
+        forgejo_token: str | None = None,
+        family_id: str = "",
+    ) -> bytes | None:
+        """
+        The server-to-client stream: notifications and requests not tied to
+        a client request.  One per session; a new one replaces the old.  It
+        ends when the session does (DELETE, revocation, the child's death).
+        """
+        session, error = self._session(request, user_id, family_id)
+        if session is None:
+            return error
+        if (full := self._full(request, user_id)) is not None:
+            return full
+        if forgejo_token is not None:
+            self._sessions.renew(session, forgejo_token)
+        sse = _SSE(request, self._clock, self._keepalive, child=lambda: session.child)
+        # Some proxies hold the headers back until the first bytes.
+        request.write(b": stream open\n\n")
+        done: Deferred[None] = Deferred(lambda d: sse.close(finish=False))
+
+        def end_stream() -> None:
+            sse.close()
+            if not done.called:
+                done.callback(None)
+
+        session.standalone.attach(sse.send, end_stream)
+        try:
+            await self._hold(user_id, done)
+        finally:
+            session.standalone.detach(sse.send)
+        return None
+
+    def delete(self, request: Request, user_id: int) -> bytes:
+        session, error = self._session(request, user_id)
+        if session is None:
+            assert error is not None
+            return error
+        self._sessions.end(session, "the client ended the session", "deleted")
+        request.setResponseCode(204)
+        return b""
+
+
+def _abandon(
+    router: SessionRouter, stream: ResponseStream, exchange: PostExchange | BatchExchange
+) -> bool:
+    """
+    After an exchange ended: if it ended because the client went away, the
+    request is forgotten and the child told (L{SessionRouter.abandon}).
+    Returns whether the client went away.
+    """
+    if not exchange.gone:
+        return False
+    router.abandon(stream)
+    return True
+
+
+def _accepted(request: Request) -> bytes:
+    request.setResponseCode(202)
+    # No body, so no content type (Twisted would claim text/html).
+    request.defaultContentType = None
+    return b""
+
+
+async def _until_done(done: Deferred[None]) -> None:
+    """
+    Wait for an exchange to end.  If the client disconnects, Klein cancels
+    us: the exchange is marked gone, and the caller forgets its requests.
+    """
+    try:
+        await done
+    except CancelledError:
+        pass
+    return None

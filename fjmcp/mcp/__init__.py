@@ -1,0 +1,3 @@
+"""
+MCP sessions: children, message routing, JSON-RPC, the process's resources.
+"""

@@ -1,0 +1,3 @@
+"""
+The OAuth 2.1 authorization server: authorize, tokens, registration, CIMD, discovery, connections.
+"""

@@ -1,0 +1,3 @@
+"""
+Encryption at rest, token hashing and the key file.
+"""
