@@ -10,9 +10,10 @@ from typing import Any
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.web.http_headers import Headers
+from twisted.web.resource import Resource
 
 from fjmcp.forgejo.client import UpstreamTokens
-from tests.broker_support import Broker, BrokerTestCase
+from tests.broker_support import Broker, BrokerTestCase, browser
 
 INITIALIZE = b'{"jsonrpc":"2.0","id":1,"method":"initialize","params":{}}'
 
@@ -133,3 +134,42 @@ class GateTests(BrokerTestCase):
         self.assertEqual(code, 503)
         self.assertEqual(headers.getRawHeaders(b"retry-after"), [b"30"])
         self.assertIn("Forgejo", body["error"]["message"])
+
+
+class CookieSetter(Resource):
+    """
+    The Forgejo stand-in, setting a cookie on every answer (as Forgejo sets
+    its session cookie) and noting the Cookie header of each request the
+    broker makes (the token endpoint and the API; the browser's pages are
+    its own business).
+    """
+
+    isLeaf = True
+
+    def __init__(self, inner: Any) -> None:
+        super().__init__()
+        self.inner = inner
+        self.cookies: list[tuple[str, list[bytes] | None]] = []
+
+    def render(self, request: Any) -> Any:
+        path = request.path.decode()
+        if path.startswith(("/login/oauth/access_token", "/api/")):
+            self.cookies.append((path, request.requestHeaders.getRawHeaders(b"cookie")))
+        request.addCookie(b"i_like_forgejo", path.encode(), path=b"/")
+        return self.inner.render(request)
+
+
+class ForgejoCookieTests(BrokerTestCase):
+    async def test_the_forgejo_client_keeps_no_cookies(self) -> None:
+        """
+        Whatever Forgejo sets while serving one user must not ride along
+        with the next user's requests: the daemon's Forgejo client (built
+        by the same composition root as here) keeps no cookies.
+        """
+        setter = CookieSetter(self.broker.forgejo_site.resource)
+        self.broker.forgejo_site.resource = setter
+        await self.login_tokens("alice")
+        self.browser = browser()
+        await self.login_tokens("bob")
+        self.assertGreaterEqual(len(setter.cookies), 4, setter.cookies)
+        self.assertEqual([c for c in setter.cookies if c[1] is not None], [])
