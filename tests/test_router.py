@@ -22,7 +22,7 @@ from hypothesis.stateful import (
 )
 from twisted.trial.unittest import SynchronousTestCase
 
-from fjmcp.router import INTERNAL_ERROR, REQUEST_CANCELLED, SessionRouter
+from fjmcp.mcp.router import INTERNAL_ERROR, REQUEST_CANCELLED, SessionRouter
 
 
 def same(a: Any, b: Any) -> bool:
