@@ -162,7 +162,7 @@ def pieces(workdir: Path, n: int) -> list[tuple[str, float, str]]:
     from twisted.web.http import _parseContentType
     from twisted.web.test.requesthelper import DummyChannel, DummyRequest
 
-    from fjmcp.http.routes import access_log_line
+    from fjmcp.http.common import access_log_line
     from fjmcp.logs import make_observer
     from fjmcp.secrets.crypto import SecretBox
 

@@ -162,3 +162,41 @@ async def raw_http(url: str, data: bytes) -> bytes:
     protocol = _RawExchange(data)
     await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), protocol)
     return await protocol.done
+
+
+def routes_over(
+    config: Config,
+    clock: Any,
+    store: Any = None,
+    sessions: Any = (),
+    clients: Any = None,
+    flow: Any = None,
+    tokens: Any = None,
+    credentials: Any = None,
+    mcp: Any = None,
+    connections: Any = None,
+    limiter: Any = None,
+) -> Any:
+    """
+    The broker's HTTP tree over whatever a route test needs (fakes, or None
+    for what its routes never reach), rate limits off unless C{limiter} is
+    given.  Whole brokers come from the composition root instead
+    (L{tests.broker_support.Broker}).
+    """
+    from fjmcp.http.browser import BrowserPages
+    from fjmcp.http.common import RateGuard
+    from fjmcp.http.gate import MCPGate
+    from fjmcp.http.oauth_endpoints import OAuthEndpoints
+    from fjmcp.http.ratelimit import Limit, RateLimiter
+    from fjmcp.http.routes import BrokerApp, Health
+
+    if limiter is None:
+        endless = Limit(per_minute=1e9, burst=10**9)
+        limiter = RateLimiter(clock, {k: endless for k in ("register", "authorize", "token")})
+    limits = RateGuard(limiter, config.trusted_proxies)
+    return BrokerApp(
+        Health(store, sessions, clock),
+        MCPGate(config, tokens, credentials, mcp),
+        OAuthEndpoints(config, clients, tokens, limits),
+        BrowserPages(config, flow, connections, limits),
+    )

@@ -21,7 +21,7 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest
 from twisted.web.resource import Resource
 
-from fjmcp.http.routes import request_client_address
+from fjmcp.http.common import request_client_address
 from fjmcp.secrets.crypto import new_pkce_pair
 from tests.broker_support import REDIRECT, Broker, BrokerTestCase, browser, run_sdk_client
 from tests.caddy_support import caddy_missing, free_port, run_caddy

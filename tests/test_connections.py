@@ -19,14 +19,21 @@ from twisted.web.http_headers import Headers
 
 from fjmcp.http.pages import connections_page, for_people
 from fjmcp.http.ratelimit import Limit, RateLimiter
-from fjmcp.http.routes import BrokerApp
 from fjmcp.oauth.connections import FORM_LIFETIME, Connection, Connections, cross_site
 from tests.broker_support import REDIRECT, browser, location
-from tests.helpers import make_config
+from tests.helpers import make_config, routes_over
 from tests.test_authorize import client_metadata
 from tests.test_sessions import SessionTestCase, request, within
 
 HOSTILE = '<script>alert("pwned")</script><img src=x onerror=alert(1)>'
+
+
+def shown(text: str) -> str:
+    """
+    C{text} as a page's text shows it: C{&}, C{<} and C{>} as entities
+    (quotes are only escaped in attribute values).
+    """
+    return html.escape(text, quote=False)
 
 
 def form_token(body: str) -> str:
@@ -82,7 +89,7 @@ class ConnectionsPageTests(SessionTestCase):
         response, body = await self.page()
         self.assertEqual(response.code, 200)
         self.assertIn("Client One", body)
-        self.assertIn(html.escape(HOSTILE), body)
+        self.assertIn(shown(HOSTILE), body)
         self.assertNotIn("<script>", body)
         self.assertNotIn("<img", body)
         self.assertIn("<b>alice</b>", body)
@@ -131,7 +138,7 @@ class ConnectionsPageTests(SessionTestCase):
         response = await self.browser.get(self.broker.url + "/connections?revoked=1")
         body = (await response.content()).decode()
         self.assertNotIn("Client One", body)
-        self.assertIn(html.escape(HOSTILE), body)
+        self.assertIn(shown(HOSTILE), body)
         self.assertIn("Access revoked", body)
 
     async def test_another_users_page_never_shows_them(self) -> None:
@@ -149,7 +156,7 @@ class ConnectionsPageTests(SessionTestCase):
         await self.login_tokens("bob", client_name="Bob's Bot")
         self.browser = alice_browser
         _, body = await self.page(bob)
-        self.assertIn(html.escape("Bob's Bot"), body)
+        self.assertIn(shown("Bob's Bot"), body)
         self.assertNotIn("Alice", body)
         # Bob's own form, naming Alice's client, revokes nothing of hers.
         response = await self.revoke(alices["client"]["client_id"], form_token(body), who=bob)
@@ -157,7 +164,7 @@ class ConnectionsPageTests(SessionTestCase):
         self.assertTrue(self.live(alice_session))
         await self.rpc(alices["access_token"], alice_session, request(2, "tools/list"))
         _, body = await self.page()
-        self.assertIn(html.escape("Alice's Assistant"), body)
+        self.assertIn(shown("Alice's Assistant"), body)
         self.assertNotIn("Bob", body)
 
     async def test_sign_in_through_forgejo_lands_on_the_page(self) -> None:
@@ -165,7 +172,7 @@ class ConnectionsPageTests(SessionTestCase):
         carol = await self.sign_in_as("carol")
         response, body = await self.page(carol)
         self.assertEqual(response.code, 200)
-        self.assertIn(html.escape("Carol's Client"), body)
+        self.assertIn(shown("Carol's Client"), body)
 
     async def test_a_sign_in_comes_back_only_to_its_browser(self) -> None:
         mine = browser()
@@ -352,10 +359,8 @@ class RevokeLimitTests(SynchronousTestCase):
         the same per-address limit as the other pages.
         """
         clock = Clock()
-        app = BrokerApp(
+        app = routes_over(
             make_config(self.mktemp()),
-            None,  # type: ignore[arg-type]
-            [],
             clock,
             connections=Connections(None, None, None, None, None, clock),  # type: ignore[arg-type]
             limiter=RateLimiter(clock, {"authorize": Limit(per_minute=1, burst=2)}),

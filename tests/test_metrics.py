@@ -40,7 +40,7 @@ from tests.test_daemon import Daemon, _UnixEndpoints
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
-ROUTES = http_metrics.RouteLabels.of(BrokerApp.app)
+ROUTES = http_metrics.RouteLabels.of(*BrokerApp.apps())
 
 
 async def sleep(seconds: float) -> None:

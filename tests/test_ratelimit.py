@@ -16,10 +16,9 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.http_headers import Headers
 
 from fjmcp.http.ratelimit import Limit, RateLimiter, client_address
-from fjmcp.http.routes import BrokerApp
 from fjmcp.oauth.clients import ClientRegistry
 from fjmcp.store import Store, migrate_database
-from tests.helpers import http_client, make_config, serve
+from tests.helpers import http_client, make_config, routes_over, serve
 
 LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
 ipv4 = st.ip_addresses(v=4).map(str)
@@ -102,11 +101,10 @@ class HTTPLimitTests(TestCase):
         migrate_database(config.db_path)
         store = Store.open(config.db_path, reactor)
         self.addCleanup(store.close)
-        app = BrokerApp(
+        app = routes_over(
             config,
-            store,
-            [],
             reactor,
+            store,
             clients=ClientRegistry(store),
             limiter=RateLimiter(Clock(), {"register": Limit(per_minute=1, burst=2)}),
         )

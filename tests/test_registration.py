@@ -19,7 +19,6 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.http_headers import Headers
 
-from fjmcp.http.routes import BrokerApp
 from fjmcp.oauth.clients import ClientRegistry
 from fjmcp.oauth.registration import (
     RegistrationError,
@@ -30,7 +29,7 @@ from fjmcp.oauth.registration import (
 )
 from fjmcp.secrets.crypto import token_hash
 from fjmcp.store import ClientRecord, Store, migrate_database
-from tests.helpers import http_client, make_config, serve
+from tests.helpers import http_client, make_config, routes_over, serve
 
 
 class RedirectURITests(SynchronousTestCase):
@@ -238,7 +237,7 @@ class BrokerHTTPTests(TestCase):
         migrate_database(self.config.db_path)
         self.store = Store.open(self.config.db_path, reactor)
         self.addCleanup(self.store.close)
-        app = BrokerApp(self.config, self.store, [], reactor, clients=ClientRegistry(self.store))
+        app = routes_over(self.config, reactor, self.store, clients=ClientRegistry(self.store))
         self.url = serve(self, app.resource())
         self.http = http_client()
 
@@ -453,7 +452,7 @@ class RegistrationBodyProperties(SynchronousTestCase):
         """
         config = make_config(self.mktemp())
         clients = ClientRegistry(BindingStore())  # type: ignore[arg-type]
-        stub = StubTreq(BrokerApp(config, None, [], reactor, clients=clients).resource())  # type: ignore[arg-type]
+        stub = StubTreq(routes_over(config, reactor, clients=clients).resource())
         d = stub.post(
             "https://mcp.example.org/oauth/register",
             data=body,

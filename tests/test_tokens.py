@@ -17,7 +17,6 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.http_headers import Headers
 
-from fjmcp.http.routes import BrokerApp
 from fjmcp.oauth.clients import ClientRegistry
 from fjmcp.oauth.tokens import (
     AccessGrant,
@@ -29,7 +28,7 @@ from fjmcp.oauth.tokens import (
 )
 from fjmcp.secrets.crypto import new_pkce_pair, token_hash
 from fjmcp.store import Store, UpstreamUser, migrate_database
-from tests.helpers import http_client, make_config, serve
+from tests.helpers import http_client, make_config, routes_over, serve
 
 FORM = "application/x-www-form-urlencoded"
 REDIRECT = "http://127.0.0.1:33418/callback"
@@ -65,8 +64,8 @@ class TokenTestBase(TestCase):
         self.clock.advance(START)
         self.clients = ClientRegistry(self.store)
         self.tokens = TokenService(self.store, self.config, self.clock)
-        app = BrokerApp(
-            self.config, self.store, [], reactor, clients=self.clients, tokens=self.tokens
+        app = routes_over(
+            self.config, reactor, self.store, clients=self.clients, tokens=self.tokens
         )
         self.url = serve(self, app.resource())
         self.http = http_client()

@@ -21,7 +21,7 @@ from fjmcp.http.routes import BrokerApp
 from fjmcp.oauth.authorize import AuthorizationFlow
 from fjmcp.oauth.connections import Connections
 from fjmcp.store import Store, migrate_database
-from tests.helpers import http_client, make_config, raw_http, serve
+from tests.helpers import http_client, make_config, raw_http, routes_over, serve
 
 
 class BrokenStore:
@@ -35,7 +35,8 @@ class HangingStore:
 
 
 def app_over(test: TestCase, store: object, clock: object) -> BrokerApp:
-    return BrokerApp(make_config(test.mktemp()), store, [], clock)  # type: ignore[arg-type]
+    tree: BrokerApp = routes_over(make_config(test.mktemp()), clock, store)
+    return tree
 
 
 class HealthTests(TestCase):
@@ -47,7 +48,8 @@ class HealthTests(TestCase):
         self.addCleanup(store.close)
         # The store answers from its thread, so this one goes over a real
         # loopback socket rather than StubTreq's in-memory pipe.
-        url = serve(self, BrokerApp(make_config(self.mktemp()), store, [1, 2], reactor).resource())
+        tree = routes_over(make_config(self.mktemp()), reactor, store, sessions=[1, 2])
+        url = serve(self, tree.resource())
         response = await http_client().get(url + "/healthz")
         self.assertEqual(response.code, 200)
         self.assertEqual(response.headers.getRawHeaders("content-type"), ["application/json"])
@@ -143,7 +145,7 @@ class FormBodyProperties(SynchronousTestCase):
         clock = Clock()
         flow = AuthorizationFlow(config, None, None, None, None, None, clock)  # type: ignore[arg-type]
         connections = Connections(None, None, None, None, None, clock)  # type: ignore[arg-type]
-        app = BrokerApp(config, None, [], clock, flow=flow, connections=connections)  # type: ignore[arg-type]
+        app = routes_over(config, clock, flow=flow, connections=connections)
         self.stub = StubTreq(app.resource())
 
     @given(

@@ -32,8 +32,12 @@ from fjmcp.config import Options as _ConfigOptions
 from fjmcp.forgejo.client import ForgejoClient
 from fjmcp.forgejo.credentials import UpstreamCredentials
 from fjmcp.http import metrics as http_metrics
+from fjmcp.http.browser import BrowserPages
+from fjmcp.http.common import RateGuard, access_log_formatter
+from fjmcp.http.gate import MCPGate
+from fjmcp.http.oauth_endpoints import OAuthEndpoints
 from fjmcp.http.ratelimit import RateLimiter
-from fjmcp.http.routes import BrokerApp, access_log_formatter
+from fjmcp.http.routes import BrokerApp, Health
 from fjmcp.http.streamable import KEEPALIVE, MCPEndpoint
 from fjmcp.logs import prepare_twistd_observer
 from fjmcp.mcp import resources
@@ -304,18 +308,17 @@ def build_broker(config: Config, reactor: Any, seams: Seams = Seams()) -> Broker
         keepalive=seams.sse_keepalive,
         max_exchanges_per_user=config.max_requests_per_user,
     )
+    limits = RateGuard(RateLimiter(reactor), config.trusted_proxies)
     app = BrokerApp(
-        config,
-        store,
-        sessions,
-        reactor,
-        clients=clients,
-        flow=flow,
-        tokens=tokens,
-        credentials=credentials,
-        limiter=RateLimiter(reactor),
-        mcp=mcp,
-        connections=Connections(store, sessions, tokens, upstream, credentials, reactor),
+        Health(store, sessions, reactor),
+        MCPGate(config, tokens, credentials, mcp),
+        OAuthEndpoints(config, clients, tokens, limits),
+        BrowserPages(
+            config,
+            flow,
+            Connections(store, sessions, tokens, upstream, credentials, reactor),
+            limits,
+        ),
     )
     # No form parsing by Twisted: it costs every /mcp POST a MIME parse, and
     # the one form (consent) is read by its route.
@@ -338,7 +341,7 @@ def build_broker(config: Config, reactor: Any, seams: Seams = Seams()) -> Broker
     metrics_listener = None
     if config.metrics_listen:
         # Its own listener: the public one (behind Caddy) never serves /metrics.
-        http_metrics.instrument(site, http_metrics.RouteLabels.of(BrokerApp.app))
+        http_metrics.instrument(site, http_metrics.RouteLabels.of(*BrokerApp.apps()))
         registry = http_metrics.broker_registry(sessions, children, config.max_sessions)
         endpoint = endpoints.serverFromString(reactor, config.metrics_listen)
         metrics_listener = Listener(

@@ -54,11 +54,11 @@ class RouteLabels:
         )
 
     @classmethod
-    def of(cls, app: Any) -> RouteLabels:
+    def of(cls, *apps: Any) -> RouteLabels:
         """
-        The route templates of a Klein app.
+        The route templates of Klein apps.
         """
-        return cls(rule.rule for rule in app.url_map.iter_rules())
+        return cls(rule.rule for app in apps for rule in app.url_map.iter_rules())
 
     def __call__(self, path: bytes) -> str:
         text = unquote(path.decode("latin-1"), errors="replace")
