@@ -57,6 +57,13 @@ def _send(request: Request, status: int, headers: dict[str, str], body: Any) -> 
     return payload
 
 
+def _metadata(request: Request, document: dict[str, Any]) -> bytes:
+    # Built from configuration only: caches may keep it for an hour.
+    body = json_response(request, 200, document)
+    request.setHeader(b"Cache-Control", b"public, max-age=3600")
+    return body
+
+
 class OAuthEndpoints:
     """
     Metadata, registration, token and revocation.
@@ -93,17 +100,13 @@ class OAuthEndpoints:
     @app.route("/.well-known/oauth-authorization-server", methods=["GET"])
     @cross_origin
     def as_metadata(self, request: Request) -> bytes:
-        body = json_response(request, 200, authorization_server_metadata(self._config))
-        request.setHeader(b"Cache-Control", b"public, max-age=3600")
-        return body
+        return _metadata(request, authorization_server_metadata(self._config))
 
     @app.route("/.well-known/oauth-protected-resource", methods=["GET"])
     @app.route("/.well-known/oauth-protected-resource/mcp", methods=["GET"], endpoint="prm_mcp")
     @cross_origin
     def resource_metadata(self, request: Request) -> bytes:
-        body = json_response(request, 200, protected_resource_metadata(self._config))
-        request.setHeader(b"Cache-Control", b"public, max-age=3600")
-        return body
+        return _metadata(request, protected_resource_metadata(self._config))
 
     @app.route("/oauth/register", methods=["POST"])
     @cross_origin
