@@ -1,37 +1,47 @@
 """
 The few HTML pages a person sees: the consent page, the connections page
 and error pages.
-Everything shown is escaped, and names and hosts go through L{for_people};
-the pages load nothing from elsewhere.
+
+The pages are trees of L{twisted.web.template.tags}, flattened by Twisted:
+every value is a text node or an attribute value, which the flattener
+escapes, so no value can open a tag or leave an attribute, and no HTML is
+ever put together from strings.  Names and hosts also go through
+L{for_people}.  The pages load nothing from elsewhere.
 """
 
 from __future__ import annotations
 
 import datetime
-import html
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
+
+from twisted.python.failure import Failure
+from twisted.web.template import Flattenable, Tag, flattenString, tags
 
 if TYPE_CHECKING:
     from fjmcp.oauth.connections import Connection
 
-_PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{title} · fjmcp</title>
-<style>
-body{{font-family:system-ui,sans-serif;max-width:34em;margin:3em auto;padding:0 1em;color:#222}}
-.box{{border:1px solid #ccc;border-radius:8px;padding:1em 1.5em}}
-code{{background:#f3f3f3;padding:0 .2em}}
-ul{{padding-left:1.2em}}
-button{{font-size:1em;padding:.5em 1.4em;margin:.3em .5em .3em 0;border-radius:6px;cursor:pointer}}
-.approve{{background:#2e7d32;color:#fff;border:1px solid #2e7d32}}
-.deny{{background:#fff;border:1px solid #999}}
-.warn{{color:#8a4b00}}
-</style></head>
-<body><div class="box"><h1>{title}</h1>{body}</div></body></html>
+# The flattener has no node for a document type; this one is a constant.
+_DOCTYPE = b"<!doctype html>\n"
+
+# Style sheets are text nodes, so the flattener escapes C{&}, C{<} and C{>} in
+# them: keep them to rules without those characters (no child selectors).
+_STYLE = """
+body{font-family:system-ui,sans-serif;max-width:34em;margin:3em auto;padding:0 1em;color:#222}
+.box{border:1px solid #ccc;border-radius:8px;padding:1em 1.5em}
+code{background:#f3f3f3;padding:0 .2em}
+ul{padding-left:1.2em}
+button{font-size:1em;padding:.5em 1.4em;margin:.3em .5em .3em 0;border-radius:6px;cursor:pointer}
+.approve{background:#2e7d32;color:#fff;border:1px solid #2e7d32}
+.deny{background:#fff;border:1px solid #999}
+.warn{color:#8a4b00}
 """
+
+_CONNECTIONS_STYLE = (
+    ".conns{list-style:none;padding:0}.conn{border-top:1px solid #ddd;padding:.8em 0}"
+    ".notice{background:#e8f5e9;padding:.5em 1em;border-radius:6px}"
+)
 
 # What each Forgejo scope lets an assistant do, in words a person reads.
 SCOPE_WORDS = {
@@ -69,12 +79,54 @@ def _name(name: str) -> str:
     return for_people(name) or UNNAMED
 
 
-def render(title: str, body: str) -> bytes:
-    return _PAGE.format(title=html.escape(title), body=body).encode("utf-8")
+def _flatten(root: Flattenable) -> bytes:
+    """
+    C{root} as UTF-8 HTML, now.  The pages hold no L{Deferred}, so
+    L{flattenString}'s result has already fired when it returns; one that
+    has not would be a page waiting on something, which is a bug here.
+    """
+    done: list[bytes] = []
+    failed: list[Failure] = []
+    flattenString(None, root).addCallbacks(done.append, failed.append)
+    if failed:
+        failed[0].raiseException()
+    if not done:
+        raise RuntimeError("a page did not flatten synchronously")
+    return done[0]
+
+
+def _joined(parts: Iterable[Flattenable], separator: str) -> list[Flattenable]:
+    joined: list[Flattenable] = []
+    for part in parts:
+        if joined:
+            joined.append(separator)
+        joined.append(part)
+    return joined
+
+
+def render(title: str, body: Flattenable) -> bytes:
+    """
+    The page titled C{title} around C{body}: text, L{tags} or a list of them,
+    never markup in a string (a string is shown as text).
+    """
+    page = tags.html(lang="en")(
+        tags.head(
+            tags.meta(charset="utf-8"),
+            "\n",
+            tags.meta(name="viewport", content="width=device-width, initial-scale=1"),
+            "\n",
+            tags.title(title, " · fjmcp"),
+            "\n",
+            tags.style(_STYLE),
+        ),
+        "\n",
+        tags.body(tags.div(class_="box")(tags.h1(title), body)),
+    )
+    return _DOCTYPE + _flatten(page) + b"\n"
 
 
 def error_page(title: str, message: str) -> bytes:
-    return render(title, f"<p>{html.escape(message)}</p>")
+    return render(title, tags.p(message))
 
 
 def describe_scopes(scopes: tuple[str, ...]) -> list[str]:
@@ -96,6 +148,10 @@ def describe_scopes(scopes: tuple[str, ...]) -> list[str]:
     return lines
 
 
+def _hidden(name: str, value: str) -> Tag:
+    return tags.input(type="hidden", name=name, value=value)
+
+
 def consent_page(
     *,
     client_name: str,
@@ -107,29 +163,57 @@ def consent_page(
     action: str,
     unverified_name: bool,
 ) -> bytes:
-    e = html.escape
-    abilities = "".join(f"<li>{e(line)}</li>" for line in describe_scopes(forgejo_scopes))
-    warning = (
-        '<p class="warn">This client registered itself; its name is its own claim. '
-        "Check where it will send you back.</p>"
+    warning: Flattenable = (
+        tags.p(class_="warn")(
+            "This client registered itself; its name is its own claim. "
+            "Check where it will send you back."
+        )
         if unverified_name
         else ""
     )
-    body = f"""
-<p><b>{e(_name(client_name))}</b> wants to use your account at
-<code>{e(forgejo_url)}</code> through this MCP server.</p>
-{warning}
-<p>After you approve and sign in to Forgejo, you will be sent back to
-<b>{e(for_people(redirect_host))}</b>.</p>
-<p>It will be able to act as you in Forgejo, with these permissions:</p>
-<ul>{abilities}</ul>
-<p><small>Client ID: <code>{e(client_id)}</code>. You can revoke access later on
-<a href="/connections">your connections page</a>.</small></p>
-<form method="post" action="{e(action)}">
-<input type="hidden" name="consent" value="{e(consent_token)}">
-<button class="approve" type="submit" name="decision" value="approve">Approve</button>
-<button class="deny" type="submit" name="decision" value="deny">Deny</button>
-</form>"""
+    body = [
+        "\n",
+        tags.p(
+            tags.b(_name(client_name)),
+            " wants to use your account at\n",
+            tags.code(forgejo_url),
+            " through this MCP server.",
+        ),
+        "\n",
+        warning,
+        "\n",
+        tags.p(
+            "After you approve and sign in to Forgejo, you will be sent back to\n",
+            tags.b(for_people(redirect_host)),
+            ".",
+        ),
+        "\n",
+        tags.p("It will be able to act as you in Forgejo, with these permissions:"),
+        "\n",
+        tags.ul([tags.li(line) for line in describe_scopes(forgejo_scopes)]),
+        "\n",
+        tags.p(
+            tags.small(
+                "Client ID: ",
+                tags.code(client_id),
+                ". You can revoke access later on\n",
+                tags.a(href="/connections")("your connections page"),
+                ".",
+            )
+        ),
+        "\n",
+        tags.form(method="post", action=action)(
+            "\n",
+            _hidden("consent", consent_token),
+            "\n",
+            tags.button(class_="approve", type="submit", name="decision", value="approve")(
+                "Approve"
+            ),
+            "\n",
+            tags.button(class_="deny", type="submit", name="decision", value="deny")("Deny"),
+            "\n",
+        ),
+    ]
     return render("Allow access to Forgejo?", body)
 
 
@@ -140,10 +224,41 @@ def _when(seconds: float | None) -> str:
     return moment.strftime("%Y-%m-%d %H:%M UTC")
 
 
-_CONNECTIONS_STYLE = (
-    ".conns{list-style:none;padding:0}.conn{border-top:1px solid #ddd;padding:.8em 0}"
-    ".notice{background:#e8f5e9;padding:.5em 1em;border-radius:6px}"
-)
+def _connection(c: Connection, form_token: str, action: str) -> Tag:
+    claimed: Flattenable = (
+        [" ", tags.small(class_="warn")("(name given by the application itself)")]
+        if c.self_named
+        else ""
+    )
+    hosts = _joined((tags.code(for_people(h)) for h in c.redirect_hosts), ", ") or "none"
+    in_use = f", {c.live_sessions} open session(s)" if c.live_sessions else ""
+    return tags.li(class_="conn")(
+        tags.b(_name(c.name)),
+        claimed,
+        tags.br(),
+        "\n",
+        tags.small(
+            "Sends you back to ",
+            hosts,
+            tags.br(),
+            "\n",
+            f"Approved {_when(c.approved_at)} · last used {_when(c.last_used_at)}{in_use}",
+            tags.br(),
+            "\n",
+            "Client ID: ",
+            tags.code(c.client_id),
+        ),
+        "\n",
+        tags.form(method="post", action=action)(
+            "\n",
+            _hidden("csrf", form_token),
+            "\n",
+            _hidden("client_id", c.client_id),
+            "\n",
+            tags.button(class_="deny", type="submit")("Revoke"),
+            "\n",
+        ),
+    )
 
 
 def connections_page(
@@ -159,33 +274,25 @@ def connections_page(
     The clients a signed-in user approved, each with a Revoke button.  Every
     form on the page carries the same single-use C{form_token}.
     """
-    e = html.escape
-    rows = []
-    for c in connections:
-        claimed = ' <small class="warn">(name given by the application itself)</small>'
-        hosts = ", ".join(f"<code>{e(for_people(h))}</code>" for h in c.redirect_hosts) or "none"
-        in_use = f", {c.live_sessions} open session(s)" if c.live_sessions else ""
-        rows.append(
-            f"""<li class="conn"><b>{e(_name(c.name))}</b>{claimed if c.self_named else ""}<br>
-<small>Sends you back to {hosts}<br>
-Approved {e(_when(c.approved_at))} · last used {e(_when(c.last_used_at))}{e(in_use)}<br>
-Client ID: <code>{e(c.client_id)}</code></small>
-<form method="post" action="{e(action)}">
-<input type="hidden" name="csrf" value="{e(form_token)}">
-<input type="hidden" name="client_id" value="{e(c.client_id)}">
-<button class="deny" type="submit">Revoke</button>
-</form></li>"""
-        )
     listing = (
-        f'<ul class="conns">{"".join(rows)}</ul>'
-        if rows
-        else "<p>You have not connected any application.</p>"
+        tags.ul(class_="conns")([_connection(c, form_token, action) for c in connections])
+        if connections
+        else tags.p("You have not connected any application.")
     )
-    message = f'<p class="notice">{e(notice)}</p>' if notice else ""
-    body = f"""<style>{_CONNECTIONS_STYLE}</style>{message}
-<p>Signed in as <b>{e(user_login)}</b> of <code>{e(forgejo_url)}</code>. These
-applications can use your Forgejo account through this MCP server. Revoking one
-signs it out at once and ends its open sessions; it has to ask you again
-before it can connect.</p>
-{listing}"""
+    body = [
+        tags.style(_CONNECTIONS_STYLE),
+        tags.p(class_="notice")(notice) if notice else "",
+        "\n",
+        tags.p(
+            "Signed in as ",
+            tags.b(user_login),
+            " of ",
+            tags.code(forgejo_url),
+            ". These\napplications can use your Forgejo account through this MCP server. "
+            "Revoking one\nsigns it out at once and ends its open sessions; it has to ask "
+            "you again\nbefore it can connect.",
+        ),
+        "\n",
+        listing,
+    ]
     return render("Your connected applications", body)
