@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Callable
 from typing import Any
 
 from hypothesis import given, settings
@@ -20,9 +21,10 @@ from hypothesis.stateful import (
     precondition,
     rule,
 )
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from fjmcp.mcp.router import INTERNAL_ERROR, REQUEST_CANCELLED, SessionRouter
+from fjmcp.mcp.router import INTERNAL_ERROR, REQUEST_CANCELLED, REQUEST_TIMEOUT, SessionRouter
 
 
 def same(a: Any, b: Any) -> bool:
@@ -762,6 +764,539 @@ class BatchTests(SynchronousTestCase):
         )
 
 
+TIMEOUT = 10.0
+
+
+def expected_cancel(child_id: int, reason: str) -> dict[str, Any]:
+    return {
+        "jsonrpc": "2.0",
+        "method": "notifications/cancelled",
+        "params": {"requestId": child_id, "reason": reason},
+    }
+
+
+class ClockHarness(Harness):
+    """
+    A router whose requests have a deadline of C{TIMEOUT} seconds on a fake
+    clock.  C{silent} records the time of each report of a child that wrote
+    nothing while a request waited; C{on_silent}, when set, runs then too.
+    """
+
+    def __init__(self, timeout: float | None = TIMEOUT) -> None:
+        super().__init__()
+        self.clock = Clock()
+        self.silent: list[float] = []
+        self.on_silent: Callable[[], None] | None = None
+        self.router = SessionRouter(
+            self.to_child.append,
+            self.standalone.append,
+            clock=self.clock,
+            timeout=timeout,
+            on_silent=self._silent,
+        )
+
+    def _silent(self) -> None:
+        self.silent.append(self.clock.seconds())
+        if self.on_silent is not None:
+            self.on_silent()
+
+    def timers(self) -> int:
+        return len(self.clock.getDelayedCalls())
+
+    def cancellations(self) -> list[dict[str, Any]]:
+        return [m for m in self.to_child if m.get("method") == "notifications/cancelled"]
+
+
+NULL_ID_REFUSAL = {
+    "jsonrpc": "2.0",
+    "id": None,
+    "error": {"code": -32700, "message": "Parse error"},
+}
+
+
+class DeadlineTests(SynchronousTestCase):
+    """
+    A request the child does not answer in time ends with an error for the
+    client, a cancellation for the child, and no trace in the router.
+    """
+
+    def test_unanswered_request_times_out(self) -> None:
+        """
+        At the deadline, and not a moment before, the client's stream
+        finishes once with -32001 under the client's own id and the child is
+        told to stop under its id; the child's late answer goes nowhere.
+        """
+        h = ClockHarness()
+        stream, sent = h.request("slow-1")
+        self.assertEqual(h.timers(), 1)
+        h.clock.advance(TIMEOUT - 1)
+        self.assertEqual(stream.events, [])
+        self.assertEqual(h.router.in_flight, 1)
+        h.clock.advance(1)
+        self.assertEqual(len(stream.events), 1)
+        [response] = stream.finished
+        self.assertEqual(set(response), {"jsonrpc", "id", "error"})
+        self.assertEqual(response["jsonrpc"], "2.0")
+        self.assertEqual(response["id"], "slow-1")
+        self.assertEqual(response["error"]["code"], -32001)
+        self.assertEqual(REQUEST_TIMEOUT, -32001)
+        self.assertIn("10 s", response["error"]["message"])
+        self.assertEqual(h.cancellations(), [expected_cancel(sent["id"], "the request timed out")])
+        self.assertEqual(h.router.in_flight, 0)
+        self.assertEqual(h.timers(), 0)
+        count = len(h.to_child)
+        h.answer(sent)
+        h.router.child_message({"jsonrpc": "2.0", "id": sent["id"], "error": {"code": 1}})
+        self.assertEqual(len(stream.events), 1)
+        self.assertEqual(h.standalone, [])
+        self.assertEqual(len(h.to_child), count)
+        h.clock.advance(TIMEOUT * 3)
+        self.assertEqual(len(stream.events), 1)
+        self.assertEqual(len(h.to_child), count)
+
+    def test_progress_after_timeout_dropped(self) -> None:
+        h = ClockHarness()
+        stream, sent = h.request(1, params={"_meta": {"progressToken": "t"}})
+        h.clock.advance(TIMEOUT)
+        h.router.child_message(progress(sent["params"]["_meta"]["progressToken"]))
+        self.assertEqual(len(stream.events), 1)
+        self.assertEqual(h.standalone, [])
+
+    def test_timeout_keeps_odd_ids(self) -> None:
+        """
+        The timeout error carries exactly the id the client sent.
+        """
+        ids: list[Any] = [0, -1, 2**70, "", "ünï\u202e", "1"]
+        h = ClockHarness()
+        streams = [h.request(i)[0] for i in ids]
+        h.clock.advance(TIMEOUT)
+        for client_id, stream in zip(ids, streams, strict=True):
+            [response] = stream.finished
+            self.assertTrue(same(response["id"], client_id), (response, client_id))
+            self.assertIs(type(response["id"]), type(client_id))
+            self.assertEqual(response["error"]["code"], REQUEST_TIMEOUT)
+
+    def test_each_request_has_its_own_deadline(self) -> None:
+        h = ClockHarness()
+        first, sent1 = h.request(1)
+        h.clock.advance(4)
+        second, sent2 = h.request(2)
+        h.clock.advance(TIMEOUT - 4)
+        self.assertEqual(first.finished[0]["error"]["code"], REQUEST_TIMEOUT)
+        self.assertEqual(second.events, [])
+        self.assertEqual(h.timers(), 1)
+        h.clock.advance(3)
+        self.assertEqual(second.events, [])
+        h.clock.advance(1)
+        self.assertEqual(second.finished[0]["error"]["code"], REQUEST_TIMEOUT)
+        self.assertEqual(
+            h.cancellations(),
+            [
+                expected_cancel(sent1["id"], "the request timed out"),
+                expected_cancel(sent2["id"], "the request timed out"),
+            ],
+        )
+
+    def test_silent_child_reported(self) -> None:
+        """
+        A child that wrote nothing since the request was sent is reported,
+        after the client got its error: whoever hears of it may end the
+        session, and that must not replace the error.
+        """
+        h = ClockHarness()
+        h.clock.advance(1)
+        h.router.child_message(log_message("before the request"))
+        h.clock.advance(1)
+        stream, _ = h.request(1)
+        finished_when_reported: list[int] = []
+        h.on_silent = lambda: finished_when_reported.append(len(stream.finished))
+        h.clock.advance(TIMEOUT)
+        self.assertEqual(h.silent, [2 + TIMEOUT])
+        self.assertEqual(finished_when_reported, [1])
+        self.assertEqual(stream.finished[0]["error"]["code"], REQUEST_TIMEOUT)
+
+    def test_child_that_wrote_is_not_silent(self) -> None:
+        """
+        Anything the child writes after the request was sent (an answer to
+        another request, a notification, even junk) shows it is alive: the
+        request still times out, but the child is not reported.
+        """
+        writes: list[Any] = [
+            log_message("still here"),
+            {"jsonrpc": "2.0", "method": "notifications/tools/list_changed"},
+            {"foo": 1},
+            "junk",
+            [],
+        ]
+        for write in writes:
+            h = ClockHarness()
+            # Later than the router's start, which counts as hearing from it.
+            h.clock.advance(1)
+            stream, _ = h.request(1)
+            h.clock.advance(TIMEOUT / 2)
+            h.router.child_message(write)
+            h.clock.advance(TIMEOUT / 2)
+            self.assertEqual(stream.finished[0]["error"]["code"], REQUEST_TIMEOUT, write)
+            self.assertEqual(h.silent, [], write)
+
+    def test_answer_to_another_request_is_not_silence(self) -> None:
+        h = ClockHarness()
+        h.clock.advance(1)
+        waiting, _ = h.request("waits")
+        h.clock.advance(1)
+        other, sent = h.request("answered")
+        h.clock.advance(1)
+        h.answer(sent)
+        h.clock.advance(TIMEOUT)
+        self.assertEqual(other.finished[0]["result"], {"echo": None})
+        self.assertEqual(waiting.finished[0]["error"]["code"], REQUEST_TIMEOUT)
+        self.assertEqual(h.silent, [])
+
+    def test_silence_counted_per_request(self) -> None:
+        """
+        The child wrote after the first request was sent but not after the
+        second: only the second's deadline reports it.
+        """
+        h = ClockHarness()
+        h.clock.advance(1)
+        first, _ = h.request(1)
+        h.clock.advance(1)
+        h.router.child_message(log_message("alive"))
+        h.clock.advance(1)
+        second, _ = h.request(2)
+        h.clock.advance(TIMEOUT - 2)
+        self.assertEqual(len(first.finished), 1)
+        self.assertEqual(h.silent, [])
+        h.clock.advance(2)
+        self.assertEqual(len(second.finished), 1)
+        self.assertEqual(h.silent, [3 + TIMEOUT])
+
+    def test_no_timer_left_behind(self) -> None:
+        """
+        However a request ends before its deadline, its timer goes with it,
+        and the deadline passing later changes nothing.
+        """
+        h = ClockHarness()
+        answered, sent = h.request("answered")
+        h.answer(sent)
+        self.assertEqual(h.timers(), 0)
+        refused, sent = h.request("refused")
+        h.router.child_message({"jsonrpc": "2.0", "id": sent["id"], "error": {"code": -1}})
+        self.assertEqual(h.timers(), 0)
+        cancelled_stream, _ = h.request("cancelled")
+        h.router.client_notification(cancelled("cancelled"))
+        self.assertEqual(h.timers(), 0)
+        abandoned, _ = h.request("abandoned")
+        h.router.abandon(abandoned)
+        self.assertEqual(h.timers(), 0)
+        failed, _ = h.request("failed")
+        h.router.fail_all(-32603, "gone")
+        self.assertEqual(h.timers(), 0)
+        null_refused, _ = h.request("null")
+        h.router.child_message(NULL_ID_REFUSAL)
+        self.assertEqual(h.timers(), 0)
+        count = len(h.to_child)
+        h.clock.advance(TIMEOUT * 2)
+        for stream in (answered, refused, cancelled_stream, failed, null_refused):
+            self.assertEqual(len(stream.events), 1)
+            self.assertNotEqual(stream.finished[0].get("error", {}).get("code"), REQUEST_TIMEOUT)
+        self.assertEqual(abandoned.events, [])
+        self.assertEqual(len(h.to_child), count)
+        self.assertEqual(h.silent, [])
+
+    def test_no_timer_for_request_answered_while_written(self) -> None:
+        """
+        A child that answers while the request is being written to it, and
+        a child that cannot be written to: either way the request is over
+        when C{client_request} returns, and no timer waits for it.
+        """
+        clock = Clock()
+        router: SessionRouter
+
+        def answering(message: dict[str, Any]) -> None:
+            if "id" in message:
+                router.child_message({"jsonrpc": "2.0", "id": message["id"], "result": {}})
+
+        router = SessionRouter(answering, lambda m: None, clock=clock, timeout=TIMEOUT)
+        stream = FakeStream()
+        router.client_request({"jsonrpc": "2.0", "id": 1, "method": "ping"}, stream)
+        self.assertEqual(stream.finished, [{"jsonrpc": "2.0", "id": 1, "result": {}}])
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+        def broken(message: dict[str, Any]) -> None:
+            raise OSError("broken pipe")
+
+        router = SessionRouter(broken, lambda m: None, clock=clock, timeout=TIMEOUT)
+        stream = FakeStream()
+        router.client_request({"jsonrpc": "2.0", "id": 2, "method": "ping"}, stream)
+        self.assertEqual(stream.finished[0]["error"]["code"], INTERNAL_ERROR)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_no_deadline_without_timeout(self) -> None:
+        h = ClockHarness(timeout=None)
+        stream, _ = h.request(1)
+        self.assertEqual(h.timers(), 0)
+        h.clock.advance(10 * TIMEOUT)
+        self.assertEqual(stream.events, [])
+        self.assertEqual(h.router.in_flight, 1)
+
+    def test_child_answers_its_cancellation(self) -> None:
+        """
+        A child that answers the timeout's cancellation at once (while the
+        router is still writing it) does not give the client a second answer.
+        """
+        clock = Clock()
+        router: SessionRouter
+
+        def to_child(message: dict[str, Any]) -> None:
+            if message.get("method") == "notifications/cancelled":
+                router.child_message(
+                    {"jsonrpc": "2.0", "id": message["params"]["requestId"], "result": {}}
+                )
+
+        router = SessionRouter(to_child, lambda m: None, clock=clock, timeout=TIMEOUT)
+        stream = FakeStream()
+        router.client_request({"jsonrpc": "2.0", "id": "x", "method": "tools/call"}, stream)
+        clock.advance(TIMEOUT)
+        self.assertEqual(len(stream.events), 1)
+        self.assertEqual(stream.finished[0]["error"]["code"], REQUEST_TIMEOUT)
+
+    def test_next_request_from_timeout_gets_its_own_deadline(self) -> None:
+        """
+        A client that sends the next request from the timeout's finish (as
+        a retrying client would) gets a fresh deadline for it.
+        """
+        h = ClockHarness()
+        retries: list[FakeStream] = []
+
+        class Retrying(FakeStream):
+            def finish(self, response: dict[str, Any]) -> None:
+                super().finish(response)
+                if len(retries) < 2:
+                    nxt = Retrying()
+                    retries.append(nxt)
+                    h.router.client_request({"jsonrpc": "2.0", "id": 1, "method": "ping"}, nxt)
+
+        first = Retrying()
+        h.router.client_request({"jsonrpc": "2.0", "id": 1, "method": "ping"}, first)
+        h.clock.advance(TIMEOUT)
+        self.assertEqual(len(first.finished), 1)
+        self.assertEqual(len(retries), 1)
+        self.assertEqual(retries[0].events, [])
+        self.assertEqual(h.timers(), 1)
+        h.clock.advance(TIMEOUT)
+        self.assertEqual(len(retries[0].finished), 1)
+        self.assertEqual(len(retries), 2)
+        self.assertEqual(h.router.in_flight, 1)
+
+
+class AbandonTests(SynchronousTestCase):
+    """
+    A client that went away: its requests are forgotten and the child is
+    told, while everyone else's go on.
+    """
+
+    def test_abandon_forgets_the_streams_requests(self) -> None:
+        h = ClockHarness()
+        gone = FakeStream()
+        sent_gone = []
+        for client_id in ("a", "b"):
+            h.router.client_request(
+                {"jsonrpc": "2.0", "id": client_id, "method": "tools/call"}, gone
+            )
+            sent_gone.append(h.to_child[-1])
+        other, sent_other = h.request("a")
+        self.assertEqual(h.router.in_flight, 3)
+        before = len(h.to_child)
+
+        self.assertEqual(h.router.abandon(gone), 2)
+
+        self.assertEqual(h.router.in_flight, 1)
+        self.assertEqual(
+            h.to_child[before:],
+            [expected_cancel(sent["id"], "the client disconnected") for sent in sent_gone],
+        )
+        self.assertEqual(gone.events, [])
+        self.assertEqual(h.timers(), 1)
+        # Later answers for it go nowhere; the other stream's still arrive.
+        for sent in sent_gone:
+            h.answer(sent)
+        self.assertEqual(gone.events, [])
+        self.assertEqual(h.standalone, [])
+        self.assertEqual(other.events, [])
+        h.answer(sent_other)
+        self.assertEqual(other.finished, [{"jsonrpc": "2.0", "id": "a", "result": {"echo": None}}])
+        self.assertEqual(h.timers(), 0)
+        h.clock.advance(TIMEOUT * 2)
+        self.assertEqual(gone.events, [])
+        self.assertEqual(h.silent, [])
+
+    def test_others_keep_their_deadline(self) -> None:
+        h = ClockHarness()
+        gone, _ = h.request(1)
+        other, sent = h.request(1)
+        h.clock.advance(TIMEOUT / 2)
+        h.router.abandon(gone)
+        h.clock.advance(TIMEOUT / 2)
+        self.assertEqual(gone.events, [])
+        self.assertEqual(other.finished[0]["error"]["code"], REQUEST_TIMEOUT)
+        self.assertEqual(other.finished[0]["id"], 1)
+        self.assertEqual(
+            h.cancellations()[-1], expected_cancel(sent["id"], "the request timed out")
+        )
+
+    def test_client_cancel_after_abandon_is_dropped(self) -> None:
+        """
+        The abandoned request is gone: a cancellation naming its id now
+        matches only the other request with that id, which it ends.
+        """
+        h = ClockHarness()
+        gone, _ = h.request(7)
+        other, sent = h.request(7)
+        h.router.abandon(gone)
+        h.router.client_notification(cancelled(7))
+        self.assertEqual(gone.events, [])
+        self.assertEqual(other.finished[0]["error"]["code"], REQUEST_CANCELLED)
+        self.assertEqual(h.cancellations()[-1]["params"]["requestId"], sent["id"])
+
+    def test_progress_after_abandon_dropped(self) -> None:
+        h = ClockHarness()
+        gone, sent = h.request(1, params={"_meta": {"progressToken": "p"}})
+        other, _ = h.request(2)
+        h.router.abandon(gone)
+        h.router.child_message(progress(sent["params"]["_meta"]["progressToken"]))
+        self.assertEqual(gone.events, [])
+        self.assertEqual(other.events, [])
+        self.assertEqual(h.standalone, [])
+
+    def test_abandon_what_is_not_in_flight(self) -> None:
+        """
+        A stream whose requests all ended (answered, timed out, abandoned
+        already) or that never had one: nothing to forget, nothing sent.
+        """
+        h = ClockHarness()
+        answered, sent = h.request(1)
+        h.answer(sent)
+        timed_out, _ = h.request(2)
+        h.clock.advance(TIMEOUT)
+        twice, _ = h.request(3)
+        self.assertEqual(h.router.abandon(twice), 1)
+        count = len(h.to_child)
+        for stream in (answered, timed_out, twice, FakeStream()):
+            self.assertEqual(h.router.abandon(stream), 0)
+        self.assertEqual(len(h.to_child), count)
+        self.assertEqual(len(answered.events), 1)
+        self.assertEqual(len(timed_out.events), 1)
+        self.assertEqual(twice.events, [])
+
+    def test_abandon_with_child_unwritable(self) -> None:
+        """
+        The child cannot be told (its stdin is gone): the request is still
+        forgotten, and nothing is raised to the caller.
+        """
+        clock = Clock()
+        writable = [True]
+
+        def to_child(message: dict[str, Any]) -> None:
+            if not writable[0]:
+                raise OSError("broken pipe")
+
+        router = SessionRouter(to_child, lambda m: None, clock=clock, timeout=TIMEOUT)
+        stream = FakeStream()
+        router.client_request({"jsonrpc": "2.0", "id": 1, "method": "ping"}, stream)
+        writable[0] = False
+        self.assertEqual(router.abandon(stream), 1)
+        self.assertEqual(router.in_flight, 0)
+        self.assertEqual(clock.getDelayedCalls(), [])
+        self.assertEqual(stream.events, [])
+
+
+class NullIdRefusalTests(SynchronousTestCase):
+    """
+    A child that cannot parse a line answers with C{"id": null}; it reads
+    its stdin in order and answers at once, so the refusal is for the
+    request written last.
+    """
+
+    def test_fails_most_recent_pending_request(self) -> None:
+        h = ClockHarness()
+        first, _ = h.request("first")
+        second, _ = h.request(2)
+        third, sent3 = h.request("third")
+        h.answer(sent3)
+        self.assertEqual(h.timers(), 2)
+
+        h.router.child_message(NULL_ID_REFUSAL)
+        self.assertEqual(first.events, [])
+        self.assertEqual(
+            second.finished, [{**NULL_ID_REFUSAL, "id": 2}], "the last one still pending"
+        )
+        self.assertEqual(h.router.in_flight, 1)
+        self.assertEqual(h.timers(), 1)
+
+        h.router.child_message(NULL_ID_REFUSAL)
+        self.assertEqual(first.finished, [{**NULL_ID_REFUSAL, "id": "first"}])
+        self.assertEqual(len(second.events), 1)
+        self.assertEqual(len(third.events), 1)
+        self.assertEqual(h.timers(), 0)
+        self.assertEqual(h.router.in_flight, 0)
+
+        # Nothing pending: dropped.
+        h.router.child_message(NULL_ID_REFUSAL)
+        for stream in (first, second, third):
+            self.assertEqual(len(stream.events), 1)
+        self.assertEqual(h.standalone, [])
+        h.clock.advance(TIMEOUT * 2)
+        for stream in (first, second, third):
+            self.assertEqual(len(stream.events), 1)
+
+    def test_keeps_the_childs_error(self) -> None:
+        h = ClockHarness()
+        stream, _ = h.request(["odd", "id"])
+        error = {"code": -32700, "message": "Parse error", "data": {"offset": 3}}
+        h.router.child_message({"jsonrpc": "2.0", "id": None, "error": error})
+        self.assertEqual(stream.finished, [{"jsonrpc": "2.0", "id": ["odd", "id"], "error": error}])
+
+    def test_nothing_pending(self) -> None:
+        h = ClockHarness()
+        h.router.child_message(NULL_ID_REFUSAL)
+        self.assertEqual(h.standalone, [])
+        self.assertEqual(h.to_child, [])
+        stream, sent = h.request(1)
+        h.answer(sent)
+        h.router.child_message(NULL_ID_REFUSAL)
+        self.assertEqual(len(stream.events), 1)
+
+    def test_after_timeout_and_abandon(self) -> None:
+        """
+        Requests that timed out or were abandoned are not pending: a
+        refusal goes to the latest one still waiting, or nowhere.
+        """
+        h = ClockHarness()
+        older, _ = h.request("older")
+        h.clock.advance(1)
+        gone, _ = h.request("gone")
+        h.router.abandon(gone)
+        h.router.child_message(NULL_ID_REFUSAL)
+        self.assertEqual(gone.events, [])
+        self.assertEqual(older.finished, [{**NULL_ID_REFUSAL, "id": "older"}])
+        expired, _ = h.request("expired")
+        h.clock.advance(TIMEOUT)
+        h.router.child_message(NULL_ID_REFUSAL)
+        self.assertEqual(len(expired.events), 1)
+        self.assertEqual(expired.finished[0]["error"]["code"], REQUEST_TIMEOUT)
+
+    def test_null_id_result_dropped(self) -> None:
+        """
+        Only a refusal is matched up; a result without an id is nobody's.
+        """
+        h = ClockHarness()
+        stream, _ = h.request(1)
+        h.router.child_message({"jsonrpc": "2.0", "id": None, "result": {}})
+        self.assertEqual(stream.events, [])
+        self.assertEqual(h.router.in_flight, 1)
+
+
 # Client ids: small pools so that clashes are common, plus odd JSON values.
 client_ids = st.one_of(
     st.sampled_from([0, 1, 1, "1", True, False, 1.0, "a", -1]),
@@ -811,8 +1346,10 @@ def _is_plain_int(value: Any) -> bool:
 class RouterMachine(RuleBasedStateMachine):
     """
     Client requests, child answers, child requests, client answers,
-    cancellations both ways, notifications and fail_all in any order,
-    checked against a model of what each side may see.
+    cancellations both ways, notifications, fail_all, time passing (and
+    deadlines with it) and clients going away in any order, checked against
+    a model of what each side may see.  Every client request is finished
+    exactly once, or abandoned with nothing on its stream after that.
     """
 
     FAIL_CODE = -32000
@@ -827,7 +1364,15 @@ class RouterMachine(RuleBasedStateMachine):
         self.to_child: list[dict[str, Any]] = []
         # Everything delivered to the client, in order: (stream or None, message).
         self.deliveries: list[tuple[FakeStream | None, dict[str, Any]]] = []
-        self.router = SessionRouter(self.to_child.append, self._standalone)
+        self.clock = Clock()
+        self.silent_reports = 0
+        self.router = SessionRouter(
+            self.to_child.append,
+            self._standalone,
+            clock=self.clock,
+            timeout=TIMEOUT,
+            on_silent=self._on_silent,
+        )
         # Client side: (stream, client id, client token) by request number.
         self.requests: list[tuple[FakeStream, Any, Any]] = []
         self.child_id_of: dict[int, int] = {}  # request number -> child-side id
@@ -840,12 +1385,35 @@ class RouterMachine(RuleBasedStateMachine):
         self.child_tokens: dict[int, Any] = {}  # child-side id -> token the child saw
         self.child_read = 0
         self.delivered_read = 0
+        # Time: when each request was sent (clock and order of events), when
+        # the child last wrote anything, and which clients went away (with
+        # how many events their stream had then).
+        self.events = 0
+        self.sent_at: dict[int, tuple[float, int]] = {}
+        self.heard_at: tuple[float, int] = (0.0, 0)
+        self.abandoned: dict[int, int] = {}
+        self.child_cancelled: set[int] = set()
 
     def _standalone(self, message: dict[str, Any]) -> None:
         self.deliveries.append((None, message))
 
+    def _on_silent(self) -> None:
+        self.silent_reports += 1
+
+    def _child_writes(self, message: Any) -> None:
+        self.events += 1
+        self.heard_at = (self.clock.seconds(), self.events)
+        self.router.child_message(message)
+
     def _open(self) -> list[int]:
-        return [n for n, (stream, _, _) in enumerate(self.requests) if not stream.finished]
+        """
+        The requests still waiting for the child: not finished, not abandoned.
+        """
+        return [
+            n
+            for n, (stream, _, _) in enumerate(self.requests)
+            if not stream.finished and n not in self.abandoned
+        ]
 
     @rule(target=child_inbox, client_id=client_ids, token=st.none() | st.sampled_from([1, "t", 0]))
     def client_request(self, client_id: Any, token: Any) -> int:
@@ -862,12 +1430,14 @@ class RouterMachine(RuleBasedStateMachine):
         assert len(self.to_child) == before + 1
         child_id = self.to_child[-1]["id"]
         self.child_id_of[n] = child_id
+        self.events += 1
+        self.sent_at[n] = (self.clock.seconds(), self.events)
         return int(child_id)
 
     @rule(child_id=consumes(child_inbox))
     def child_answers(self, child_id: int) -> None:
         [n] = [n for n, cid in self.child_id_of.items() if cid == child_id]
-        self.router.child_message({"jsonrpc": "2.0", "id": child_id, "result": {"n": n}})
+        self._child_writes({"jsonrpc": "2.0", "id": child_id, "result": {"n": n}})
 
     @rule(bogus=st.integers(-3, 1000) | st.text(max_size=3) | st.none())
     def child_answers_unknown(self, bogus: Any) -> None:
@@ -875,7 +1445,7 @@ class RouterMachine(RuleBasedStateMachine):
             return
         before = len(self.deliveries)
         snapshot = [len(s.events) for s, _, _ in self.requests]
-        self.router.child_message({"jsonrpc": "2.0", "id": bogus, "result": {}})
+        self._child_writes({"jsonrpc": "2.0", "id": bogus, "result": {}})
         assert snapshot == [len(s.events) for s, _, _ in self.requests]
         assert len(self.deliveries) == before
 
@@ -893,7 +1463,7 @@ class RouterMachine(RuleBasedStateMachine):
         self.child_ids_issued.append(child_id)
         self.child_uncancelled.append(child_id)
         before = len(self.deliveries)
-        self.router.child_message(
+        self._child_writes(
             {"jsonrpc": "2.0", "id": child_id, "method": "sampling/createMessage", "params": params}
         )
         assert len(self.deliveries) == before + 1
@@ -949,7 +1519,7 @@ class RouterMachine(RuleBasedStateMachine):
         child_id = data.draw(st.sampled_from(self.child_uncancelled))
         self.child_uncancelled.remove(child_id)
         before = len(self.deliveries)
-        self.router.child_message(cancelled(child_id))
+        self._child_writes(cancelled(child_id))
         if len(self.deliveries) > before:
             _, note = self.deliveries[-1]
             broker_id = note["params"]["requestId"]
@@ -962,7 +1532,7 @@ class RouterMachine(RuleBasedStateMachine):
         before = len(self.deliveries)
         if kind == "progress" and self.child_tokens:
             owner = data.draw(st.sampled_from(sorted(self.child_tokens)))
-            self.router.child_message(progress(self.child_tokens[owner]))
+            self._child_writes(progress(self.child_tokens[owner]))
             targets = [n for n in open_before if self.child_id_of[n] == owner]
             if targets:
                 stream, _, token = self.requests[targets[0]]
@@ -970,17 +1540,57 @@ class RouterMachine(RuleBasedStateMachine):
             else:
                 assert len(self.deliveries) == before
         elif kind == "list_changed":
-            self.router.child_message(
-                {"jsonrpc": "2.0", "method": "notifications/tools/list_changed"}
-            )
+            self._child_writes({"jsonrpc": "2.0", "method": "notifications/tools/list_changed"})
             assert self.deliveries[-1][0] is None
         else:
-            self.router.child_message(log_message("hello"))
+            self._child_writes(log_message("hello"))
             target = self.deliveries[-1][0]
             if len(open_before) == 1:
                 assert target is self.requests[open_before[0]][0]
             else:
                 assert target is None
+
+    @rule(seconds=st.sampled_from([0.0, 1.0, 3.0, TIMEOUT - 1, TIMEOUT, TIMEOUT + 1]))
+    def time_passes(self, seconds: float) -> None:
+        """
+        Every request whose deadline is reached ends now with a timeout
+        under its client id, and the child is told; a child that wrote
+        nothing since such a request was sent is reported for it, and only
+        then.  (Writes at the very instant the request was sent cannot be
+        ordered by the clock; either answer is fine for them.)
+        """
+        now = self.clock.seconds() + seconds
+        due = [n for n in self._open() if self.sent_at[n][0] + TIMEOUT <= now]
+        heard_time, heard_event = self.heard_at
+        surely_silent = sum(1 for n in due if heard_time < self.sent_at[n][0])
+        maybe_silent = sum(1 for n in due if heard_event < self.sent_at[n][1])
+        before, reports = len(self.to_child), self.silent_reports
+        self.clock.advance(seconds)
+        for n in due:
+            stream, client_id, _ = self.requests[n]
+            [response] = stream.finished
+            assert same(response["id"], client_id)
+            assert response["error"]["code"] == REQUEST_TIMEOUT
+        assert self.to_child[before:] == [
+            expected_cancel(self.child_id_of[n], "the request timed out") for n in due
+        ]
+        assert surely_silent <= self.silent_reports - reports <= maybe_silent
+
+    @precondition(lambda self: self.requests)
+    @rule(data=st.data())
+    def client_goes_away(self, data: st.DataObject) -> None:
+        n = data.draw(st.integers(0, len(self.requests) - 1), label="request")
+        stream = self.requests[n][0]
+        in_flight = n in self._open()
+        before = len(self.to_child)
+        assert self.router.abandon(stream) == (1 if in_flight else 0)
+        if in_flight:
+            self.abandoned[n] = len(stream.events)
+            assert self.to_child[before:] == [
+                expected_cancel(self.child_id_of[n], "the client disconnected")
+            ]
+        else:
+            assert len(self.to_child) == before
 
     @rule()
     def fail_all(self) -> None:
@@ -1012,7 +1622,11 @@ class RouterMachine(RuleBasedStateMachine):
                     self.child_tokens[message["id"]] = meta["progressToken"]
             else:
                 assert method == "notifications/cancelled"
-                assert message["params"]["requestId"] in self.child_seen_request_ids
+                request_id = message["params"]["requestId"]
+                assert request_id in self.child_seen_request_ids
+                # Once per request, however it ended.
+                assert request_id not in self.child_cancelled, request_id
+                self.child_cancelled.add(request_id)
         self.child_read = len(self.to_child)
 
     @invariant()
@@ -1024,8 +1638,17 @@ class RouterMachine(RuleBasedStateMachine):
                 if "result" in response:
                     assert response["result"] == {"n": n}
                 else:
-                    assert response["error"]["code"] in (REQUEST_CANCELLED, self.FAIL_CODE)
+                    assert response["error"]["code"] in (
+                        REQUEST_CANCELLED,
+                        REQUEST_TIMEOUT,
+                        self.FAIL_CODE,
+                    )
+            if n in self.abandoned:
+                # Nothing reaches a client that went away.
+                assert len(stream.events) == self.abandoned[n], stream.events
         assert self.router.in_flight == len(self._open())
+        # One deadline per request in flight, none left behind.
+        assert len(self.clock.getDelayedCalls()) == self.router.in_flight
         assert self.router.server_requests_pending == len(self.answerable)
 
     @invariant()
@@ -1037,8 +1660,13 @@ class RouterMachine(RuleBasedStateMachine):
 
     def teardown(self) -> None:
         self.router.fail_all(self.FAIL_CODE, "the end")
-        for stream, _, _ in self.requests:
-            assert len(stream.finished) == 1, stream.events
+        self.clock.advance(TIMEOUT * 2)
+        for n, (stream, _, _) in enumerate(self.requests):
+            if n in self.abandoned:
+                assert stream.finished == [], stream.events
+                assert len(stream.events) == self.abandoned[n]
+            else:
+                assert len(stream.finished) == 1, stream.events
             assert stream.well_formed()
 
 
