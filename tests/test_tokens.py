@@ -17,6 +17,7 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.http_headers import Headers
 
+from fjmcp.http.gate import www_authenticate
 from fjmcp.oauth.clients import ClientRegistry
 from fjmcp.oauth.tokens import (
     AccessGrant,
@@ -24,7 +25,6 @@ from fjmcp.oauth.tokens import (
     MissingTokenError,
     TokenService,
     parse_form,
-    www_authenticate,
 )
 from fjmcp.secrets.crypto import new_pkce_pair, token_hash
 from fjmcp.store import Store, UpstreamUser, migrate_database

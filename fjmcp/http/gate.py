@@ -22,15 +22,37 @@ from fjmcp.http.common import cross_origin, json_response, preflights, unexpecte
 from fjmcp.http.streamable import MCPEndpoint
 from fjmcp.mcp.jsonrpc import INTERNAL_ERROR, INVALID_REQUEST
 from fjmcp.mcp.jsonrpc import error as rpc_error
-from fjmcp.oauth.discovery import SCOPES_SUPPORTED
-from fjmcp.oauth.tokens import (
-    InvalidTokenError,
-    MissingTokenError,
-    TokenService,
-    www_authenticate,
-)
+from fjmcp.oauth.discovery import SCOPES_SUPPORTED, resource_metadata_url
+from fjmcp.oauth.tokens import InvalidTokenError, MissingTokenError, TokenService
 
 log = Logger()
+
+
+def _quote(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def www_authenticate(
+    config: Config,
+    error: str | None = None,
+    description: str | None = None,
+    scope: str | None = None,
+) -> bytes:
+    """
+    The C{WWW-Authenticate} value of a 401 from C{/mcp} (RFC 6750 section
+    3, RFC 9728 section 5.1): always with C{resource_metadata}, which
+    clients need to start discovery; with C{error} only when a token was
+    sent (C{error=None} for L{MissingTokenError}).
+    """
+    params = []
+    if error is not None:
+        params.append(f"error={_quote(error)}")
+        if description:
+            params.append(f"error_description={_quote(description)}")
+    if scope:
+        params.append(f"scope={_quote(scope)}")
+    params.append(f"resource_metadata={_quote(resource_metadata_url(config))}")
+    return ("Bearer " + ", ".join(params)).encode("ascii", "replace")
 
 
 class MCPGate:

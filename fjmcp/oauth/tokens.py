@@ -55,7 +55,6 @@ from twisted.logger import Logger
 
 from fjmcp import metrics
 from fjmcp.config import Config
-from fjmcp.oauth.discovery import resource_metadata_url
 from fjmcp.oauth.validator import (
     ClientCredentials,
     CodeRaceError,
@@ -604,30 +603,3 @@ def _grant_type(body: bytes, headers: Mapping[str, str]) -> str | None:
         return parse_form(body, headers)[0].get("grant_type")
     except _RequestError:
         return None
-
-
-def _quote(value: str) -> str:
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def www_authenticate(
-    config: Config,
-    error: str | None = None,
-    description: str | None = None,
-    scope: str | None = None,
-) -> bytes:
-    """
-    The C{WWW-Authenticate} value of a 401 from C{/mcp} (RFC 6750 section
-    3, RFC 9728 section 5.1): always with C{resource_metadata}, which
-    clients need to start discovery; with C{error} only when a token was
-    sent (C{error=None} for L{MissingTokenError}).
-    """
-    params = []
-    if error is not None:
-        params.append(f"error={_quote(error)}")
-        if description:
-            params.append(f"error_description={_quote(description)}")
-    if scope:
-        params.append(f"scope={_quote(scope)}")
-    params.append(f"resource_metadata={_quote(resource_metadata_url(config))}")
-    return ("Bearer " + ", ".join(params)).encode("ascii", "replace")
