@@ -24,7 +24,6 @@ from twisted.internet.utils import getProcessOutputAndValue
 
 import tests.broker_support as broker_support
 from fjmcp.cli import admin
-from fjmcp.forgejo.credentials import CACHE_SECONDS
 from fjmcp.mcp.sessions import REVOCATION_INTERVAL
 from fjmcp.secrets.crypto import key_id
 from fjmcp.secrets.keyring import CHECK_INTERVAL, read_key_file, write_key_file
@@ -214,8 +213,9 @@ class KeyRotationTests(AdminTestCase):
         Each user opens a new MCP session, whose child is given that user's
         own Forgejo token, opened from the store (not from memory).
         """
-        # Past the credential cache, so the sealed value itself is opened.
-        await sleep(CACHE_SECONDS + 0.2)
+        # Without the credential cache (as CACHE_SECONDS later), so the
+        # sealed value itself is opened.
+        self.broker.credentials._cache.clear()
         for login, token in tokens.items():
             session_id = await self.open_session(token)
             code, who = await self.whoami(token, session_id)
