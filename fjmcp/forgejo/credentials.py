@@ -11,9 +11,8 @@ their own (which would invalidate each other).
 
 from __future__ import annotations
 
-from typing import Any
-
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -78,7 +77,7 @@ class UpstreamCredentials:
         store: Store,
         box: SecretBox,
         upstream: ForgejoClient,
-        clock: Any,
+        clock: IReactorTime,
         refresh_margin: float = REFRESH_MARGIN,
     ) -> None:
         self._store = store

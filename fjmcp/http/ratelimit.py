@@ -11,9 +11,9 @@ from __future__ import annotations
 import ipaddress
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Any
 
 import attrs
+from twisted.internet.interfaces import IReactorTime
 
 from fjmcp.config import IPNetwork
 
@@ -78,7 +78,7 @@ class RateLimiter:
     Token buckets keyed by (endpoint, address), oldest forgotten first.
     """
 
-    def __init__(self, clock: Any, limits: dict[str, Limit] | None = None) -> None:
+    def __init__(self, clock: IReactorTime, limits: dict[str, Limit] | None = None) -> None:
         self._clock = clock
         self._limits = limits or DEFAULT_LIMITS
         self._buckets: OrderedDict[tuple[str, str], tuple[float, float]] = OrderedDict()

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.web.server import Request
@@ -90,7 +90,7 @@ class _SSE:
     def __init__(
         self,
         request: Request,
-        clock: Any,
+        clock: IReactorTime,
         keepalive: float,
         child: Callable[[], Child] | None = None,
     ) -> None:
@@ -142,7 +142,7 @@ class PostExchange:
     def __init__(
         self,
         request: Request,
-        clock: Any,
+        clock: IReactorTime,
         keepalive: float = KEEPALIVE,
         on_response: Callable[[dict[str, Any], Request], None] | None = None,
         child: Callable[[], Child] | None = None,
@@ -197,7 +197,7 @@ class BatchExchange:
     response, closed after the last.
     """
 
-    def __init__(self, request: Request, clock: Any, expected: int) -> None:
+    def __init__(self, request: Request, clock: IReactorTime, expected: int) -> None:
         self._sse = _SSE(request, clock, KEEPALIVE)
         self._left = expected
         self.parts: list[_BatchPart] = []
@@ -246,7 +246,7 @@ class MCPEndpoint:
         self,
         sessions: SessionManager,
         users: Any,
-        clock: Any,
+        clock: IReactorTime,
         max_body: int = 1024 * 1024,
         keepalive: float = KEEPALIVE,
         max_exchanges_per_user: int = MAX_EXCHANGES_PER_USER,

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import attrs
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, DeferredList
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
@@ -150,7 +151,7 @@ class _StderrLog:
     at most C{STDERR_BURST} lines per C{STDERR_WINDOW} seconds.
     """
 
-    def __init__(self, clock: Any, session_id: str, user: str, redact: Redactor) -> None:
+    def __init__(self, clock: IReactorTime, session_id: str, user: str, redact: Redactor) -> None:
         self._clock = clock
         self._session = session_id[:8]
         self._user = user

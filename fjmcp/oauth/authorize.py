@@ -12,10 +12,10 @@ get back a page to show or an address to redirect to.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import attrs
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from fjmcp.config import Config
@@ -135,7 +135,7 @@ class AuthorizationFlow:
         upstream: ForgejoClient,
         credentials: UpstreamCredentials,
         box: SecretBox,
-        clock: Any,
+        clock: IReactorTime,
         cimd: ClientMetadataFetcher | None = None,
     ) -> None:
         self._config = config

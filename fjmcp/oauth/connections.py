@@ -28,6 +28,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import attrs
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from fjmcp.forgejo.client import ForgejoClient, UpstreamError
@@ -126,7 +127,7 @@ class Connections:
         tokens: TokenService,
         upstream: ForgejoClient,
         credentials: UpstreamCredentials,
-        clock: Any,
+        clock: IReactorTime,
     ) -> None:
         self._store = store
         self._sessions = sessions
