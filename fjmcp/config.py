@@ -243,6 +243,16 @@ def parse_secret_key(data: bytes) -> bytes:
     return parse_key_file(data)[0]
 
 
+def _is_credential(path: str, environ: Mapping[str, str]) -> bool:
+    """
+    Whether C{path} is one of the credentials systemd handed this service.
+    """
+    directory = environ.get("CREDENTIALS_DIRECTORY", "")
+    if not directory:
+        return False
+    return os.path.realpath(path).startswith(os.path.realpath(directory) + os.sep)
+
+
 def validate_listen(description: str) -> None:
     from twisted.internet import endpoints, reactor
 
@@ -502,7 +512,10 @@ def build_config(
                 problems += [f"{origin['secret-key-file']}: {key_file} {p}" for p in e.problems]
             else:
                 key = keys[0]
-            if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            # systemd's LoadCredential= makes the copy 0440 under
+            # $CREDENTIALS_DIRECTORY, readable by the service alone; the
+            # operator cannot change that, so it is no reason to warn.
+            if mode & (stat.S_IRWXG | stat.S_IRWXO) and not _is_credential(key_file, environ):
                 warnings.append(
                     f"secret key file {key_file} is readable by group or others; chmod 600 it"
                 )

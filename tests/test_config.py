@@ -214,6 +214,25 @@ class ParseTests(SynchronousTestCase):
         assert config is not None
         self.assertIn("chmod 600", " ".join(config.warnings))
 
+    def test_a_systemd_credential_is_not_warned_about(self) -> None:
+        """
+        LoadCredential= hands the key over as 0440 in $CREDENTIALS_DIRECTORY,
+        which the operator cannot change: no warning for it there, and the
+        warning stays for the same mode anywhere else.
+        """
+        os.chmod(self.files["key"], 0o440)
+        directory = str(Path(self.files["key"]).parent)
+        config = self.parse(
+            good_argv(self.files, self.data_dir), {"CREDENTIALS_DIRECTORY": directory}
+        ).config
+        assert config is not None
+        self.assertNotIn("chmod 600", " ".join(config.warnings))
+        elsewhere = self.parse(
+            good_argv(self.files, self.data_dir), {"CREDENTIALS_DIRECTORY": "/nonexistent"}
+        ).config
+        assert elsewhere is not None
+        self.assertIn("chmod 600", " ".join(elsewhere.warnings))
+
     def test_secret_and_secret_file_conflict(self) -> None:
         with self.assertRaises(ConfigError) as cm:
             self.parse([*good_argv(self.files, self.data_dir), "--forgejo-client-secret=x"])

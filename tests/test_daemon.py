@@ -167,6 +167,21 @@ class LifecycleTests(TestCase):
         data = daemon.dir / "data"
         self.assertTrue((data / "broker.db").exists())
 
+    async def test_state_is_private_whatever_the_umask(self) -> None:
+        """
+        Started with umask 022 (a container has no UMask=), the data
+        directory and the database files are the broker's user's alone.
+        """
+        daemon = Daemon(self)
+        daemon.start(umask=0o022)
+        await daemon.port()
+        data = daemon.dir / "data"
+        for path in (data, *data.glob("broker.db*")):
+            self.assertEqual(path.stat().st_mode & 0o077, 0, f"{path} is {path.stat().st_mode:o}")
+        self.assertTrue((data / "broker.db").exists())
+        code, _ = await daemon.terminate()
+        self.assertEqual(code, 0)
+
     async def test_broken_config_exits_2_listing_every_problem(self) -> None:
         daemon = Daemon(self)
         argv = [

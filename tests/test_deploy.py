@@ -434,6 +434,15 @@ class QuadletTests(TestCase):
         health = one(self.unit, "Container", "HealthCmd")
         self.assertEqual(shlex.split(health), healthcheck_command(containerfile()))
 
+    def test_podman_waits_as_long_as_systemd(self) -> None:
+        """
+        podman's own stop timeout (10 s unless told) would kill the broker
+        before the unit's TimeoutStopSec= lets it end its children.
+        """
+        self.assertEqual(
+            one(self.unit, "Container", "StopTimeout"), one(self.unit, "Service", "TimeoutStopSec")
+        )
+
     def test_limits_fit_the_default_caps(self) -> None:
         nofile = one(self.unit, "Container", "Ulimit")
         self.assertTrue(nofile.startswith("nofile="), nofile)

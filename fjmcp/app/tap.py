@@ -8,6 +8,7 @@ runs afterwards is a service, started and stopped in order.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from http.cookiejar import DefaultCookiePolicy
@@ -53,8 +54,16 @@ from fjmcp.store import Store, StoreError, migrate_database
 log = Logger()
 
 
+# The database, its -wal/-shm and backups hold sealed tokens and hashes:
+# nobody but the broker's user reads them, whatever umask it was started
+# with (systemd's UMask= does the same; a container has none).
+UMASK = 0o077
+
+
 class Options(_ConfigOptions):
     def postOptions(self) -> None:
+        # Before the configuration creates the data directory.
+        os.umask(UMASK)
         super().postOptions()
         assert self.config is not None
         parent = getattr(self, "parent", None)
