@@ -8,7 +8,7 @@ FORGEJO_MCP_VERSION := $(shell cat deploy/forgejo-mcp.version)
 FORGEJO_MCP_MODULE := codeberg.org/goern/forgejo-mcp/v2
 TRIAL_JOBS ?= 2
 
-.PHONY: all venv forgejo-mcp node-deps conformance-deps caddy check lint test demo bench clean
+.PHONY: all venv forgejo-mcp forgejo-mcp-newest node-deps conformance-deps caddy check lint test demo bench clean
 
 all: check
 
@@ -45,6 +45,22 @@ forgejo-mcp:
 			echo "could not build forgejo-mcp: put its sources at $(FORGEJO_MCP_SRC) (or FORGEJO_MCP_SRC=DIR)" >&2; exit 1; }; \
 	fi; \
 	echo $(FORGEJO_MCP_VERSION) > $(BIN)/.forgejo-mcp.version
+
+# The newest forgejo-mcp release beside the pin, for the tests that check an
+# upgrade of the pin would work (tests/forgejo-mcp-newest.version), built the
+# same way into bin/forgejo-mcp-<version>.  Without its sources those tests
+# skip (and fail under CI=true).
+FORGEJO_MCP_NEWEST := $(shell cat tests/forgejo-mcp-newest.version)
+FORGEJO_MCP_NEWEST_SRC ?= $(abspath $(CURDIR)/../shared/forgejo-mcp/$(FORGEJO_MCP_NEWEST))
+
+forgejo-mcp-newest:
+	@mkdir -p $(BIN)
+	@if [ -x $(BIN)/forgejo-mcp-$(FORGEJO_MCP_NEWEST) ]; then exit 0; fi; \
+	if [ ! -f "$(FORGEJO_MCP_NEWEST_SRC)/go.mod" ]; then \
+		echo "WARNING: no sources of forgejo-mcp $(FORGEJO_MCP_NEWEST) at $(FORGEJO_MCP_NEWEST_SRC):" \
+			"the tests of the newest release will skip" >&2; exit 0; fi; \
+	echo "building forgejo-mcp $(FORGEJO_MCP_NEWEST) from $(FORGEJO_MCP_NEWEST_SRC) into $(BIN)"; \
+	cd "$(FORGEJO_MCP_NEWEST_SRC)" && CGO_ENABLED=0 go build -trimpath -o $(BIN)/forgejo-mcp-$(FORGEJO_MCP_NEWEST) .
 
 # The Node MCP servers some tests run as session children, at the versions
 # pinned in tests/node/package-lock.json.  Without npm those tests skip (and
@@ -85,7 +101,7 @@ lint: venv
 	$(VENV)/bin/ruff format --check fjmcp dev tests bench twisted
 	$(VENV)/bin/mypy
 
-test: venv forgejo-mcp node-deps conformance-deps caddy
+test: venv forgejo-mcp forgejo-mcp-newest node-deps conformance-deps caddy
 	PATH="$(BIN):$$PATH" $(VENV)/bin/trial -j$(TRIAL_JOBS) tests
 
 check: lint test

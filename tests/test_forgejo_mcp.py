@@ -29,21 +29,33 @@ BIN = ROOT / "bin"
 PINNED = (ROOT / "deploy" / "forgejo-mcp.version").read_text().strip()
 
 
-def find_forgejo_mcp() -> str:
+# The newest forgejo-mcp release, tested beside the pin so an upgrade of the
+# pin is known to work (`make forgejo-mcp` builds both).
+NEWEST = (ROOT / "tests" / "forgejo-mcp-newest.version").read_text().strip()
+
+
+def find_forgejo_mcp(version: str = PINNED) -> str:
     """
-    The binary to test, or SkipTest / failure with an operator-readable reason.
+    The binary to test (the pinned version unless C{version} names the
+    newest), or SkipTest / failure with an operator-readable reason.
     """
-    explicit = os.environ.get("FJMCP_TEST_FORGEJO_MCP")
-    candidates = [explicit] if explicit else [str(BIN / "forgejo-mcp"), shutil.which("forgejo-mcp")]
+    explicit = os.environ.get("FJMCP_TEST_FORGEJO_MCP") if version == PINNED else None
+    candidates: list[str | None]
+    if version != PINNED:
+        candidates = [str(BIN / f"forgejo-mcp-{version}")]
+    elif explicit:
+        candidates = [explicit]
+    else:
+        candidates = [str(BIN / "forgejo-mcp"), shutil.which("forgejo-mcp")]
     for candidate in candidates:
         if candidate and os.access(candidate, os.X_OK):
             return candidate
     if os.environ.get("CI"):
         raise AssertionError(
-            f"forgejo-mcp {PINNED} is missing in CI: `make forgejo-mcp` should have built "
+            f"forgejo-mcp {version} is missing in CI: `make forgejo-mcp` should have built "
             f"it into {BIN}"
         )
-    raise SkipTest(f"forgejo-mcp not built: run `make forgejo-mcp` (pinned {PINNED})")
+    raise SkipTest(f"forgejo-mcp {version} not built: run `make forgejo-mcp`")
 
 
 class StdioClient:
@@ -171,3 +183,29 @@ class ForgejoMCPTests(TestCase):
             await client.initialize()
         exit = await client.protocol.exited
         self.assertNotEqual(exit.code, 0)
+
+
+class NewestForgejoMCPTests(ForgejoMCPTests):
+    """
+    The same against the newest release (141 tools instead of 80).
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.binary = find_forgejo_mcp(NEWEST)
+
+    async def test_token_without_read_user_exits(self) -> None:
+        """
+        Unlike the pin, the newest release no longer checks the token at
+        start: it serves, and a call that needs read:user gets Forgejo's
+        refusal as its result.  (The broker checks the user itself at login,
+        so nothing of the broker depends on the child's start-up check.)
+        """
+        client = StdioClient(
+            self, self.binary, self.url, self.token_for("alice", "read:repository")
+        )
+        await client.initialize()
+        response = await client.request("tools/call", {"name": "get_my_user_info", "arguments": {}})
+        failed = "error" in response or response["result"].get("isError")
+        self.assertTrue(failed, response)
+        self.assertIn("read:user", json.dumps(response))

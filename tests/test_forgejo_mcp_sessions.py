@@ -27,7 +27,8 @@ from twisted.web.server import Request
 
 from fjmcp.http.streamable import SUPPORTED_VERSIONS
 from tests.broker_support import REDIRECT, Broker, run_sdk_client
-from tests.test_forgejo_mcp import find_forgejo_mcp
+from tests.test_forgejo_mcp import NEWEST, find_forgejo_mcp
+from tests.test_forgejo_mcp import PINNED as PINNED_VERSION
 from tests.test_sdk_oauth import SCRIPT, SDK_MISSING
 
 SCRIPT_TIMEOUT = 90
@@ -124,10 +125,12 @@ def calls(*pairs: tuple[str, str]) -> list[str]:
 class ForgejoMCPSessionTests(TestCase):
     timeout = SCRIPT_TIMEOUT + 30
 
+    version = PINNED_VERSION
+
     def setUp(self) -> None:
         if SDK_MISSING:
             raise SkipTest(SDK_MISSING)
-        self.binary = find_forgejo_mcp()
+        self.binary = find_forgejo_mcp(self.version)
         self.broker = Broker(self, executable=[self.binary])
         self.watch = APIWatch(self.broker.forgejo_site.resource, self.broker.forge, self)
         self.broker.forgejo_site.resource = self.watch
@@ -245,3 +248,11 @@ class ForgejoMCPSessionTests(TestCase):
         tokens = {r.token for r in self.watch.seen}
         self.assertGreaterEqual(len(tokens), 3)
         self.assertEqual({r.login for r in self.watch.seen}, {"alice"})
+
+
+class NewestForgejoMCPSessionTests(ForgejoMCPSessionTests):
+    """
+    The same through the broker with the newest forgejo-mcp release as child.
+    """
+
+    version = NEWEST
