@@ -12,6 +12,7 @@ is collected so an operator sees all of them in one start attempt.
 from __future__ import annotations
 
 import base64
+import difflib
 import ipaddress
 import os
 import re
@@ -376,6 +377,18 @@ OPTIONS: tuple[Option, ...] = (
 )
 
 DEFAULT_LISTEN = "tcp:8080:interface=127.0.0.1"
+# FJMCP_* variables other parts read: build info (fjmcp.buildinfo), Caddy's
+# host name (deploy/caddy/Caddyfile), the demo's and the tests' own.
+OTHER_VARIABLES = frozenset(
+    {
+        "FJMCP_BUILD_REVISION",
+        "FJMCP_BUILD_DATE",
+        "FJMCP_VERSION",
+        "FJMCP_HOST",
+        "FJMCP_DEMO_DIR",
+        "FJMCP_TEST_FORGEJO_MCP",
+    }
+)
 
 
 def _from_environment(environ: Mapping[str, str], name: str) -> str | None:
@@ -540,6 +553,15 @@ def build_config(
     else:
         if not os.access(data_dir, os.W_OK | os.X_OK):
             problems.append(f"{origin['data-dir']}: {data_dir} is not writable")
+
+    # A misspelt variable would otherwise be ignored without a word, and the
+    # default it meant to replace silently applies.
+    known = {opt.env for opt in OPTIONS} | {ENV_PREFIX + "LISTEN"} | OTHER_VARIABLES
+    for name in sorted(environ):
+        if name.startswith(ENV_PREFIX) and name not in known:
+            near = difflib.get_close_matches(name, sorted(known), n=1)
+            hint = f" (did you mean {near[0]}?)" if near else ""
+            warnings.append(f"environment variable {name} is not an fjmcp setting{hint}")
 
     if problems:
         raise ConfigError(problems)

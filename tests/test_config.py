@@ -214,6 +214,21 @@ class ParseTests(SynchronousTestCase):
         assert config is not None
         self.assertIn("chmod 600", " ".join(config.warnings))
 
+    def test_a_misspelt_variable_is_warned_about(self) -> None:
+        config = self.parse(
+            good_argv(self.files, self.data_dir),
+            {"FJMCP_MAX_SESSION": "7", "FJMCP_HOST": "mcp.example.org", "OTHER": "x"},
+        ).config
+        assert config is not None
+        self.assertEqual(
+            [w for w in config.warnings if "not an fjmcp setting" in w],
+            [
+                "environment variable FJMCP_MAX_SESSION is not an fjmcp setting "
+                "(did you mean FJMCP_MAX_SESSIONS?)"
+            ],
+        )
+        self.assertEqual(config.max_sessions, 100)
+
     def test_a_systemd_credential_is_not_warned_about(self) -> None:
         """
         LoadCredential= hands the key over as 0440 in $CREDENTIALS_DIRECTORY,

@@ -21,6 +21,7 @@ from fjmcp.http.routes import BrokerApp
 from fjmcp.oauth.authorize import AuthorizationFlow
 from fjmcp.oauth.connections import Connections
 from fjmcp.store import Store, migrate_database
+from tests.broker_support import BrokerTestCase
 from tests.helpers import http_client, make_config, raw_http, routes_over, serve
 
 
@@ -178,3 +179,24 @@ class FormBodyProperties(SynchronousTestCase):
         response = self.successResultOf(d)
         self.assertEqual(response.code, 413)
         self.assertIn(b"larger than", self.successResultOf(response.content()))
+
+
+class HomePageTests(BrokerTestCase):
+    async def test_the_root_says_what_this_is(self) -> None:
+        """
+        Someone who opens the broker's address in a browser learns what it
+        is and what to give an MCP client, instead of a bare 404; other
+        unknown paths still get 404.
+        """
+        response = await http_client().get(self.broker.url + "/")
+        body = (await response.content()).decode()
+        self.assertEqual(response.code, 200)
+        self.assertEqual(
+            response.headers.getRawHeaders("content-type"), ["text/html; charset=utf-8"]
+        )
+        self.assertIn(self.broker.public_url + "/mcp", body)
+        self.assertIn(self.broker.forgejo_url, body)
+        self.assertEqual(response.headers.getRawHeaders("x-frame-options"), ["DENY"])
+        missing = await http_client().get(self.broker.url + "/nothing-here")
+        await missing.content()
+        self.assertEqual(missing.code, 404)

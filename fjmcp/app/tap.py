@@ -37,6 +37,7 @@ from fjmcp.http.browser import BrowserPages
 from fjmcp.http.common import RateGuard, access_log_formatter
 from fjmcp.http.gate import MCPGate
 from fjmcp.http.oauth_endpoints import OAuthEndpoints
+from fjmcp.http.pages import home_page
 from fjmcp.http.ratelimit import RateLimiter
 from fjmcp.http.routes import BrokerApp, Health
 from fjmcp.http.streamable import KEEPALIVE, MCPEndpoint
@@ -319,7 +320,7 @@ def build_broker(config: Config, reactor: Any, seams: Seams = Seams()) -> Broker
     )
     limits = RateGuard(RateLimiter(reactor), config.trusted_proxies)
     app = BrokerApp(
-        Health(store, sessions, reactor),
+        Health(store, sessions, reactor, home_page(config.mcp_url, config.forgejo_url)),
         MCPGate(config, tokens, credentials, mcp),
         OAuthEndpoints(config, clients, tokens, limits),
         BrowserPages(

@@ -129,6 +129,30 @@ def error_page(title: str, message: str) -> bytes:
     return render(title, tags.p(message))
 
 
+def home_page(mcp_url: str, forgejo_url: str) -> bytes:
+    """
+    What someone who opens the broker's address in a browser sees: what
+    this is, and what to give an MCP client.
+    """
+    return render(
+        "fjmcp",
+        [
+            tags.p(
+                "This is an MCP server for ",
+                tags.a(forgejo_url, href=forgejo_url),
+                ": AI assistants reach your Forgejo account through it, after you sign "
+                "in at Forgejo and approve them.",
+            ),
+            tags.p("Give your MCP client this address: ", tags.code(mcp_url)),
+            tags.p(
+                "The applications you approved: ",
+                tags.a("your connections", href="/connections"),
+                ".",
+            ),
+        ],
+    )
+
+
 def describe_scopes(scopes: tuple[str, ...]) -> list[str]:
     """
     Turn Forgejo scopes such as C{write:repository} into sentences.

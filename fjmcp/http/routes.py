@@ -25,7 +25,7 @@ from werkzeug.routing import MapAdapter, RequestRedirect
 from fjmcp import __version__
 from fjmcp.buildinfo import build_info
 from fjmcp.http.browser import BrowserPages
-from fjmcp.http.common import json_response, unexpected
+from fjmcp.http.common import html_page, json_response, unexpected
 from fjmcp.http.gate import MCPGate
 from fjmcp.http.oauth_endpoints import OAuthEndpoints
 
@@ -49,10 +49,17 @@ class Health:
 
     app = Klein()
 
-    def __init__(self, store: HealthSource, sessions: SessionCount, clock: IReactorTime) -> None:
+    def __init__(
+        self,
+        store: HealthSource,
+        sessions: SessionCount,
+        clock: IReactorTime,
+        home: bytes = b"",
+    ) -> None:
         self._store = store
         self._sessions = sessions
         self._clock = clock
+        self._home = home
 
     def resource(self) -> Any:
         return self.app.resource()
@@ -60,6 +67,14 @@ class Health:
     @app.handle_errors(Exception)
     def _unexpected(self, request: IRequest, failure: Failure) -> bytes:
         return unexpected(request, failure)
+
+    @app.route("/", methods=["GET", "HEAD"])
+    def home(self, request: Request) -> bytes:
+        """
+        A person who opens the broker's address learns what it is, rather
+        than reading a bare 404.
+        """
+        return html_page(request, 200, self._home)
 
     @app.route("/healthz", methods=["GET", "HEAD"])
     async def healthz(self, request: Request) -> bytes:
