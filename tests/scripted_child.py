@@ -12,7 +12,8 @@ request to the client, then its answer), `env` (its whole environment),
 `change` (a tools/list_changed notification), `flood` (thousands of large
 progress notifications, for backpressure), `hang` (never answered, while
 everything else is), `cancelled` (the request ids of every
-notifications/cancelled it got).
+notifications/cancelled it got), `refuse` (a JSON-RPC error, as a server
+refusing the call's arguments answers).
 """
 
 from __future__ import annotations
@@ -113,6 +114,8 @@ def call(id: object, name: str, args: dict[str, object], meta: dict[str, object]
         text(id, "flooded")
     elif name == "hang":
         return
+    elif name == "refuse":
+        send({"jsonrpc": "2.0", "id": id, "error": {"code": -32602, "message": "bad arguments"}})
     elif name == "cancelled":
         text(id, json.dumps(cancelled))
     elif name == "change":
@@ -176,6 +179,7 @@ def handle(message: dict[str, object]) -> None:
                         "flood",
                         "hang",
                         "cancelled",
+                        "refuse",
                     )
                 ]
             },

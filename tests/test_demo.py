@@ -376,6 +376,16 @@ class TryClientTests(TestCase):
         assert bob is not None
         self.assertIsNotNone(self.broker.forge.grant_for(bob.id, "fjmcp-broker"))
 
+    async def test_a_refused_call_is_a_tool_error(self) -> None:
+        """
+        A call the server refuses with a JSON-RPC error exits 1, as the help
+        says of a tool that reports an error (it was 6, "the MCP session
+        failed").
+        """
+        out, err, code = await fjmcp_try("--headless", "-q", "--call", "refuse", self.mcp)
+        self.assertEqual(code, 1, f"stdout:\n{out}\nstderr:\n{err}")
+        self.assertIn("(refuse failed: bad arguments)", out)
+
     async def test_no_default_tool(self) -> None:
         """
         Without --call, a server that has no get_my_user_info is only listed,

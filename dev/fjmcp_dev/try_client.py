@@ -838,7 +838,15 @@ async def exercise(session: ClientSession, options: argparse.Namespace, narrator
     elif name not in names:
         raise TryError(f"the server has no tool {name!r}; its tools are listed above", EXIT_USAGE)
     print(f"\ncalling {name} {json.dumps(options.arguments)}:")
-    result = await session.call_tool(name, options.arguments)
+    from mcp.shared.exceptions import MCPError
+
+    try:
+        result = await session.call_tool(name, options.arguments)
+    except MCPError as e:
+        # The server refused the call itself (unknown arguments, say): for
+        # the person running it, that is the tool reporting an error.
+        print(f"({name} failed: {e.error.message})")
+        return EXIT_TOOL_ERROR
     is_error = bool(getattr(result, "is_error", False))
     content = getattr(result, "content", None) or []
     for item in content:
