@@ -169,6 +169,25 @@ class LifecycleTests(TestCase):
         data = daemon.dir / "data"
         self.assertTrue((data / "broker.db").exists())
 
+    async def test_ctrl_c_then_sigterm_is_a_clean_stop(self) -> None:
+        """
+        Ctrl-C reaches the whole process group (SIGINT), and fjmcp-demo then
+        sends SIGTERM too: the second stop request is no traceback.
+        """
+        daemon = Daemon(self)
+        daemon.start()
+        port = await daemon.port()
+        await (await http_client().get(f"http://127.0.0.1:{port}/healthz")).content()
+        assert daemon.proc is not None
+        daemon.proc.send_signal(signal.SIGINT)
+        daemon.proc.send_signal(signal.SIGTERM)
+        code = await daemon.wait_exit()
+        # twistd ends by its Ctrl-C signal, as a shell expects of Ctrl-C.
+        self.assertIn(code, (0, -signal.SIGINT), daemon.log_text())
+        self.assertIn("Server Shut Down", daemon.log_text())
+        self.assertNotIn("ReactorNotRunning", daemon.log_text())
+        self.assertNotIn("Traceback", daemon.log_text())
+
     async def test_state_is_private_whatever_the_umask(self) -> None:
         """
         Started with umask 022 (a container has no UMask=), the data

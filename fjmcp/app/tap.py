@@ -21,6 +21,7 @@ from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
 from twisted.internet import endpoints
 from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.error import ReactorNotRunning
 from twisted.logger import Logger
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.server import Site
@@ -145,7 +146,15 @@ class CleanShutdown(Service):
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
         log.info("received SIGTERM, shutting down")
-        self._reactor.callFromThread(self._reactor.stop)
+        self._reactor.callFromThread(self._stop)
+
+    def _stop(self) -> None:
+        try:
+            self._reactor.stop()
+        except ReactorNotRunning:
+            # Already stopping: a Ctrl-C to the process group (SIGINT, which
+            # twistd handles) and a SIGTERM after it, as fjmcp-demo sends.
+            pass
 
 
 PURGE_INTERVAL = 600.0
