@@ -93,7 +93,9 @@ conformance-deps:
 # Without root (a developer's machine) the install fails softly and the test
 # skips; under CI=true the test itself fails when caddy is missing.
 caddy:
-	@command -v caddy >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq caddy) \
+	@command -v caddy >/dev/null 2>&1 || (echo "installing Debian's caddy package for tests/test_caddy.py" \
+		"(system-wide; Debian enables its caddy.service: systemctl disable --now caddy if unwanted)" \
+		&& apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq caddy) \
 		|| echo "WARNING: could not install caddy: tests/test_caddy.py will skip (or fail under CI)" >&2
 
 lint: venv
@@ -107,7 +109,9 @@ test: venv forgejo-mcp forgejo-mcp-newest node-deps conformance-deps caddy
 check: lint test
 
 # The broker and a Forgejo stand-in on this machine, with the real forgejo-mcp.
-demo: venv forgejo-mcp
+# FJMCP_FORGEJO_MCP=/path/to/forgejo-mcp uses a binary built elsewhere
+# (then nothing is built here).
+demo: venv $(if $(FJMCP_FORGEJO_MCP),,forgejo-mcp)
 	PATH="$(BIN):$$PATH" $(VENV)/bin/fjmcp-demo
 
 # The side-by-side benchmark (docs/benchmarks.md): direct stdio, fjmcp,

@@ -29,6 +29,7 @@ _DOCTYPE = b"<!doctype html>\n"
 # them: keep them to rules without those characters (no child selectors).
 _STYLE = """
 body{font-family:system-ui,sans-serif;max-width:34em;margin:3em auto;padding:0 1em;color:#222}
+body{overflow-wrap:anywhere}
 .box{border:1px solid #ccc;border-radius:8px;padding:1em 1.5em}
 code{background:#f3f3f3;padding:0 .2em}
 ul{padding-left:1.2em}

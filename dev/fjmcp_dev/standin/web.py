@@ -32,7 +32,9 @@ SESSION_COOKIE = b"i_like_forgejo"
 TEST_LOGIN_HEADER = b"x-standin-login"
 
 _PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>{title} - Forgejo stand-in</title>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{title} - Forgejo stand-in</title>
 <style>body{{font-family:sans-serif;max-width:36em;margin:3em auto;padding:0 1em}}
 button{{font-size:1em;margin:.3em;padding:.4em 1em}}</style></head>
 <body><h1>{title}</h1>{body}
