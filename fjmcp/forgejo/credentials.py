@@ -132,10 +132,7 @@ class UpstreamCredentials:
         in_flight = self._refreshing.get(forgejo_user_id)
         if in_flight is not None:
             return await in_flight.wait()
-        cred = await self._store.get_upstream_credential(forgejo_user_id)
-        if cred is None:
-            raise LoginRequiredError("no Forgejo credential is stored for this user")
-        token = self._usable(cred)
+        _, token = await self._stored(forgejo_user_id)
         if token is not None:
             return token
         in_flight = self._refreshing.get(forgejo_user_id)
@@ -150,6 +147,15 @@ class UpstreamCredentials:
 
             in_flight.wait().addBoth(forget)
         return await in_flight.wait()
+
+    async def _stored(self, forgejo_user_id: int) -> tuple[SealedCredential, str | None]:
+        """
+        The user's stored credential, and its access token if still good.
+        """
+        cred = await self._store.get_upstream_credential(forgejo_user_id)
+        if cred is None:
+            raise LoginRequiredError("no Forgejo credential is stored for this user")
+        return cred, self._usable(cred)
 
     def _usable(self, cred: SealedCredential) -> str | None:
         now = self._clock.seconds()
@@ -173,10 +179,7 @@ class UpstreamCredentials:
     async def _refresh(self, forgejo_user_id: int) -> str:
         # Read again: a refresh that finished while our caller was reading
         # has already replaced the row, and its old refresh token is dead.
-        cred = await self._store.get_upstream_credential(forgejo_user_id)
-        if cred is None:
-            raise LoginRequiredError("no Forgejo credential is stored for this user")
-        token = self._usable(cred)
+        cred, token = await self._stored(forgejo_user_id)
         if token is not None:
             return token
         refresh_enc = cred.refresh_token_enc
