@@ -200,3 +200,30 @@ def routes_over(
         OAuthEndpoints(config, clients, tokens, limits),
         BrowserPages(config, flow, connections, limits),
     )
+
+
+async def wait_until(predicate: Any, timeout: float = 10.0, what: str = "condition") -> None:
+    """
+    Poll C{predicate} until it is true; fail after C{timeout} seconds.  The
+    one polling helper of the suite, only for conditions no event announces
+    (a process gone, a descriptor closed, another process's effect).
+    """
+    import time
+
+    from twisted.internet.task import deferLater
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached within {timeout} s")
+        await deferLater(reactor, 0.02, lambda: None)
+
+
+def process_gone(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False

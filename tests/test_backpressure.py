@@ -6,15 +6,14 @@ instead of making the broker buffer without bound.
 from __future__ import annotations
 
 import json
-import time
 from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ClientFactory, Protocol
-from twisted.internet.task import deferLater
 
 from tests.broker_support import BrokerTestCase
+from tests.helpers import wait_until
 
 
 class SlowReader(Protocol):
@@ -37,14 +36,6 @@ class SlowReader(Protocol):
 
     def connectionLost(self, reason: Any = None) -> None:
         self.done.callback(bytes(self.received))
-
-
-async def wait_for(predicate: Any, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await deferLater(reactor, 0.05, lambda: None)
 
 
 class BackpressureTests(BrokerTestCase):
@@ -77,7 +68,7 @@ class BackpressureTests(BrokerTestCase):
         assert session is not None
         # ~12 MB of notifications against a reader that reads nothing: the
         # broker stops reading the child instead of buffering it all.
-        await wait_for(lambda: session.child.reading_paused)
+        await wait_until(lambda: session.child.reading_paused)
         assert reader.transport is not None
         reader.transport.resumeProducing()
         received = await reader.done

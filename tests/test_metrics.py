@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +33,7 @@ from fjmcp.http.routes import BrokerApp
 from fjmcp.secrets.crypto import new_pkce_pair
 from fjmcp.store import migrate_database
 from tests.broker_support import Broker, BrokerTestCase, browser
-from tests.helpers import http_client
+from tests.helpers import http_client, wait_until
 from tests.test_config import good_argv, make_files
 from tests.test_daemon import Daemon, _UnixEndpoints
 
@@ -102,11 +101,9 @@ class MetricsBrokerTestCase(BrokerTestCase):
         return sessions[0]
 
     async def exited(self, session: Any, timeout: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout
-        while session.child.protocol.exit is None:
-            if time.monotonic() > deadline:
-                self.fail("the child did not exit")
-            await sleep(0.02)
+        await wait_until(
+            lambda: session.child.protocol.exit is not None, timeout, "the child's exit"
+        )
 
 
 class SessionMetricsTests(MetricsBrokerTestCase):
@@ -207,11 +204,10 @@ class FailureMetricsTests(MetricsBrokerTestCase):
             },
         )
         self.assertNotEqual(code, 200)
-        deadline = time.monotonic() + 10
-        while len(self.broker.sessions) or len(self.broker.sessions._children):
-            if time.monotonic() > deadline:
-                self.fail("the session did not end")
-            await sleep(0.02)
+        await wait_until(
+            lambda: not len(self.broker.sessions) and not len(self.broker.sessions._children),
+            what="the end of the session",
+        )
         after = await self.metrics.scrape()
         # Depending on the platform, a missing binary fails in spawnProcess
         # or as a child that exits at once: either way it is counted.
@@ -552,11 +548,7 @@ class DaemonTests(TestCase):
         daemon.argv.append(f"--metrics-listen=unix:{socket_path}")
         daemon.start()
         port = await daemon.port()
-        deadline = time.monotonic() + 10
-        while not socket_path.exists():
-            if time.monotonic() > deadline:
-                self.fail("no metrics socket")
-            await sleep(0.05)
+        await wait_until(socket_path.exists, what="the metrics socket")
         # The public listener has no /metrics.
         public = await http_client().get(f"http://127.0.0.1:{port}/metrics")
         await public.content()

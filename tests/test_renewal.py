@@ -7,8 +7,6 @@ notices nothing.
 from __future__ import annotations
 
 import json
-import os
-import time
 from typing import Any
 
 from twisted.internet import reactor
@@ -18,6 +16,7 @@ from twisted.web.http_headers import Headers
 
 from fjmcp.forgejo.client import ForgejoUser, UpstreamTokens
 from tests.broker_support import BrokerTestCase
+from tests.helpers import process_gone, wait_until
 
 
 class RenewalTests(BrokerTestCase):
@@ -70,15 +69,7 @@ class RenewalTests(BrokerTestCase):
         # ... the old child's call still completes ...
         self.assertEqual(await slow, "done")
         # ... and then the old child is gone.
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                os.kill(before["pid"], 0)
-            except ProcessLookupError:
-                break
-            await deferLater(reactor, 0.05, lambda: None)
-        else:
-            self.fail("the retired child is still running")
+        await wait_until(lambda: process_gone(before["pid"]), what="the retired child's end")
         self.assertEqual((await self.call("whoami", id=12))["pid"], after["pid"])
         self.assertEqual(len(self.broker.sessions), 1)
 

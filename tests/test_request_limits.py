@@ -22,6 +22,7 @@ from twisted.web.server import Request
 
 from fjmcp.http.streamable import BatchExchange, PostExchange
 from fjmcp.mcp import resources
+from tests.helpers import wait_until
 from tests.test_sessions import (
     PROMPT,
     Reply,
@@ -31,7 +32,6 @@ from tests.test_sessions import (
     request,
     tool,
     tool_text,
-    wait_until,
     within,
 )
 

@@ -27,14 +27,13 @@ from fjmcp.oauth.tokens import AccessGrant, TokenService
 from fjmcp.store import Store, UpstreamUser, migrate_database
 from fjmcp.store.tokens import _revoke_family_txn
 from tests.broker_support import REDIRECT, SCRIPTED_CHILD
-from tests.helpers import Answer, make_config
+from tests.helpers import Answer, make_config, wait_until
 from tests.test_sessions import (
     PROMPT,
     SessionTestCase,
     initialize,
     request,
     tool,
-    wait_until,
     within,
 )
 

@@ -9,14 +9,12 @@ shared by both.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
 from typing import Any
 
 import treq
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.task import deferLater
 from twisted.web.http_headers import Headers
 
 from fjmcp.mcp.sessions import Session
@@ -60,18 +58,6 @@ def tool_text(message: dict[str, Any]) -> str:
     assert "result" in message, message
     text: str = message["result"]["content"][0]["text"]
     return text
-
-
-async def wait_until(predicate: Callable[[], Any], timeout: float = PROMPT) -> None:
-    """
-    Poll C{predicate} until it is true; fail after C{timeout} seconds.  Only
-    for conditions no event announces (a process gone, a descriptor closed).
-    """
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not reached within {timeout} s")
-        await deferLater(reactor, 0.02, lambda: None)
 
 
 async def within(d: Deferred[Any], timeout: float = PROMPT) -> Any:

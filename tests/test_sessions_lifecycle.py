@@ -19,7 +19,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from fjmcp.mcp.children import ChildExit
-from tests.helpers import Answer
+from tests.helpers import Answer, wait_until
 from tests.test_sessions import (
     PROMPT,
     SessionTestCase,
@@ -27,7 +27,6 @@ from tests.test_sessions import (
     request,
     tool,
     tool_text,
-    wait_until,
     within,
 )
 
