@@ -34,7 +34,6 @@ from fjmcp.mcp.jsonrpc import (
     known_id,
 )
 from fjmcp.mcp.jsonrpc import error as rpc_error
-from fjmcp.mcp.router import ResponseStream, SessionRouter
 from fjmcp.mcp.sessions import Session, SessionLimitError, SessionManager, SpawnError
 
 SUPPORTED_VERSIONS = ("2025-03-26", "2025-06-18", "2025-11-25")
@@ -406,7 +405,8 @@ class MCPEndpoint:
         exchange = PostExchange(request, self._clock, self._keepalive, child=lambda: session.child)
         router = self._sessions.client_request(session, message, exchange)
         await self._hold(user_id, exchange.done)
-        _abandon(router, exchange, exchange)
+        if exchange.gone:
+            router.abandon(exchange)
         return None
 
     async def _initialize(
@@ -519,8 +519,9 @@ class MCPEndpoint:
         if not requests:
             return None
         await self._hold(user_id, batch.done)
-        for router, part in zip(routers, batch.parts[len(refusals) :], strict=True):
-            _abandon(router, part, batch)
+        if batch.gone:
+            for router, part in zip(routers, batch.parts[len(refusals) :], strict=True):
+                router.abandon(part)
         return None
 
     async def get(
@@ -567,20 +568,6 @@ class MCPEndpoint:
         self._sessions.end(session, "the client ended the session", "deleted")
         request.setResponseCode(204)
         return b""
-
-
-def _abandon(
-    router: SessionRouter, stream: ResponseStream, exchange: PostExchange | BatchExchange
-) -> bool:
-    """
-    After an exchange ended: if it ended because the client went away, the
-    request is forgotten and the child told (L{SessionRouter.abandon}).
-    Returns whether the client went away.
-    """
-    if not exchange.gone:
-        return False
-    router.abandon(stream)
-    return True
 
 
 def _accepted(request: Request) -> bytes:

@@ -244,11 +244,22 @@ class SessionRouter:
             request.sent_at = self._clock.seconds()
             request.deadline = self._clock.callLater(self._timeout, self._expire, child_id)
 
+    def _take(self, child_id: Any) -> _ClientRequest | None:
+        """
+        Forget the pending request of C{child_id} (and its deadline); it is
+        returned to be finished, or None when it is not pending.
+        """
+        request = self._pending.pop(child_id, None) if _is_int(child_id) else None
+        if request is not None and request.deadline is not None:
+            if request.deadline.active():
+                request.deadline.cancel()
+            request.deadline = None
+        return request
+
     def _expire(self, child_id: int) -> None:
-        request = self._pending.pop(child_id, None)
+        request = self._take(child_id)
         if request is None:
             return
-        request.deadline = None
         silent = self._last_heard < request.sent_at
         self._cancel_in_child(child_id, "the request timed out")
         self._finish(
@@ -271,8 +282,7 @@ class SessionRouter:
         """
         gone = [cid for cid, r in self._pending.items() if r.stream is stream]
         for child_id in gone:
-            request = self._pending.pop(child_id)
-            _cancel_timer(request)
+            self._take(child_id)
             self._cancel_in_child(child_id, "the client disconnected")
         return len(gone)
 
@@ -314,8 +324,8 @@ class SessionRouter:
             )
             return
         child_id = matches[0]
-        request = self._pending.pop(child_id)
-        _cancel_timer(request)
+        request = self._take(child_id)
+        assert request is not None
         self._send(_with_param(message, "requestId", child_id))
         self._finish(request, _error(request.client_id, REQUEST_CANCELLED, "Request cancelled"))
 
@@ -385,11 +395,10 @@ class SessionRouter:
                 error=message["error"],
                 id=child_id,
             )
-        request = self._pending.pop(child_id, None) if _is_int(child_id) else None
+        request = self._take(child_id)
         if request is None:
             log.debug("dropping a child response to unknown id {id!r}", id=child_id)
             return
-        _cancel_timer(request)
         out = dict(message)
         out["id"] = request.client_id
         self._finish(request, out)
@@ -478,11 +487,10 @@ class SessionRouter:
         waiting for the client are forgotten (their answers get False from
         L{client_response}).
         """
-        pending, self._pending = self._pending, {}
+        pending = [r for r in map(self._take, list(self._pending)) if r is not None]
         self._server_requests = {}
         self._server_ids = {}
-        for request in pending.values():
-            _cancel_timer(request)
+        for request in pending:
             self._finish(request, _error(request.client_id, code, message))
 
     # Delivery.
@@ -514,9 +522,3 @@ class SessionRouter:
             request.stream.finish(response)
         except Exception:
             log.failure("finishing a response stream failed")
-
-
-def _cancel_timer(request: _ClientRequest) -> None:
-    if request.deadline is not None and request.deadline.active():
-        request.deadline.cancel()
-    request.deadline = None

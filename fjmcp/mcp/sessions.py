@@ -5,8 +5,9 @@ This module owns the session table and every session's life: creating one
 (caps on sessions and on processes, spawning the child with only that
 user's token), looking one up for its owner, reaping idle and unused ones,
 ending one (and its child), ending the sessions whose grant was revoked, and
-what happens when a child dies, misbehaves or stops answering.  Routing messages inside a session is
-L{fjmcp.mcp.router}'s job; HTTP is L{fjmcp.http.streamable}'s.
+what happens when a child dies, misbehaves or stops answering.  Routing
+messages inside a session is L{fjmcp.mcp.router}'s job; HTTP is
+L{fjmcp.http.streamable}'s.
 """
 
 from __future__ import annotations
@@ -302,10 +303,6 @@ class SessionManager(Service):
         """
         return len(self._processes.get(user_id, ()))
 
-    @property
-    def request_timeout(self) -> float:
-        return self._request_timeout
-
     def get(self, session_id: str, user_id: int, family_id: str = "") -> Session | None:
         """
         The user's live session of that id.  C{family_id} is the grant of the
@@ -410,6 +407,14 @@ class SessionManager(Service):
             if router is not session.router:
                 self._maybe_retire(session, child, router)
 
+        def give_up(why: str, reason: str) -> None:
+            # The session's current child takes its session with it; a
+            # retiring one just goes.
+            if routers and routers[0] is session.router:
+                self.end(session, why, reason)
+            else:
+                child.stop()
+
         def on_protocol_error(problem: str) -> None:
             log.warn(
                 "session {s} of {u}: {problem}; ending it",
@@ -417,10 +422,7 @@ class SessionManager(Service):
                 u=session.user_login,
                 problem=problem,
             )
-            if routers and routers[0] is session.router:
-                self.end(session, f"the forgejo-mcp process misbehaved: {problem}", "misbehaved")
-            else:
-                child.stop()
+            give_up(f"the forgejo-mcp process misbehaved: {problem}", "misbehaved")
 
         kwargs = {} if self._max_line is None else {"max_line": self._max_line}
         protocol = JSONRPCChildProtocol(
@@ -461,10 +463,7 @@ class SessionManager(Service):
                 pid=child.pid,
                 t=self._request_timeout,
             )
-            if routers and routers[0] is session.router:
-                self.end(session, "the forgejo-mcp process stopped answering", "unresponsive")
-            else:
-                child.stop()
+            give_up("the forgejo-mcp process stopped answering", "unresponsive")
 
         router = SessionRouter(
             child.send,
