@@ -23,7 +23,17 @@ PACKAGE = ROOT / "fjmcp"
 LAYERS: list[tuple[str, set[str]]] = [
     # Cross-cutting and dependency-free: strict JSON, metric counters, build
     # info, log plumbing.
-    ("base", {"fjmcp", "fjmcp.safejson", "fjmcp.metrics", "fjmcp.buildinfo", "fjmcp.logs"}),
+    (
+        "base",
+        {
+            "fjmcp",
+            "fjmcp.safejson",
+            "fjmcp.metrics",
+            "fjmcp.buildinfo",
+            "fjmcp.logs",
+            "fjmcp.interfaces",
+        },
+    ),
     ("secrets", {"fjmcp.secrets"}),
     ("config", {"fjmcp.config"}),
     ("store", {"fjmcp.store"}),

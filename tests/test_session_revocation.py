@@ -25,6 +25,7 @@ from fjmcp.mcp.children import ChildSupervisor
 from fjmcp.mcp.sessions import SessionManager
 from fjmcp.oauth.tokens import AccessGrant, TokenService
 from fjmcp.store import Store, UpstreamUser, migrate_database
+from fjmcp.store.database import StoreEvents, Txn
 from fjmcp.store.tokens import _revoke_family_txn
 from tests.broker_support import REDIRECT, SCRIPTED_CHILD
 from tests.helpers import Answer, make_config, wait_until
@@ -269,7 +270,9 @@ def revoke_elsewhere(db_path: Any, user_id: int) -> Deferred[int]:
             )
             ids = [row[0] for row in cursor.fetchall()]
             for family_id in ids:
-                _revoke_family_txn(cursor, family_id, "revoked by the admin", 1.0)
+                _revoke_family_txn(
+                    Txn(cursor, StoreEvents()), family_id, "revoked by the admin", 1.0
+                )
             cursor.execute("COMMIT")
             return len(ids)
         finally:

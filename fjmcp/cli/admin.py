@@ -62,7 +62,7 @@ from fjmcp.secrets.keyring import (
 )
 from fjmcp.store import Store, UpstreamUser, configure_connection, known_migrations
 from fjmcp.store.admin import ResealBatch
-from fjmcp.store.database import BUSY_TIMEOUT_MS, Txn
+from fjmcp.store.database import BUSY_TIMEOUT_MS, Cursor, StoreEvents, Txn
 
 T = TypeVar("T")
 
@@ -101,8 +101,9 @@ class SyncStore(Store):
         self._conn = conn
         self._clock = _WallClock()  # type: ignore[assignment]
         self.path = path
+        self.events = StoreEvents()
 
-    def _run(self, desc: str, interaction: Callable[[Txn], T]) -> Deferred[T]:
+    def _interact(self, desc: str, interaction: Callable[[Cursor], T]) -> Deferred[T]:
         try:
             result = interaction(self._conn.cursor())
         except sqlite3.OperationalError as e:

@@ -15,10 +15,10 @@ from __future__ import annotations
 import re
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
 from twisted.enterprise import adbapi
@@ -28,14 +28,92 @@ from twisted.logger import Logger
 
 from fjmcp import metrics
 
+if TYPE_CHECKING:
+    from fjmcp.interfaces import IBrokerReactor
+
 T = TypeVar("T")
 D = TypeVar("D", bound="Database")
-Txn = Any  # adbapi.Transaction: a DB-API cursor with its connection attached
+Cursor = Any  # a DB-API cursor (adbapi hands its Transaction, which is one)
 
 BUSY_TIMEOUT_MS = 5000
 _MIGRATION_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
 log = Logger()
+
+
+class Signal:
+    """
+    Something the store announces after a transaction that did it commits:
+    listeners are called in the order they connected, on the reactor thread,
+    and one that fails is logged without stopping the others.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._listeners: list[Callable[..., object]] = []
+
+    def connect(self, listener: Callable[..., object]) -> None:
+        self._listeners.append(listener)
+
+    def __call__(self, *args: object) -> None:
+        for listener in self._listeners:
+            try:
+                listener(*args)
+            except Exception:
+                log.failure("a listener of {signal} failed", signal=self._name)
+
+
+@attrs.frozen
+class StoreEvents:
+    """
+    What committed transactions announce.  C{grant_revoked(family_id, reason)}:
+    a token family that was live is revoked; C{access_token_revoked(digest)}:
+    one access token is.  Another process's revocations are not announced
+    here (see L{fjmcp.oauth.grant_ends}).
+    """
+
+    grant_revoked: Signal = attrs.Factory(lambda: Signal("grant_revoked"))
+    access_token_revoked: Signal = attrs.Factory(lambda: Signal("access_token_revoked"))
+
+
+class Txn:
+    """
+    One transaction's cursor, and what to run once it has committed (as
+    Synapse's C{call_after}): a side effect of a write (ending the sessions
+    of a revoked grant) must not happen if the write rolls back, and must
+    not be collected by hand by every caller.
+    """
+
+    __slots__ = ("_after", "_cursor", "events")
+
+    def __init__(self, cursor: Cursor, events: StoreEvents) -> None:
+        self._cursor = cursor
+        self._after: list[tuple[Callable[..., object], tuple[object, ...]]] = []
+        self.events = events
+
+    def execute(self, sql: str, params: Sequence[object] | Mapping[str, object] = ()) -> None:
+        self._cursor.execute(sql, params)
+
+    def fetchone(self) -> Any:
+        return self._cursor.fetchone()
+
+    def fetchall(self) -> list[Any]:
+        return list(self._cursor.fetchall())
+
+    @property
+    def rowcount(self) -> int:
+        return int(self._cursor.rowcount)
+
+    def call_after(self, fn: Callable[..., object], *args: object) -> None:
+        """
+        Run C{fn(*args)} on the reactor thread once this transaction has
+        committed; never if it rolls back.
+        """
+        self._after.append((fn, args))
+
+    def committed(self) -> None:
+        for fn, args in self._after:
+            fn(*args)
 
 
 class StoreError(Exception):
@@ -193,9 +271,10 @@ class Database:
         self._pool = pool
         self._clock = clock
         self.path = path
+        self.events = StoreEvents()
 
     @classmethod
-    def open(cls: type[D], path: Path, reactor: Any) -> D:
+    def open(cls: type[D], path: Path, reactor: IBrokerReactor) -> D:
         return cls(make_pool(path, reactor), reactor, path)
 
     def close(self) -> None:
@@ -219,10 +298,27 @@ class Database:
 
         return self._run(desc, interaction)
 
-    def _run(self, desc: str, interaction: Callable[[Txn], T]) -> Deferred[T]:
+    def _run(self, desc: str, fn: Callable[[Txn], T]) -> Deferred[T]:
         # desc names the transaction for whoever reads a traceback and for
         # metrics; no per-call log event: it costs every request.
-        return metrics.timed_store_operation(desc, self._pool.runInteraction(interaction))
+        def interaction(cursor: Cursor) -> tuple[T, Txn]:
+            txn = Txn(cursor, self.events)
+            return fn(txn), txn
+
+        def committed(done: tuple[T, Txn]) -> T:
+            result, txn = done
+            txn.committed()
+            return result
+
+        ran = self._interact(desc, interaction).addCallback(committed)
+        return metrics.timed_store_operation(desc, ran)
+
+    def _interact(self, desc: str, interaction: Callable[[Cursor], T]) -> Deferred[T]:
+        """
+        Run C{interaction} in a transaction that commits when it returns and
+        rolls back when it raises.
+        """
+        return self._pool.runInteraction(interaction)
 
     # --- schema
 
@@ -230,7 +326,9 @@ class Database:
         """
         Bring the schema up to date through the pool; see L{apply_migrations}.
         """
-        return self._run("migrate", lambda txn: apply_migrations(txn, self.path, self._now()))
+        return self._interact(
+            "migrate", lambda cursor: apply_migrations(cursor, self.path, self._now())
+        )
 
     def schema_version(self) -> Deferred[int]:
         def q(txn: Txn) -> int:
