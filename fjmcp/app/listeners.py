@@ -14,7 +14,7 @@ import atexit
 import os
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Protocol
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import Service
@@ -63,6 +63,18 @@ def describe_failure(failure: Failure) -> str:
     return str(error) or type(error).__name__
 
 
+class StoppableReactor(Protocol):
+    """
+    What a L{Listener} asks of the reactor: the part of C{IReactorCore} it
+    uses (whether the reactor runs, and stopping it).  A protocol rather
+    than the interface, so a test's stand-in needs only these two members.
+    """
+
+    running: bool
+
+    def stop(self) -> None: ...
+
+
 class Listener(StreamServerEndpointService):
     """
     Listens on C{description}; a failure to listen ends the daemon.
@@ -77,7 +89,7 @@ class Listener(StreamServerEndpointService):
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: StoppableReactor,
         description: str,
         endpoint: IStreamServerEndpoint,
         factory: IProtocolFactory,

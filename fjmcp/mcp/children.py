@@ -16,7 +16,12 @@ import attrs
 from twisted.application.service import Service
 from twisted.internet import error
 from twisted.internet.defer import Deferred, DeferredList, succeed
-from twisted.internet.interfaces import IDelayedCall, IProcessTransport
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IProcessTransport,
+    IReactorProcess,
+    IReactorTime,
+)
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -163,7 +168,7 @@ class Child:
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IReactorTime,
         transport: IProcessTransport,
         protocol: JSONRPCChildProtocol,
         name: str,
@@ -266,11 +271,19 @@ def _chain(d: Deferred[ChildExit]) -> Deferred[ChildExit]:
 class ChildSupervisor(Service):
     """
     Starts children and ends every one of them when the service stops.
+
+    @param reactor: times the children's stops (L{IReactorTime}) and spawns
+        them: it must be an L{IReactorProcess} too.  Typed by the first
+        because the tests' spawning clocks implement C{spawnProcess}
+        without declaring the interface, so the second is a cast, not an
+        adaptation.
     """
 
     name = "children"
 
-    def __init__(self, reactor: Any, stdin_grace: float = 1.0, term_grace: float = 2.0) -> None:
+    def __init__(
+        self, reactor: IReactorTime, stdin_grace: float = 1.0, term_grace: float = 2.0
+    ) -> None:
         self._reactor = reactor
         self._stdin_grace = stdin_grace
         self._term_grace = term_grace
@@ -293,7 +306,7 @@ class ChildSupervisor(Service):
         """
         if not self.running:
             raise RuntimeError("the child supervisor is not running")
-        transport = self._reactor.spawnProcess(
+        transport = cast(IReactorProcess, self._reactor).spawnProcess(
             protocol, executable, [executable, *args], env=dict(env)
         )
         # Whoever ends this child (its session, most often) gives it the
