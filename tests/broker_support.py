@@ -29,7 +29,7 @@ from twisted.web.server import Site
 
 from fjmcp.app.tap import Broker as Broker_
 from fjmcp.app.tap import Seams, build_broker
-from fjmcp.mcp.sessions import REVOCATION_INTERVAL
+from fjmcp.oauth.grants import REVOCATION_INTERVAL
 from fjmcp.secrets.crypto import new_pkce_pair
 from fjmcp.store import migrate_database
 from tests.helpers import listen, make_config
@@ -102,8 +102,8 @@ class Broker:
         @param public_url: the broker's public base URL when it is not the
             address it listens on (e.g. behind a reverse proxy); its
             metadata and the redirect URI registered at the stand-in use it.
-        @param revocation_interval: how often the session table checks
-            its grants for revocation (as in the daemon).
+        @param revocation_interval: how often the grants held in memory
+            are checked for revocation by another process (as in the daemon).
         @param metrics: measure the site's requests and serve C{/metrics}
             on a separate loopback listener at C{metrics_url}, as the
             daemon does with C{--metrics-listen}.
@@ -177,6 +177,7 @@ class Broker:
         self.clients = parts.clients
         self.credentials = parts.credentials
         self.tokens = parts.tokens
+        self.bearers = parts.bearers
         self.mcp = parts.mcp
         self.site = parts.site
         # For tests that take the broker's port down or ask where it is.

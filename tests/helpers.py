@@ -176,6 +176,7 @@ def routes_over(
     mcp: Any = None,
     connections: Any = None,
     limiter: Any = None,
+    signin: Any = None,
 ) -> Any:
     """
     The broker's HTTP tree over whatever a route test needs (fakes, or None
@@ -198,8 +199,34 @@ def routes_over(
         Health(store, sessions, clock),
         MCPGate(config, tokens, credentials, mcp),
         OAuthEndpoints(config, clients, tokens, limits),
-        BrowserPages(config, flow, connections, limits),
+        BrowserPages(config, flow, connections, signin, limits),
     )
+
+
+class NoSessions:
+    """
+    A session table with no sessions, for token tests without children.
+    """
+
+    def live_families(self) -> set[str]:
+        return set()
+
+    def end_matching(self, predicate: Any, why: str) -> int:
+        return 0
+
+
+def token_service(store: Any, config: Config, clock: Any) -> Any:
+    """
+    A token service over C{store} with its bearer cache kept as the broker
+    keeps it: L{fjmcp.oauth.grants.GrantEnds} forgets what the store says
+    was revoked (its periodic check is not started).
+    """
+    from fjmcp.oauth.grants import BearerCache, GrantEnds
+    from fjmcp.oauth.tokens import TokenService
+
+    bearers = BearerCache(clock)
+    GrantEnds(store, NoSessions(), bearers, clock)  # type: ignore[arg-type]
+    return TokenService(store, config, clock, bearers)
 
 
 async def wait_until(predicate: Any, timeout: float = 10.0, what: str = "condition") -> None:

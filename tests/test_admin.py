@@ -24,7 +24,7 @@ from twisted.internet.utils import getProcessOutputAndValue
 
 import tests.broker_support as broker_support
 from fjmcp.cli import admin
-from fjmcp.mcp.sessions import REVOCATION_INTERVAL
+from fjmcp.oauth.grants import REVOCATION_INTERVAL
 from fjmcp.secrets.crypto import key_id
 from fjmcp.secrets.keyring import CHECK_INTERVAL, read_key_file, write_key_file
 from fjmcp.store import UpstreamUser, known_migrations

@@ -136,7 +136,7 @@ class FlowTests(BrokerTestCase):
         conn = sqlite3.connect(self.broker.config.db_path)
         with conn:
             conn.execute(
-                "UPDATE pending_authorizations SET upstream_verifier_enc = ?",
+                "UPDATE forgejo_logins SET verifier_enc = ?",
                 (b"\x02" + bytes(8) + bytes(12) + bytes(32),),
             )
         conn.close()
@@ -147,7 +147,7 @@ class FlowTests(BrokerTestCase):
         response = await self.browser.get(location(response))
         page = (await response.content()).decode()
         self.assertEqual(response.code, 400)
-        self.assertIn("Login expired", page)
+        self.assertIn("Sign-in expired", page)
 
     async def test_deny(self) -> None:
         client = await self.broker.register()
@@ -313,6 +313,29 @@ class FlowTests(BrokerTestCase):
         await self.broker.restart()
         final = await self.through_forgejo(upstream)
         self.assertIn("code", query(final))
+
+    async def test_the_login_is_finished_only_by_the_browser_that_left(self) -> None:
+        """
+        Someone who lures another person through Forgejo's login with their
+        own approved authorization gets nothing: the return lands in the
+        other browser, which never approved it.
+        """
+        client = await self.broker.register()
+        _, body = await self.consent(client["client_id"])
+        upstream = location(await self.approve(body))
+        victim = browser()
+        response = await victim.get(upstream, headers=Headers({b"X-Standin-Login": [b"bob"]}))
+        await response.content()
+        back = location(response)
+        response = await victim.get(back)
+        page = (await response.content()).decode()
+        self.assertEqual(response.code, 400)
+        self.assertIn("Sign-in expired", page)
+        self.assertIsNone(response.headers.getRawHeaders(b"location"))
+        # Used up: the browser that did leave cannot finish it either.
+        response = await self.browser.get(back)
+        await response.content()
+        self.assertEqual(response.code, 400)
 
     async def test_forgejo_denial(self) -> None:
         client = await self.broker.register()

@@ -20,6 +20,8 @@ from twisted.web.http_headers import Headers
 from fjmcp.http.pages import connections_page, for_people
 from fjmcp.http.ratelimit import Limit, RateLimiter
 from fjmcp.oauth.connections import FORM_LIFETIME, Connection, Connections, cross_site
+from fjmcp.secrets.crypto import new_token, token_hash
+from fjmcp.store import Store, UpstreamUser, make_pool, migrate_database
 from tests.broker_support import REDIRECT, browser, location
 from tests.helpers import make_config, routes_over
 from tests.test_authorize import client_metadata
@@ -259,6 +261,24 @@ class ConnectionsPageTests(SessionTestCase):
             self.assertIn(b"not UTF-8", page)
         self.assertEqual(self.flushLoggedErrors(), [])
 
+    async def test_a_sign_in_in_flight_survives_a_restart(self) -> None:
+        """
+        The connections page's Forgejo sign-in is stored like a client's: a
+        broker restart while the person is at Forgejo costs nothing.
+        """
+        mine = browser()
+        response = await mine.get(self.broker.url + "/connections")
+        await response.content()
+        to_forgejo = location(response)
+        await self.broker.restart()
+        response = await mine.get(to_forgejo, headers=Headers({b"X-Standin-Login": [b"alice"]}))
+        await response.content()
+        response = await mine.get(location(response))
+        await response.content()
+        self.assertEqual(location(response), self.broker.url + "/connections")
+        _, page = await self.page(mine)
+        self.assertIn("alice", page)
+
     async def test_a_token_belongs_to_the_login_session_it_was_shown_to(self) -> None:
         await self.login_tokens("alice", client_name="Client One")
         _, body = await self.page()
@@ -269,22 +289,44 @@ class ConnectionsPageTests(SessionTestCase):
 
 
 class FormTokenTests(TestCase):
-    def connections(self) -> tuple[Connections, Clock]:
+    async def connections(self) -> tuple[Connections, Clock, list[str]]:
+        """
+        The connections page's domain over a real store on a fake clock, and
+        two users' login sessions (alice's twice).
+        """
         clock = Clock()
-        return Connections(None, None, None, None, None, clock), clock  # type: ignore[arg-type]
+        clock.advance(1000)
+        config = make_config(self.mktemp())
+        migrate_database(config.db_path)
+        store = Store(make_pool(config.db_path), clock, config.db_path)
+        self.addCleanup(store.close)
+        logins = []
+        for user_id, login in [(1, "alice"), (1, "alice"), (2, "bob")]:
+            await store.replace_upstream_credential(
+                UpstreamUser(user_id, login, ""), b"sealed", None, 9e9, ""
+            )
+            session = new_token()
+            await store.create_login_session(token_hash(session), user_id, 9e9)
+            logins.append(session)
+        return Connections(store, None, None, clock), clock, logins  # type: ignore[arg-type]
 
-    def test_single_use_bound_and_expiring(self) -> None:
-        c, clock = self.connections()
-        token = c.form_token(1, "login-a")
-        self.assertFalse(c.take_form_token(token, 2, "login-a"))
-        token = c.form_token(1, "login-a")
-        self.assertFalse(c.take_form_token(token, 1, "login-b"))
-        token = c.form_token(1, "login-a")
-        self.assertTrue(c.take_form_token(token, 1, "login-a"))
-        self.assertFalse(c.take_form_token(token, 1, "login-a"))
-        token = c.form_token(1, "login-a")
+    async def test_single_use_bound_and_expiring(self) -> None:
+        c, clock, (alice, alice_elsewhere, bob) = await self.connections()
+        token = await c.form_token(alice)
+        # Presented with another user's id: used up all the same.
+        self.assertFalse(await c.take_form_token(token, 2, alice))
+        self.assertFalse(await c.take_form_token(token, 1, alice))
+        # Another login session (alice in another browser, or bob) cannot
+        # use it; the session it was shown to can, once.
+        token = await c.form_token(alice)
+        self.assertFalse(await c.take_form_token(token, 1, alice_elsewhere))
+        self.assertFalse(await c.take_form_token(token, 2, bob))
+        self.assertTrue(await c.take_form_token(token, 1, alice))
+        self.assertFalse(await c.take_form_token(token, 1, alice))
+        self.assertFalse(await c.take_form_token("", 1, alice))
+        token = await c.form_token(alice)
         clock.advance(FORM_LIFETIME + 1)
-        self.assertFalse(c.take_form_token(token, 1, "login-a"))
+        self.assertFalse(await c.take_form_token(token, 1, alice))
 
     def test_cross_site(self) -> None:
         ours = "https://mcp.example.org"
@@ -362,7 +404,7 @@ class RevokeLimitTests(SynchronousTestCase):
         app = routes_over(
             make_config(self.mktemp()),
             clock,
-            connections=Connections(None, None, None, None, None, clock),  # type: ignore[arg-type]
+            connections=Connections(None, None, None, clock),  # type: ignore[arg-type]
             limiter=RateLimiter(clock, {"authorize": Limit(per_minute=1, burst=2)}),
         )
         stub = StubTreq(app.resource())

@@ -1,9 +1,10 @@
 """
 Revoking a grant ends the live sessions opened with it, within seconds,
-wherever the revocation came from: this process's token endpoints (at
-once), or another process writing the database (fjmcp-admin), which the
-session table's periodic check picks up.  Bearer checks cached for a
-revoked grant are forgotten, so its tokens are refused at once.
+wherever the revocation came from: this process's token endpoints and
+connections page (at once, announced by the store after commit), or
+another process writing the database (fjmcp-admin), which GrantEnds'
+periodic check picks up.  Bearer checks cached for a revoked grant are
+forgotten, so its tokens are refused at once.
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import ILogObserver, LogLevel, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
-import fjmcp.oauth.tokens
+import fjmcp.oauth.grants
 from fjmcp.mcp.children import ChildSupervisor
 from fjmcp.mcp.sessions import SessionManager
-from fjmcp.oauth.tokens import AccessGrant, TokenService
+from fjmcp.oauth.grants import BEARER_CACHE_SECONDS, AccessGrant, BearerCache, GrantEnds
 from fjmcp.store import Store, UpstreamUser, migrate_database
 from fjmcp.store.database import StoreEvents, Txn
 from fjmcp.store.tokens import _revoke_family_txn
@@ -49,6 +50,7 @@ class FakeGrants:
         self.revoked: set[str] = set()
         self.asked: list[set[str]] = []
         self.broken = False
+        self.events = StoreEvents()
 
     def revoked_families(self, family_ids: Collection[str]) -> Deferred[set[str]]:
         self.asked.append(set(family_ids))
@@ -57,23 +59,23 @@ class FakeGrants:
         return succeed(self.revoked & set(family_ids))
 
 
-class FakeCache:
+class FakeCache(BearerCache):
     def __init__(self, families: set[str]) -> None:
-        self.families = families
+        self.cached = families
         self.forgotten: list[set[str]] = []
 
-    def cached_families(self) -> set[str]:
-        return set(self.families)
+    def families(self) -> set[str]:
+        return set(self.cached)
 
     def forget_families(self, family_ids: Collection[str]) -> None:
         self.forgotten.append(set(family_ids))
-        self.families -= set(family_ids)
+        self.cached -= set(family_ids)
 
 
 class PeriodicCheckTests(TestCase):
     """
-    The session table's revocation check on a fake clock, with scripted
-    children (real processes) and a scripted store.
+    GrantEnds' revocation check on a fake clock, with scripted children
+    (real processes) and a scripted store.
     """
 
     timeout = 60
@@ -93,11 +95,13 @@ class PeriodicCheckTests(TestCase):
             max_per_user=5,
             idle_timeout=3600,
             args_prefix=[SCRIPTED_CHILD],
-            grants=self.grants,
-            revocation_interval=2.0,
         )
         self.sessions.startService()
         self.addCleanup(self.sessions.stopService)
+        self.cache = FakeCache(set())
+        self.ends = GrantEnds(self.grants, self.sessions, self.cache, self.clock, 2.0)
+        self.ends.startService()
+        self.addCleanup(self.ends.stopService)
         self.events: list[dict[str, Any]] = []
         observer = cast(ILogObserver, self.events.append)
         globalLogPublisher.addObserver(observer)
@@ -112,8 +116,8 @@ class PeriodicCheckTests(TestCase):
         a1 = self.open(1, "fam-a")
         a2 = self.open(1, "fam-a")
         b = self.open(2, "fam-b")
-        cache = FakeCache({"fam-a", "fam-cached-only"})
-        self.sessions.grant_cache = cache
+        cache = self.cache
+        cache.cached = {"fam-a", "fam-cached-only"}
         closed: list[str] = []
         a1.standalone.attach(lambda m: None, lambda: closed.append("a1"))
         pending = Answer()
@@ -184,6 +188,39 @@ class PeriodicCheckTests(TestCase):
         self.assertFalse(session.ended)
 
 
+async def new_family(store: Store, user_id: int = 1) -> str:
+    await store.replace_upstream_credential(
+        UpstreamUser(user_id, f"u{user_id}", ""),
+        b"sealed",
+        None,
+        reactor.seconds() + 3600,
+        "",
+    )
+    if not await store.get_client("c"):
+        await store.create_client(
+            "c",
+            "dcr",
+            None,
+            {
+                "token_endpoint_auth_method": "none",
+                "redirect_uris": [REDIRECT],
+                "grant_types": ["authorization_code"],
+                "response_types": ["code"],
+            },
+        )
+    return await store.issue_authorization_code(
+        b"code-%d-%f" % (user_id, reactor.seconds()),
+        "c",
+        user_id,
+        REDIRECT,
+        "x" * 43,
+        "S256",
+        "",
+        "https://mcp.example.org/mcp",
+        reactor.seconds() + 60,
+    )
+
+
 class StoreTests(TestCase):
     def setUp(self) -> None:
         config = make_config(self.mktemp())
@@ -192,36 +229,7 @@ class StoreTests(TestCase):
         self.addCleanup(self.store.close)
 
     async def family(self, user_id: int = 1) -> str:
-        await self.store.replace_upstream_credential(
-            UpstreamUser(user_id, f"u{user_id}", ""),
-            b"sealed",
-            None,
-            reactor.seconds() + 3600,
-            "",
-        )
-        if not await self.store.get_client("c"):
-            await self.store.create_client(
-                "c",
-                "dcr",
-                None,
-                {
-                    "token_endpoint_auth_method": "none",
-                    "redirect_uris": [REDIRECT],
-                    "grant_types": ["authorization_code"],
-                    "response_types": ["code"],
-                },
-            )
-        return await self.store.issue_authorization_code(
-            b"code-%d-%f" % (user_id, reactor.seconds()),
-            "c",
-            user_id,
-            REDIRECT,
-            "x" * 43,
-            "S256",
-            "",
-            "https://mcp.example.org/mcp",
-            reactor.seconds() + 60,
-        )
+        return await new_family(self.store, user_id)
 
     async def test_revoked_and_gone_families(self) -> None:
         live = await self.family(1)
@@ -239,17 +247,66 @@ class StoreTests(TestCase):
         self.assertNotIn(live, answer)
 
 
-class TokenCacheTests(TestCase):
+class BearerCacheTests(TestCase):
     def test_forget_families_drops_only_theirs(self) -> None:
         clock = Clock()
+        cache = BearerCache(clock)
+        cache.put(b"old", AccessGrant(2, "c", "fam-old", ""), 1.0)
+        clock.advance(1.0)
+        cache.put(b"a", AccessGrant(1, "c", "fam-a", ""), 100.0)
+        cache.put(b"b", AccessGrant(2, "c", "fam-b", ""), 100.0)
+        # An expired entry is not trusted, nor asked about.
+        self.assertEqual(cache.families(), {"fam-a", "fam-b"})
+        self.assertIsNone(cache.get(b"old"))
+        cache.forget_families({"fam-a"})
+        self.assertIsNone(cache.get(b"a"))
+        self.assertEqual(cache.get(b"b"), AccessGrant(2, "c", "fam-b", ""))
+        cache.forget_token(b"b")
+        self.assertEqual(cache.families(), set())
+
+    def test_trusted_at_most_a_few_seconds(self) -> None:
+        clock = Clock()
+        cache = BearerCache(clock)
+        cache.put(b"a", AccessGrant(1, "c", "fam-a", ""), 3600.0)
+        clock.advance(BEARER_CACHE_SECONDS - 0.1)
+        self.assertIsNotNone(cache.get(b"a"))
+        clock.advance(0.2)
+        self.assertIsNone(cache.get(b"a"))
+
+
+class AfterCommitTests(TestCase):
+    """
+    The store announces a revocation once its transaction committed, and
+    never one that rolled back.
+    """
+
+    def setUp(self) -> None:
         config = make_config(self.mktemp())
-        tokens = TokenService(None, config, clock)  # type: ignore[arg-type]
-        tokens._bearer_cache[b"a"] = (AccessGrant(1, "c", "fam-a", ""), 5.0)
-        tokens._bearer_cache[b"b"] = (AccessGrant(2, "c", "fam-b", ""), 5.0)
-        tokens._bearer_cache[b"old"] = (AccessGrant(2, "c", "fam-old", ""), 0.0)
-        self.assertEqual(tokens.cached_families(), {"fam-a", "fam-b"})
-        tokens.forget_families({"fam-a"})
-        self.assertEqual(set(tokens._bearer_cache), {b"b", b"old"})
+        migrate_database(config.db_path)
+        self.store = Store.open(config.db_path, reactor)
+        self.addCleanup(self.store.close)
+        self.heard: list[tuple[str, str]] = []
+        self.store.events.grant_revoked.connect(lambda f, why: self.heard.append((f, why)))
+
+    async def test_announced_after_commit_once(self) -> None:
+        family = await new_family(self.store)
+        self.assertTrue(await self.store.revoke_family(family, "test"))
+        self.assertEqual(self.heard, [(family, "test")])
+        # Already revoked: nothing ended, nothing said.
+        self.assertFalse(await self.store.revoke_family(family, "again"))
+        self.assertEqual(self.heard, [(family, "test")])
+
+    async def test_not_announced_after_rollback(self) -> None:
+        family = await new_family(self.store)
+
+        def revoke_then_fail(tx: Any) -> None:
+            tx.revoke_family(family, "test")
+            raise RuntimeError("something later in the transaction failed")
+
+        with self.assertRaises(RuntimeError):
+            await self.store.token_transaction("test", 1.0, revoke_then_fail)
+        self.assertEqual(self.heard, [])
+        self.assertEqual(await self.store.revoked_families([family]), set())
 
 
 def revoke_elsewhere(db_path: Any, user_id: int) -> Deferred[int]:
@@ -290,7 +347,7 @@ class EndToEndTests(SessionTestCase):
         super().setUp()
         # A cache far longer than the test: a 401 below proves the check
         # forgot the revoked grant's bearer checks, not that they aged out.
-        self.patch(fjmcp.oauth.tokens, "BEARER_CACHE_SECONDS", 600.0)
+        self.patch(fjmcp.oauth.grants, "BEARER_CACHE_SECONDS", 600.0)
 
     async def test_revocation_by_another_process_ends_sessions_within_seconds(self) -> None:
         self.use_broker(revocation_interval=0.5)
@@ -332,7 +389,7 @@ class EndToEndTests(SessionTestCase):
         # Authenticated (and cached), then refused for having no session.
         self.assertEqual((await self.post(alice, request(1, "tools/list"))).code, 400)
         await revoke_elsewhere(self.broker.config.db_path, 1)
-        await wait_until(lambda: not self.broker.tokens._bearer_cache)
+        await wait_until(lambda: not self.broker.bearers.families())
         self.assertEqual((await self.post(alice, initialize())).code, 401)
 
     async def refresh(self, tokens: dict[str, Any]) -> dict[str, Any]:

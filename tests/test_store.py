@@ -174,6 +174,49 @@ class CredentialTests(StoreTestCase):
         self.assertEqual(await store.get_user(7), renamed)
         self.assertNotIn("a3", repr(cred))
 
+    async def test_logins_in_flight_survive_the_upgrade_to_one_sign_in(self) -> None:
+        """
+        Schema 3 moved the Forgejo login of an approved authorization out of
+        pending_authorizations into forgejo_logins: a person who was at
+        Forgejo during the upgrade finishes their login; one still on the
+        consent page can still approve.
+        """
+        conn = sqlite3.connect(self.path, isolation_level=None)
+        apply_migrations(conn.cursor(), self.path, 0.0, known_migrations()[:2])
+        conn.execute(
+            "INSERT INTO clients (client_id, kind, token_endpoint_auth_method, redirect_uris,"
+            " grant_types, response_types, metadata, created_at)"
+            " VALUES ('c', 'dcr', 'none', '[]', '[]', '[]', '{}', 0)"
+        )
+        for n, state in [(1, b"\xaa"), (2, None)]:
+            conn.execute(
+                "INSERT INTO pending_authorizations (id, consent_hash, browser_hash, state_hash,"
+                " client_id, redirect_uri, client_state, code_challenge, code_challenge_method,"
+                " scope, resource, upstream_verifier_enc, created_at, expires_at)"
+                " VALUES (?, ?, x'bb', ?, 'c', 'http://127.0.0.1/cb', 'st', 'ch', 'S256', '',"
+                " 'r', ?, 0, 9e9)",
+                (n, bytes([n]), state, b"sealed" if state else None),
+            )
+        conn.close()
+        store = self.open_store()
+        login = await store.take_forgejo_login(b"\xaa")
+        assert login is not None and login.authorization is not None
+        self.assertEqual(
+            (login.purpose, login.browser_hash, login.verifier_enc, login.authorization.id),
+            ("authorize", b"\xbb", b"sealed", 1),
+        )
+        self.assertEqual(login.authorization.client_state, "st")
+        self.assertIsNone(await store.take_forgejo_login(b"\xaa"))
+        approved = await store.approve_pending_authorization(
+            bytes([2]), b"\xbb", b"new-state", b"sealed-2", 9e9
+        )
+        assert approved is not None
+        self.assertEqual(approved.id, 2)
+        # Approved once only.
+        self.assertIsNone(
+            await store.approve_pending_authorization(bytes([2]), b"\xbb", b"s3", b"x", 9e9)
+        )
+
     async def test_lifetime_kept_and_old_rows_still_read(self) -> None:
         """
         The token lifetime Forgejo gave is stored with the credential; a

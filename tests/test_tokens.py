@@ -23,12 +23,11 @@ from fjmcp.oauth.tokens import (
     AccessGrant,
     InvalidTokenError,
     MissingTokenError,
-    TokenService,
     parse_form,
 )
 from fjmcp.secrets.crypto import new_pkce_pair, token_hash
 from fjmcp.store import Store, UpstreamUser, migrate_database
-from tests.helpers import http_client, make_config, routes_over, serve
+from tests.helpers import http_client, make_config, routes_over, serve, token_service
 
 FORM = "application/x-www-form-urlencoded"
 REDIRECT = "http://127.0.0.1:33418/callback"
@@ -63,7 +62,7 @@ class TokenTestBase(TestCase):
         self.clock = task.Clock()
         self.clock.advance(START)
         self.clients = ClientRegistry(self.store)
-        self.tokens = TokenService(self.store, self.config, self.clock)
+        self.tokens = token_service(self.store, self.config, self.clock)
         app = routes_over(
             self.config, reactor, self.store, clients=self.clients, tokens=self.tokens
         )
@@ -941,7 +940,7 @@ class BearerTests(TokenTestBase):
     async def test_wrong_audience(self) -> None:
         client = await self.register()
         first = await self.login(client)
-        elsewhere = TokenService(
+        elsewhere = token_service(
             self.store, make_config(str(self.tmp), public_url="https://other.example"), self.clock
         )
         with self.assertRaises(InvalidTokenError) as cm:
@@ -1081,7 +1080,7 @@ class ConcurrencyTests(TokenTestBase):
         """
         other_store = Store.open(self.config.db_path, reactor)
         self.addCleanup(other_store.close)
-        other = TokenService(other_store, self.config, self.clock)
+        other = token_service(other_store, self.config, self.clock)
         client = await self.register()
         wins = 0
         for _ in range(5):
@@ -1116,7 +1115,7 @@ class RestartTests(TokenTestBase):
         self.store.close()
         store = Store.open(self.config.db_path, reactor)
         self.addCleanup(store.close)
-        tokens = TokenService(store, self.config, self.clock)
+        tokens = token_service(store, self.config, self.clock)
         grant = await tokens.check_bearer("Bearer " + first["access_token"])
         self.assertEqual(grant.forgejo_user_id, USER)
         form = {

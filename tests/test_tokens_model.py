@@ -27,10 +27,10 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from fjmcp.oauth.clients import ClientRegistry
-from fjmcp.oauth.tokens import InvalidTokenError, TokenService
+from fjmcp.oauth.tokens import InvalidTokenError
 from fjmcp.secrets.crypto import new_pkce_pair
 from fjmcp.store import Store, UpstreamUser, make_pool, migrate_database
-from tests.helpers import make_config
+from tests.helpers import make_config, token_service
 
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 REDIRECT = "http://127.0.0.1:9/cb"
@@ -116,7 +116,7 @@ class TokenFamilyMachine(RuleBasedStateMachine):
         self.clock = InlineReactor()
         self.clock.advance(1000)
         self.store = inline_store(self.config.db_path, self.clock)
-        self.service = TokenService(self.store, self.config, self.clock)
+        self.service = token_service(self.store, self.config, self.clock)
         client = now_(
             Deferred.fromCoroutine(
                 ClientRegistry(self.store).register(
@@ -271,7 +271,7 @@ class NeverCrashTests(SynchronousTestCase):
         self.clock = InlineReactor()
         self.store = inline_store(self.config.db_path, self.clock)
         self.addCleanup(self.store.close)
-        self.service = TokenService(self.store, self.config, self.clock)
+        self.service = token_service(self.store, self.config, self.clock)
         client = now_(
             Deferred.fromCoroutine(
                 ClientRegistry(self.store).register(

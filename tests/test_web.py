@@ -144,8 +144,8 @@ class FormBodyProperties(SynchronousTestCase):
     def setUp(self) -> None:
         config = make_config(self.mktemp())
         clock = Clock()
-        flow = AuthorizationFlow(config, None, None, None, None, None, clock)  # type: ignore[arg-type]
-        connections = Connections(None, None, None, None, None, clock)  # type: ignore[arg-type]
+        flow = AuthorizationFlow(config, None, None, None, None, clock)  # type: ignore[arg-type]
+        connections = Connections(None, None, None, clock)  # type: ignore[arg-type]
         app = routes_over(config, clock, flow=flow, connections=connections)
         self.stub = StubTreq(app.resource())
 

@@ -45,11 +45,13 @@ from fjmcp.http.streamable import KEEPALIVE, MCPEndpoint
 from fjmcp.logs import prepare_twistd_observer
 from fjmcp.mcp import resources
 from fjmcp.mcp.children import ChildSupervisor
-from fjmcp.mcp.sessions import REVOCATION_INTERVAL, SessionManager
+from fjmcp.mcp.sessions import SessionManager
 from fjmcp.oauth.authorize import AuthorizationFlow
 from fjmcp.oauth.cimd import ClientMetadataFetcher
 from fjmcp.oauth.clients import ClientRegistry
 from fjmcp.oauth.connections import Connections
+from fjmcp.oauth.grants import REVOCATION_INTERVAL, BearerCache, GrantEnds
+from fjmcp.oauth.signin import ForgejoSignIn
 from fjmcp.oauth.tokens import TokenService
 from fjmcp.store import Store, StoreError, migrate_database
 
@@ -235,6 +237,8 @@ class Broker:
     upstream_pool: HTTPConnectionPool
     credentials: UpstreamCredentials
     tokens: TokenService
+    bearers: BearerCache
+    grant_ends: GrantEnds
     mcp: MCPEndpoint
     app: BrokerApp
     site: Site
@@ -275,9 +279,6 @@ def build_broker(config: Config, reactor: Any, seams: Seams = Seams()) -> Broker
         config.session_idle_timeout,
         max_line=seams.max_line,
         args_prefix=command[1:],
-        # Revocations by fjmcp-admin or on /connections end sessions within seconds.
-        grants=store,
-        revocation_interval=seams.revocation_interval,
         request_timeout=config.request_timeout,
         unused_timeout=config.session_unused_timeout,
     )
@@ -302,13 +303,19 @@ def build_broker(config: Config, reactor: Any, seams: Seams = Seams()) -> Broker
         config.forgejo_scopes,
     )
     credentials = UpstreamCredentials(store, box, upstream, reactor)
+    bearers = BearerCache(reactor)
+    # Revocations in this process end sessions and cached bearer checks at
+    # once (the store announces them); those by fjmcp-admin within seconds.
+    grant_ends = GrantEnds(store, sessions, bearers, reactor, seams.revocation_interval)
+    grant_ends.setServiceParent(top)
+    tokens = TokenService(store, config, reactor, bearers)
+    signin = ForgejoSignIn(store, box, upstream, credentials, reactor)
     flow = AuthorizationFlow(
         config,
         store,
         clients,
-        upstream,
-        credentials,
-        box,
+        signin,
+        tokens,
         reactor,
         cimd=ClientMetadataFetcher(
             reactor,
@@ -316,9 +323,6 @@ def build_broker(config: Config, reactor: Any, seams: Seams = Seams()) -> Broker
             tls_trust_root=seams.cimd_trust_root,
         ),
     )
-    # Grants revoked through the token endpoints end their sessions at once.
-    tokens = TokenService(store, config, reactor, on_revoked=sessions.grants_revoked)
-    sessions.grant_cache = tokens
     mcp = MCPEndpoint(
         sessions,
         store,
@@ -335,7 +339,8 @@ def build_broker(config: Config, reactor: Any, seams: Seams = Seams()) -> Broker
         BrowserPages(
             config,
             flow,
-            Connections(store, sessions, tokens, upstream, credentials, reactor),
+            Connections(store, sessions, signin, reactor),
+            signin,
             limits,
         ),
     )
@@ -378,6 +383,8 @@ def build_broker(config: Config, reactor: Any, seams: Seams = Seams()) -> Broker
         upstream_pool=pool,
         credentials=credentials,
         tokens=tokens,
+        bearers=bearers,
+        grant_ends=grant_ends,
         mcp=mcp,
         app=app,
         site=site,

@@ -18,14 +18,10 @@ from twisted.web.server import Request
 from fjmcp.config import Config
 from fjmcp.http.common import RateGuard, cookie, html_page, rate_limited, unexpected
 from fjmcp.http.pages import connections_page, consent_page, error_page
-from fjmcp.oauth.authorize import (
-    LOGIN_SESSION_LIFETIME,
-    AuthorizationFlow,
-    Completed,
-    PageError,
-    Redirect,
-)
+from fjmcp.oauth.authorize import AuthorizationFlow, Completed, Redirect
 from fjmcp.oauth.connections import Connections, cross_site
+from fjmcp.oauth.refusal import RefusalError
+from fjmcp.oauth.signin import LOGIN_SESSION_LIFETIME, ForgejoSignIn
 from fjmcp.secrets.crypto import new_token
 
 MAX_FORM_BODY = 16 * 1024
@@ -36,7 +32,7 @@ def query_args(request: Request) -> dict[str, str]:
     Query fields, and for a POST the urlencoded form fields, first value of
     each, as text.  (The site does not let Twisted parse forms.)
 
-    @raise PageError: 400 when a field is not UTF-8 (raw or percent-encoded),
+    @raise RefusalError: 400 when a field is not UTF-8 (raw or percent-encoded),
         413 when the form is larger than L{MAX_FORM_BODY}.
     """
     out = {}
@@ -50,7 +46,7 @@ def query_args(request: Request) -> dict[str, str]:
             body = request.content.read(MAX_FORM_BODY + 1)
             if len(body) > MAX_FORM_BODY:
                 # Cutting it short could split a character or a field.
-                raise PageError(
+                raise RefusalError(
                     413, "Form too large", f"This form is larger than {MAX_FORM_BODY} bytes."
                 )
             # parse_qs on bytes decodes them as ASCII, strictly: any other
@@ -65,8 +61,8 @@ def query_args(request: Request) -> dict[str, str]:
     return out
 
 
-def _not_utf8(where: str) -> PageError:
-    return PageError(
+def _not_utf8(where: str) -> RefusalError:
+    return RefusalError(
         400,
         "Bad request",
         f"The text of this {where} is not UTF-8, so it cannot be read. Go back to the "
@@ -93,11 +89,13 @@ class BrowserPages:
         config: Config,
         flow: AuthorizationFlow,
         connections: Connections,
+        signin: ForgejoSignIn,
         limits: RateGuard,
     ) -> None:
         self._config = config
         self._flow = flow
         self._connections = connections
+        self._signin = signin
         self.limits = limits
         secure = config.public_url.startswith("https://")
         # __Host- cookies need Secure, which plain-http loopback development lacks.
@@ -127,10 +125,10 @@ class BrowserPages:
             sameSite="lax",
         )
 
-    @app.handle_errors(PageError)
+    @app.handle_errors(RefusalError)
     def _page_error(self, request: IRequest, failure: Failure) -> bytes:
         e = failure.value
-        assert isinstance(e, PageError) and isinstance(request, Request)
+        assert isinstance(e, RefusalError) and isinstance(request, Request)
         return html_page(request, e.status, error_page(e.title, e.message))
 
     @app.handle_errors(Exception)
@@ -172,17 +170,16 @@ class BrowserPages:
 
     @app.route("/oauth/callback", methods=["GET"])
     async def callback(self, request: Request) -> bytes:
-        args = query_args(request)
-        if self._connections.owns_login(args.get("state", "")):
-            # A sign-in for the connections page, not a client's authorization.
-            login_session = await self._connections.finish_login(
-                args, cookie(request, self._browser_cookie)
-            )
+        returned = await self._signin.returned(
+            query_args(request), cookie(request, self._browser_cookie)
+        )
+        if returned.purpose == "connections":
+            login_session = await self._connections.finish_login(returned)
             self._set_cookie(
                 request, self._login_cookie, login_session, int(LOGIN_SESSION_LIFETIME)
             )
             return self._redirect(request, self._config.public_url + "/connections")
-        result = await self._flow.callback(args)
+        result = await self._flow.complete(returned)
         if isinstance(result, Completed):
             self._set_cookie(
                 request, self._login_cookie, result.login_session, int(LOGIN_SESSION_LIFETIME)
@@ -221,7 +218,7 @@ class BrowserPages:
                 return limited
             browser = cookie(request, self._browser_cookie) or new_token()
             self._set_cookie(request, self._browser_cookie, browser, 3600)
-            return self._redirect(request, self._connections.start_login(browser))
+            return self._redirect(request, await self._connections.start_login(browser))
         notice = None
         if query_args(request).get("revoked"):
             notice = "Access revoked. That application has to ask you again to connect."
@@ -232,7 +229,7 @@ class BrowserPages:
                 user_login=await self._connections.user_login(user_id),
                 forgejo_url=self._config.forgejo_url,
                 connections=await self._connections.of_user(user_id),
-                form_token=self._connections.form_token(user_id, login_session),
+                form_token=await self._connections.form_token(login_session),
                 action="/connections/revoke",
                 notice=notice,
             ),
@@ -255,7 +252,9 @@ class BrowserPages:
         if (
             user_id is None
             or login_session is None
-            or not self._connections.take_form_token(form.get("csrf", ""), user_id, login_session)
+            or not await self._connections.take_form_token(
+                form.get("csrf", ""), user_id, login_session
+            )
         ):
             return self._connections_page(
                 request,

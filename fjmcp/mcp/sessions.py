@@ -4,7 +4,7 @@ MCP sessions: one forgejo-mcp child per session, owned by one user.
 This module owns the session table and every session's life: creating one
 (caps on sessions and on processes, spawning the child with only that
 user's token), looking one up for its owner, reaping idle and unused ones,
-ending one (and its child), ending the sessions whose grant was revoked, and
+ending one (and its child) or those matching a rule (a revoked grant), and
 what happens when a child dies, misbehaves or stops answering.  Routing
 messages inside a session is L{fjmcp.mcp.router}'s job; HTTP is
 L{fjmcp.http.streamable}'s.
@@ -15,12 +15,12 @@ from __future__ import annotations
 import collections
 import re
 import secrets
-from collections.abc import Callable, Collection, Iterable, Sequence
-from typing import Any, Protocol
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import attrs
 from twisted.application.service import Service
-from twisted.internet.defer import CancelledError, Deferred, DeferredList
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -44,9 +44,6 @@ STANDALONE_QUEUE = 256
 STDERR_BURST = 20
 STDERR_WINDOW = 10.0
 REAP_INTERVAL = 30.0
-# How often the grants behind live sessions are checked for revocation; a
-# revocation by another process (fjmcp-admin) ends sessions within this.
-REVOCATION_INTERVAL = 2.0
 # Claude gives a tool call 300 s; no request waits longer by default, and a
 # retiring child gets no longer either.
 REQUEST_TIMEOUT = 300.0
@@ -84,26 +81,6 @@ class SpawnError(Exception):
     """
     The child process could not be started (missing binary, fork failure).
     """
-
-
-class GrantSource(Protocol):
-    """
-    Where the revocation check asks which grants ended (the store).
-    """
-
-    def revoked_families(self, family_ids: Collection[str]) -> Deferred[set[str]]: ...
-
-
-class GrantCache(Protocol):
-    """
-    What remembers bearer checks for a while (L{fjmcp.oauth.tokens.TokenService}):
-    its grants are checked along with the sessions', and it forgets those
-    found revoked.
-    """
-
-    def cached_families(self) -> set[str]: ...
-
-    def forget_families(self, family_ids: Collection[str]) -> None: ...
 
 
 class StandaloneSink:
@@ -219,7 +196,7 @@ class SessionManager(Service):
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IReactorTime,
         children: ChildSupervisor,
         executable: str,
         forgejo_url: str,
@@ -228,16 +205,11 @@ class SessionManager(Service):
         idle_timeout: float,
         max_line: int | None = None,
         args_prefix: Sequence[str] = (),
-        grants: GrantSource | None = None,
-        revocation_interval: float = REVOCATION_INTERVAL,
         request_timeout: float = REQUEST_TIMEOUT,
         unused_timeout: float = UNUSED_TIMEOUT,
         budget: resources.Budget | None = None,
     ) -> None:
         """
-        @param grants: asked every C{revocation_interval} seconds which of
-            the live sessions' grants were revoked; None: never (only tests
-            that need no store).
         @param request_timeout: the deadline of every client request.
         @param unused_timeout: how long a session that got no request after
             initialize lives (never longer than C{idle_timeout}).
@@ -263,13 +235,6 @@ class SessionManager(Service):
         self._sessions: dict[str, Session] = {}
         self._reaper = LoopingCall(self.reap)
         self._reaper.clock = reactor
-        self._grants = grants
-        self._revocation_interval = revocation_interval
-        self._revocation_check = LoopingCall(self.check_revocations)
-        self._revocation_check.clock = reactor
-        self._check_failing = False
-        # Set by the wiring once the token service exists (it is built later).
-        self.grant_cache: GrantCache | None = None
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -277,15 +242,11 @@ class SessionManager(Service):
     def startService(self) -> None:
         super().startService()
         self._reaper.start(REAP_INTERVAL, now=False)
-        if self._grants is not None:
-            self._revocation_check.start(self._revocation_interval, now=False)
 
     def stopService(self) -> Deferred[Any]:
         super().stopService()
         if self._reaper.running:
             self._reaper.stop()
-        if self._revocation_check.running:
-            self._revocation_check.stop()
         return DeferredList(
             [
                 self.end(s, "the broker is shutting down", "shutdown")
@@ -616,60 +577,13 @@ class SessionManager(Service):
                 )
                 self.end(session, "the session was never used", "unused")
 
-    # --- revocation
+    # --- ending sessions by their grant
 
-    def check_revocations(self) -> Deferred[None]:
+    def live_families(self) -> set[str]:
         """
-        Ask the store, in one query, which grants behind live sessions (and
-        behind cached bearer checks) were revoked or are gone, and end what
-        hangs on them.  This is how a revocation made by another process
-        (fjmcp-admin writes the database directly) reaches this one.
+        The grants (token families) live sessions were opened with.
         """
-        return Deferred.fromCoroutine(self._check_revocations())
-
-    async def _check_revocations(self) -> None:
-        if self._grants is None:
-            return
-        families = {s.family_id for s in self._sessions.values() if s.family_id and not s.ended}
-        if self.grant_cache is not None:
-            families |= self.grant_cache.cached_families()
-        if not families:
-            return
-        try:
-            revoked = await self._grants.revoked_families(families)
-        except CancelledError:
-            raise
-        except Exception as e:
-            # The loop must go on (a LoopingCall stops at the first error);
-            # one line when checks start failing, one when they work again.
-            if not self._check_failing:
-                log.error(
-                    "cannot check sessions' grants for revocation: {error}; will retry",
-                    error=str(e) or type(e).__name__,
-                )
-            self._check_failing = True
-            return
-        if self._check_failing:
-            log.info("checking sessions' grants for revocation works again")
-            self._check_failing = False
-        if revoked and self.running:
-            self.grants_revoked(revoked)
-
-    def grants_revoked(
-        self, family_ids: Iterable[str], why: str = "its authorization was revoked"
-    ) -> int:
-        """
-        These grants were revoked: forget the bearer checks cached for them
-        and end every session that hangs on one (its streams close, pending
-        requests get an error, its child is stopped).  Returns how many
-        sessions ended.
-        """
-        ids = set(family_ids)
-        if not ids:
-            return 0
-        if self.grant_cache is not None:
-            self.grant_cache.forget_families(ids)
-        return self.end_matching(lambda s: s.family_id in ids, why)
+        return {s.family_id for s in self._sessions.values() if s.family_id and not s.ended}
 
     def end_matching(self, predicate: Callable[[Session], bool], why: str) -> int:
         """

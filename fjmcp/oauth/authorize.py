@@ -1,9 +1,8 @@
 """
 The authorization flow a person goes through: the client's authorize request
 is checked, the user approves it on our consent page, signs in at Forgejo
-(the broker is one confidential client there, with its own PKCE and a
-single-use state), and comes back with a broker authorization code for the
-client.
+(L{fjmcp.oauth.signin}), and comes back with a broker authorization code
+for the client.
 
 Knows nothing of HTTP: routes hand in query and form fields and cookies, and
 get back a page to show or an address to redirect to.
@@ -19,10 +18,9 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from fjmcp.config import Config
-from fjmcp.forgejo.client import ForgejoClient, UpstreamError
-from fjmcp.forgejo.credentials import UpstreamCredentials
 from fjmcp.oauth.cimd import CIMDError, ClientMetadataFetcher, is_cimd_client_id
 from fjmcp.oauth.clients import ClientRegistry
+from fjmcp.oauth.refusal import RefusalError
 from fjmcp.oauth.registration import (
     ClientMetadata,
     RegistrationError,
@@ -30,37 +28,17 @@ from fjmcp.oauth.registration import (
     redirect_host,
     redirect_uri_registered,
 )
-from fjmcp.secrets.crypto import (
-    UPSTREAM_PKCE_CONTEXT,
-    DecryptionError,
-    SecretBox,
-    new_pkce_pair,
-    new_token,
-    token_hash,
-)
+from fjmcp.oauth.signin import ForgejoSignIn, Returned, SignInFailedError
+from fjmcp.oauth.tokens import TokenService
+from fjmcp.secrets.crypto import new_token, token_hash
 from fjmcp.store import Store
 
-# A person has this long between the consent page and coming back from
-# Forgejo (the upstream state's life).
+# A person has this long between the client's authorize request and
+# approving it on the consent page.
 PENDING_LIFETIME = 600.0
-CODE_LIFETIME = 60.0
-LOGIN_SESSION_LIFETIME = 30 * 86400.0
 MAX_PARAMETER = 2048
 
 log = Logger()
-
-
-class PageError(Exception):
-    """
-    Nothing can be sent back to the client (unknown client, unregistered
-    redirect URI, a consent form that is not ours): show an HTML error.
-    """
-
-    def __init__(self, status: int, title: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.title = title
-        self.message = message
 
 
 @attrs.frozen
@@ -98,18 +76,6 @@ def add_query(uri: str, params: Mapping[str, str]) -> str:
     return urlunsplit(parts._replace(query=urlencode(query)))
 
 
-async def open_login_session(store: Store, user_id: int, now: float) -> str:
-    """
-    A new broker login (the cookie's value) for a user who just signed in
-    at Forgejo; the store keeps only its digest.
-    """
-    login_session = new_token()
-    await store.create_login_session(
-        token_hash(login_session), user_id, now + LOGIN_SESSION_LIFETIME
-    )
-    return login_session
-
-
 def same_resource(given: str, expected: str) -> bool:
     return given.rstrip("/") == expected.rstrip("/")
 
@@ -132,18 +98,16 @@ class AuthorizationFlow:
         config: Config,
         store: Store,
         clients: ClientRegistry,
-        upstream: ForgejoClient,
-        credentials: UpstreamCredentials,
-        box: SecretBox,
+        signin: ForgejoSignIn,
+        tokens: TokenService,
         clock: IReactorTime,
         cimd: ClientMetadataFetcher | None = None,
     ) -> None:
         self._config = config
         self._store = store
         self._clients = clients
-        self._upstream = upstream
-        self._credentials = credentials
-        self._box = box
+        self._signin = signin
+        self._tokens = tokens
         self._clock = clock
         self._cimd = cimd
 
@@ -162,16 +126,16 @@ class AuthorizationFlow:
         """
         if is_cimd_client_id(client_id, allow_http=self._config.cimd_allow_loopback):
             if self._cimd is None:
-                raise PageError(400, "Unknown client", "client ID metadata documents are off")
+                raise RefusalError(400, "Unknown client", "client ID metadata documents are off")
             try:
                 document = await self._cimd.fetch(client_id)
                 metadata = check_client_metadata(document, default_auth_method="none")
             except (CIMDError, RegistrationError) as e:
-                raise PageError(
+                raise RefusalError(
                     400, "Unusable client", f"the client's metadata document was refused: {e}"
                 ) from None
             if not metadata.is_public:
-                raise PageError(
+                raise RefusalError(
                     400, "Unusable client", "a metadata-document client must be public (none)"
                 )
             await self._store.save_fetched_client(
@@ -182,7 +146,7 @@ class AuthorizationFlow:
             return metadata, False
         found = await self._clients.get(client_id)
         if found is None:
-            raise PageError(
+            raise RefusalError(
                 400,
                 "Unknown client",
                 "This application is not registered with this server (it may have been "
@@ -192,18 +156,18 @@ class AuthorizationFlow:
 
     async def _check(self, args: Mapping[str, str]) -> _Checked:
         if any(len(v) > MAX_PARAMETER for v in args.values()):
-            raise PageError(400, "Bad request", "a parameter of the request is too long")
+            raise RefusalError(400, "Bad request", "a parameter of the request is too long")
         client_id = args.get("client_id", "")
         if not client_id:
-            raise PageError(400, "Bad request", "the request names no client (client_id)")
+            raise RefusalError(400, "Bad request", "the request names no client (client_id)")
         metadata, unverified = await self._client(client_id)
         redirect_uri = args.get("redirect_uri")
         if redirect_uri is None:
             if len(metadata.redirect_uris) != 1:
-                raise PageError(400, "Bad request", "redirect_uri is required for this client")
+                raise RefusalError(400, "Bad request", "redirect_uri is required for this client")
             redirect_uri = metadata.redirect_uris[0]
         elif not redirect_uri_registered(metadata.redirect_uris, redirect_uri):
-            raise PageError(
+            raise RefusalError(
                 400,
                 "Unregistered redirect URI",
                 "The address this request would send you back to is not registered for "
@@ -291,7 +255,7 @@ class AuthorizationFlow:
         """
         consent_token = form.get("consent", "")
         if not consent_token or not browser:
-            raise PageError(
+            raise RefusalError(
                 400,
                 "Expired or foreign form",
                 "This approval form is not valid here (it expired, was already used, or "
@@ -299,11 +263,11 @@ class AuthorizationFlow:
             )
         if form.get("decision") == "approve":
             return await self._approve(consent_token, browser)
-        pending = await self._store.take_pending_authorization(
-            consent_hash=token_hash(consent_token), browser_hash=token_hash(browser)
+        pending = await self._store.deny_pending_authorization(
+            token_hash(consent_token), token_hash(browser)
         )
         if pending is None:
-            raise PageError(
+            raise RefusalError(
                 400, "Expired or foreign form", "This approval form is no longer valid."
             )
         return self._error_redirect(
@@ -311,89 +275,54 @@ class AuthorizationFlow:
         )
 
     async def _approve(self, consent_token: str, browser: str) -> Redirect:
-        state = new_token()
-        verifier, challenge = new_pkce_pair()
-        pending = await self._store.approve_pending_authorization(
-            token_hash(consent_token),
-            token_hash(browser),
-            token_hash(state),
-            self._box.seal(verifier, UPSTREAM_PKCE_CONTEXT),
-            self._clock.seconds() + PENDING_LIFETIME,
-        )
-        if pending is None:
-            raise PageError(
+        location = await self._signin.for_authorization(consent_token, browser)
+        if location is None:
+            raise RefusalError(
                 400,
                 "Expired or foreign form",
                 "This approval form is not valid here (it expired, was already used, or "
                 "was opened in another browser). Start again from your application.",
             )
-        return Redirect(self._upstream.authorize_url(state, challenge))
+        return Redirect(location)
 
-    async def callback(self, args: Mapping[str, str]) -> Completed | Redirect:
+    async def complete(self, returned: Returned) -> Completed | Redirect:
         """
-        The browser came back from Forgejo.
+        The browser came back from the Forgejo sign-in that completes an
+        authorization: send it to the client with a code, or with the error.
         """
-        state = args.get("state", "")
-        pending = (
-            await self._store.take_pending_authorization(state_hash=token_hash(state))
-            if state
-            else None
-        )
-        if pending is None:
-            raise PageError(
-                400,
-                "Login expired",
-                "This sign-in is unknown or has expired (it can be used once, within "
-                "10 minutes). Start again from your application.",
-            )
-        if "error" in args:
+        pending = returned.authorization
+        assert pending is not None
+        if returned.cancelled is not None:
             # Forgejo sends access_denied when the user cancels there.
-            error = args["error"] if args["error"] == "access_denied" else "server_error"
-            log.info("Forgejo ended a login with {error}", error=args["error"][:100])
+            denied = returned.cancelled == "access_denied"
             return self._error_redirect(
                 pending.redirect_uri,
                 pending.client_state,
-                error,
+                "access_denied" if denied else "server_error",
                 "the user denied access at Forgejo"
-                if error == "access_denied"
+                if denied
                 else "Forgejo could not complete the sign-in",
             )
-        assert pending.upstream_verifier_enc is not None
         try:
-            verifier = self._box.open(pending.upstream_verifier_enc, UPSTREAM_PKCE_CONTEXT)
-        except DecryptionError as e:
-            # Sealed under a key the key file no longer holds: the login
-            # cannot finish, but it is the person's to restart, not a bug.
-            log.warn("a sign-in in flight could not be resumed: {error}", error=str(e))
-            raise PageError(
-                400,
-                "Login expired",
-                "This sign-in can no longer be completed. Start again from your application.",
-            ) from None
-        try:
-            user = await self._credentials.sign_in(args.get("code", ""), verifier)
-        except UpstreamError as e:
-            log.warn("the Forgejo sign-in could not be completed: {error}", error=str(e))
+            signed_in = await self._signin.finish(returned)
+        except SignInFailedError:
             return self._error_redirect(
                 pending.redirect_uri,
                 pending.client_state,
                 "server_error",
                 "Forgejo did not accept the sign-in; try again",
             )
+        user = signed_in.user
         await self._store.remember_consent(user.id, pending.client_id, pending.scope)
-        code = new_token()
-        await self._store.issue_authorization_code(
-            token_hash(code),
+        code = await self._tokens.issue_code(
             pending.client_id,
             user.id,
             pending.redirect_uri,
             pending.code_challenge,
-            pending.code_challenge_method,
             pending.scope,
             pending.resource,
-            self._clock.seconds() + CODE_LIFETIME,
+            pending.code_challenge_method,
         )
-        login_session = await open_login_session(self._store, user.id, self._clock.seconds())
         log.info(
             "user {login} ({user}) authorized client {client}",
             login=user.login,
@@ -404,7 +333,7 @@ class AuthorizationFlow:
         if pending.client_state is not None:
             params["state"] = pending.client_state
         params["iss"] = self._config.public_url
-        return Completed(add_query(pending.redirect_uri, params), login_session)
+        return Completed(add_query(pending.redirect_uri, params), signed_in.login_session)
 
 
 class _RedirectError(Exception):

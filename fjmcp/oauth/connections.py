@@ -2,51 +2,39 @@
 A person's own view of the MCP clients they approved (the C{/connections}
 page): signing in to see it, listing the clients, and revoking one.
 
-Signing in reuses the consent flow's pieces: the broker's login cookie when
-the browser has one, and otherwise a round trip through Forgejo's login
-(the broker's own PKCE pair and a single-use state bound to the browser
-cookie), which ends in the same login cookie.  Such a login in flight lives
-in memory only: a restart in the middle of it means clicking once more.
+Signing in is the broker's login cookie when the browser has one, and
+otherwise the one Forgejo sign-in (L{fjmcp.oauth.signin}) with the purpose
+C{connections}, which ends in the same login cookie.
 
 Revoking a client revokes every grant the user holds at it and forgets the
-approval (the next authorization asks again) in one transaction, then ends
-the user's live sessions of that client and forgets cached bearer checks
-of those grants at once, without waiting for the periodic check.
+approval (the next authorization asks again) in one transaction; once it
+commits, L{fjmcp.oauth.grants.GrantEnds} ends the grants' live sessions
+and cached bearer checks.
 
 The revoke form carries a token that is single use, bound to the login
-session it was shown to and short-lived; the route also refuses posts
-that a browser marks as coming from elsewhere (L{cross_site}).  Knows
-nothing of HTTP: the routes pass cookies and fields in and get data,
-addresses or L{PageError}s back.
+session it was shown to and short-lived (stored, like everything a request
+needs); the route also refuses posts that a browser marks as coming from
+elsewhere (L{cross_site}).  Knows nothing of HTTP: the routes pass cookies
+and fields in and get data, addresses or L{RefusalError} back.
 """
 
 from __future__ import annotations
 
-import hmac
-from collections.abc import Mapping
-from typing import Any
 from urllib.parse import urlsplit
 
 import attrs
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from fjmcp.forgejo.client import ForgejoClient, UpstreamError
-from fjmcp.forgejo.credentials import UpstreamCredentials
 from fjmcp.mcp.sessions import SessionManager
-from fjmcp.oauth.authorize import PageError, open_login_session
+from fjmcp.oauth.refusal import RefusalError
 from fjmcp.oauth.registration import redirect_host
-from fjmcp.oauth.tokens import TokenService
-from fjmcp.secrets.crypto import new_pkce_pair, new_token, token_hash
+from fjmcp.oauth.signin import ForgejoSignIn, Returned, SignInFailedError
+from fjmcp.secrets.crypto import new_token, token_hash
 from fjmcp.store import Store
 
-# A person has this long between leaving for Forgejo's login and coming back.
-LOGIN_LIFETIME = 600.0
 # A page's revoke form is good for this long, once.
 FORM_LIFETIME = 3600.0
-# Bounds on what anonymous visitors can make the broker remember.
-MAX_PENDING_LOGINS = 10_000
-MAX_FORM_TOKENS = 10_000
 REVOKE_REASON = "revoked by the user on the connections page"
 
 log = Logger()
@@ -75,20 +63,6 @@ class Revoked:
     client_id: str
     grants: int
     sessions: int
-
-
-@attrs.frozen
-class _PendingLogin:
-    browser_hash: bytes
-    verifier: str = attrs.field(repr=False)
-    expires_at: float
-
-
-@attrs.frozen
-class _FormToken:
-    user_id: int
-    login_hash: bytes
-    expires_at: float
 
 
 def cross_site(origin: str | None, fetch_site: str | None, public_url: str) -> bool:
@@ -124,19 +98,13 @@ class Connections:
         self,
         store: Store,
         sessions: SessionManager,
-        tokens: TokenService,
-        upstream: ForgejoClient,
-        credentials: UpstreamCredentials,
+        signin: ForgejoSignIn,
         clock: IReactorTime,
     ) -> None:
         self._store = store
         self._sessions = sessions
-        self._tokens = tokens
-        self._upstream = upstream
-        self._credentials = credentials
+        self._signin = signin
         self._clock = clock
-        self._logins: dict[bytes, _PendingLogin] = {}
-        self._forms: dict[bytes, _FormToken] = {}
 
     # --- who is looking
 
@@ -154,68 +122,36 @@ class Connections:
 
     # --- signing in through Forgejo
 
-    def start_login(self, browser: str) -> str:
+    async def start_login(self, browser: str) -> str:
         """
-        Where to send a browser that is not signed in: Forgejo's login, with
-        a state that only this browser (its binding cookie) can bring back.
+        Where to send a browser that is not signed in: Forgejo's login, which
+        only this browser (its binding cookie) can finish.
         """
-        now = self._clock.seconds()
-        self._prune(self._logins, now, MAX_PENDING_LOGINS)
-        state = new_token()
-        verifier, challenge = new_pkce_pair()
-        self._logins[token_hash(state)] = _PendingLogin(
-            token_hash(browser), verifier, now + LOGIN_LIFETIME
-        )
-        return self._upstream.authorize_url(state, challenge)
+        return await self._signin.for_connections(browser)
 
-    def owns_login(self, state: str) -> bool:
+    async def finish_login(self, returned: Returned) -> str:
         """
-        Whether a return from Forgejo belongs to a connections-page login
-        (and not to a client's authorization).
-        """
-        return bool(state) and token_hash(state) in self._logins
+        The browser came back from a connections-page sign-in: a new login
+        session.
 
-    async def finish_login(self, args: Mapping[str, str], browser: str | None) -> str:
+        @raise RefusalError: Forgejo cancelled or refused the sign-in.
         """
-        The browser came back from Forgejo: exchange the code, keep the
-        user's new Forgejo credential (Forgejo has just invalidated the
-        previous refresh token) and return a new login session.
-
-        @raise PageError: the login is unknown, expired, from another
-            browser, or Forgejo refused it.
-        """
-        pending = self._logins.pop(token_hash(args.get("state", "")), None)
-        if (
-            pending is None
-            or pending.expires_at <= self._clock.seconds()
-            or not browser
-            or not hmac.compare_digest(token_hash(browser), pending.browser_hash)
-        ):
-            raise PageError(
-                400,
-                "Sign-in expired",
-                "This sign-in is unknown, has expired or was started in another browser. "
-                "Open your connections page again.",
-            )
-        if "error" in args:
-            log.info("Forgejo ended a connections-page login with {e}", e=args["error"][:100])
-            raise PageError(
+        if returned.cancelled is not None:
+            raise RefusalError(
                 403, "Not signed in", "The sign-in at Forgejo was cancelled or refused."
             )
         try:
-            user = await self._credentials.sign_in(args.get("code", ""), pending.verifier)
-        except UpstreamError as e:
-            log.warn("a connections-page sign-in could not be completed: {error}", error=str(e))
-            raise PageError(
+            signed_in = await self._signin.finish(returned)
+        except SignInFailedError:
+            raise RefusalError(
                 502, "Sign-in failed", "Forgejo did not accept the sign-in; try again."
             ) from None
-        login_session = await open_login_session(self._store, user.id, self._clock.seconds())
         log.info(
             "user {login} ({user}) signed in to the connections page",
-            login=user.login,
-            user=user.id,
+            login=signed_in.user.login,
+            user=signed_in.user.id,
         )
-        return login_session
+        return signed_in.login_session
 
     # --- the page
 
@@ -251,33 +187,26 @@ class Connections:
             )
         return out
 
-    def form_token(self, user_id: int, login_session: str) -> str:
+    async def form_token(self, login_session: str) -> str:
         """
-        A token for one revoke form: single use, for this user and login
-        session only, for L{FORM_LIFETIME} seconds.
+        A token for one revoke form: single use, for this login session
+        only, for L{FORM_LIFETIME} seconds.
         """
-        now = self._clock.seconds()
-        self._prune(self._forms, now, MAX_FORM_TOKENS)
         token = new_token()
-        self._forms[token_hash(token)] = _FormToken(
-            user_id, token_hash(login_session), now + FORM_LIFETIME
+        await self._store.create_form_token(
+            token_hash(token), token_hash(login_session), self._clock.seconds() + FORM_LIFETIME
         )
         return token
 
-    def take_form_token(self, token: str, user_id: int, login_session: str) -> bool:
+    async def take_form_token(self, token: str, user_id: int, login_session: str) -> bool:
         """
-        Use up a form token; True if it was issued to this user and login
+        Use up a form token; True if it was issued to this user's login
         session and is still good.
         """
         if not token:
             return False
-        issued = self._forms.pop(token_hash(token), None)
-        return (
-            issued is not None
-            and issued.expires_at > self._clock.seconds()
-            and issued.user_id == user_id
-            and hmac.compare_digest(issued.login_hash, token_hash(login_session))
-        )
+        owner = await self._store.take_form_token(token_hash(token), token_hash(login_session))
+        return owner == user_id
 
     # --- revoking
 
@@ -287,13 +216,12 @@ class Connections:
         it, and end their live sessions of it now.  A client the user never
         approved is left alone (nothing to revoke, nothing said).
         """
+        live = [s for s in self._sessions.of_user(user_id) if s.client_id == client_id]
+        # Committing ends the grants' sessions and cached bearer checks
+        # (the store announces each revoked grant to GrantEnds).
         done = await self._store.disconnect_client(user_id, client_id, REVOKE_REASON)
         ids = set(done.family_ids)
-        self._tokens.forget_families(ids)
-        ended = self._sessions.end_matching(
-            lambda s: s.user_id == user_id and (s.client_id == client_id or s.family_id in ids),
-            "the user revoked this client's access",
-        )
+        ended = sum(1 for s in live if s.ended)
         if done.consent_forgotten or ids or ended:
             log.info(
                 "user {user} revoked client {client}: {grants} grants revoked,"
@@ -304,11 +232,3 @@ class Connections:
                 sessions=ended,
             )
         return Revoked(client_id, len(ids), ended)
-
-    @staticmethod
-    def _prune(table: dict[bytes, Any], now: float, limit: int) -> None:
-        for key in [k for k, v in table.items() if v.expires_at <= now]:
-            del table[key]
-        # Oldest first (dicts keep insertion order) when someone floods us.
-        while len(table) >= limit:
-            del table[next(iter(table))]

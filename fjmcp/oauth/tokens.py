@@ -37,11 +37,10 @@ import binascii
 import json
 import logging
 import re
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import parse_qsl, unquote_plus
 
-import attrs
 from oauthlib.oauth2 import (
     AuthorizationCodeGrant,
     BearerToken,
@@ -55,6 +54,7 @@ from twisted.logger import Logger
 
 from fjmcp import metrics
 from fjmcp.config import Config
+from fjmcp.oauth.grants import AccessGrant, BearerCache
 from fjmcp.oauth.validator import (
     ClientCredentials,
     CodeRaceError,
@@ -67,8 +67,6 @@ from fjmcp.store.tokens import TokenTransaction
 
 # An authorization code is redeemed by the client right after the redirect.
 CODE_LIFETIME = 60.0
-BEARER_CACHE_SECONDS = 5.0
-BEARER_CACHE_SIZE = 10_000
 MAX_BODY = 16 * 1024
 MAX_FIELDS = 50
 GRANT_TYPES = ("authorization_code", "refresh_token")
@@ -121,18 +119,6 @@ class InvalidTokenError(Exception):
     def __init__(self, description: str) -> None:
         super().__init__(description)
         self.description = description
-
-
-@attrs.frozen
-class AccessGrant:
-    """
-    What a valid access token lets its bearer do.
-    """
-
-    forgejo_user_id: int
-    client_id: str
-    family_id: str
-    scope: str
 
 
 class _RequestError(Exception):
@@ -283,22 +269,17 @@ class TokenService:
     """
     The token and revocation endpoints and the bearer check, over the store.
     C{clock} provides C{seconds()}; tests pass a L{twisted.internet.task.Clock}.
-    C{on_revoked} is told the grants (token family ids) a request revoked,
-    after the revocation committed: the session table ends their sessions.
+    What a revocation ends beyond the store (cached bearer checks, sessions)
+    is L{fjmcp.oauth.grants.GrantEnds}'s: the store announces it.
     """
 
     def __init__(
-        self,
-        store: Store,
-        config: Config,
-        clock: IReactorTime,
-        on_revoked: Callable[[set[str]], object] | None = None,
+        self, store: Store, config: Config, clock: IReactorTime, bearers: BearerCache
     ) -> None:
-        self._bearer_cache: dict[bytes, tuple[AccessGrant, float]] = {}
+        self._bearers = bearers
         self._store = store
         self._config = config
         self._clock = clock
-        self.on_revoked = on_revoked
 
     # --- for the authorize flow
 
@@ -357,26 +338,7 @@ class TokenService:
             # The token endpoint revokes only on a replayed code or a reused
             # refresh token.
             metrics.token_reused(grant_type)
-        if response[0] != 200:
-            # A replayed code or a late refresh-token reuse revokes a whole
-            # family: forget what the bearer cache knew.
-            self.forget_cached_grants()
-        self._revoked(revoked)
         return response
-
-    def _revoked(self, family_ids: list[str]) -> None:
-        """
-        Grants were revoked in this process: their sessions end now, not at
-        the next periodic check.
-        """
-        if not family_ids:
-            return
-        self.forget_families(family_ids)
-        if self.on_revoked is not None:
-            try:
-                self.on_revoked(set(family_ids))
-            except Exception:
-                log.failure("ending the sessions of revoked grants failed")
 
     async def _token_response(
         self, body: bytes, headers: Mapping[str, str], revoked: list[str]
@@ -475,20 +437,10 @@ class TokenService:
     # --- POST /oauth/revoke
 
     async def revoke(self, body: bytes, headers: Mapping[str, str]) -> Response:
-        revoked: list[str] = []
-        try:
-            return await self._revoke(body, headers, revoked)
-        finally:
-            self.forget_cached_grants()
-            self._revoked(revoked)
-
-    async def _revoke(
-        self, body: bytes, headers: Mapping[str, str], revoked: list[str]
-    ) -> Response:
         """
         Answer a revocation request (RFC 7009): 200 for any token, known or
         not, once the client has authenticated; a client revokes only its own
-        tokens.  Never raises.  The grants it revoked are added to C{revoked}.
+        tokens.  Never raises.
         """
         try:
             form, _ = parse_form(body, headers)
@@ -507,8 +459,7 @@ class TokenService:
             return _oauth_response(status, out_headers, out_body, credentials), validator
 
         try:
-            response, validator = await self._store.token_transaction("revoke", now, endpoint_call)
-            revoked.extend(validator.revoked_families)
+            response, _ = await self._store.token_transaction("revoke", now, endpoint_call)
             return response
         except CancelledError:
             raise
@@ -541,10 +492,9 @@ class TokenService:
         if not _B64TOKEN.fullmatch(value):
             raise InvalidTokenError("malformed bearer token")
         digest = token_hash(value)
-        now = self._clock.seconds()
-        cached = self._bearer_cache.get(digest)
-        if cached is not None and now < cached[1]:
-            return cached[0]
+        cached = self._bearers.get(digest)
+        if cached is not None:
+            return cached
         record = await self._store.get_access_token(digest)
         now = self._clock.seconds()
         if record is None:
@@ -560,39 +510,9 @@ class TokenService:
             family.forgejo_user_id, family.client_id, family.family_id, record.scope
         )
         # Every /mcp request checks its token; a few seconds of memory saves
-        # a database round trip on nearly all of them.  Revocations made by
-        # this process clear the cache at once; one made elsewhere (the
-        # admin command) is seen within BEARER_CACHE_SECONDS.
-        if len(self._bearer_cache) >= BEARER_CACHE_SIZE:
-            self._bearer_cache.clear()
-        self._bearer_cache[digest] = (grant, min(record.expires_at, now + BEARER_CACHE_SECONDS))
+        # a database round trip on nearly all of them.
+        self._bearers.put(digest, grant, record.expires_at)
         return grant
-
-    def forget_cached_grants(self) -> None:
-        """
-        Something was revoked: check every token against the store again.
-        """
-        self._bearer_cache.clear()
-
-    def cached_families(self) -> set[str]:
-        """
-        The grants behind bearer checks still cached: the periodic
-        revocation check asks about these too, so a token revoked by
-        another process is refused at once even with no session open.
-        """
-        now = self._clock.seconds()
-        return {grant.family_id for grant, until in self._bearer_cache.values() if now < until}
-
-    def forget_families(self, family_ids: Collection[str]) -> None:
-        """
-        These grants were revoked: their tokens' next check goes to the store.
-        """
-        ids = set(family_ids)
-        if not ids:
-            return
-        for digest, (grant, _) in list(self._bearer_cache.items()):
-            if grant.family_id in ids:
-                del self._bearer_cache[digest]
 
 
 def _grant_type(body: bytes, headers: Mapping[str, str]) -> str | None:

@@ -24,6 +24,7 @@ from fjmcp.store.database import (
     make_pool,
     migrate_database,
 )
+from fjmcp.store.logins import ForgejoLogin, LoginStore
 from fjmcp.store.tokens import TokenStore
 
 # Used codes and rotated refresh tokens are kept a day past their expiry, so a
@@ -31,7 +32,15 @@ from fjmcp.store.tokens import TokenStore
 KEEP_EXPIRED = 86400.0
 
 
-class Store(AdminStore, AuthorizationStore, ClientStore, CredentialStore, TokenStore, Database):
+class Store(
+    AdminStore,
+    AuthorizationStore,
+    ClientStore,
+    CredentialStore,
+    LoginStore,
+    TokenStore,
+    Database,
+):
     """
     Every read and write of broker state.
     """
@@ -56,6 +65,7 @@ __all__ = [
     "ClientRecord",
     "ClientSummary",
     "Database",
+    "ForgejoLogin",
     "Migration",
     "ResealBatch",
     "SchemaTooNewError",

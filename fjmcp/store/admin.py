@@ -203,14 +203,13 @@ class AdminStore(Database):
         self, reseal: Resealer, after: int = -1, limit: int = 200
     ) -> Deferred[ResealBatch]:
         """
-        The same for the PKCE verifiers of logins in flight (the owner
-        passed to C{reseal} is the pending authorization's row id).
+        The same for the PKCE verifiers of Forgejo logins in flight (the
+        owner passed to C{reseal} is the login's row id).
         """
 
         def q(txn: Txn) -> ResealBatch:
             txn.execute(
-                "SELECT id, upstream_verifier_enc FROM pending_authorizations"
-                " WHERE id > ? ORDER BY id LIMIT ?",
+                "SELECT id, verifier_enc FROM forgejo_logins WHERE id > ? ORDER BY id LIMIT ?",
                 (after, limit),
             )
             rows = txn.fetchall()
@@ -221,7 +220,7 @@ class AdminStore(Database):
                 new = reseal(row_id, "verifier", verifier)
                 if new is not None:
                     txn.execute(
-                        "UPDATE pending_authorizations SET upstream_verifier_enc = ? WHERE id = ?",
+                        "UPDATE forgejo_logins SET verifier_enc = ? WHERE id = ?",
                         (new, row_id),
                     )
                     changed += 1

@@ -1,6 +1,7 @@
 """
-Logins in flight and remembered: pending authorization requests (consent
-page to Forgejo and back), users' consents per client, broker login sessions.
+Authorizations in flight and remembered: pending authorization requests
+(from the consent page until the Forgejo login that completes them, see
+L{fjmcp.store.logins}), users' consents per client, broker login sessions.
 
 Single use is enforced by the statements themselves (a row is claimed by the
 UPDATE or DELETE that uses it), so two concurrent requests cannot both win.
@@ -16,9 +17,9 @@ from twisted.internet.defer import Deferred
 from fjmcp.store.database import Database, Txn
 from fjmcp.store.tokens import _revoke_family_txn
 
-_PENDING_COLUMNS = (
+PENDING_COLUMNS = (
     "id, client_id, redirect_uri, client_state, code_challenge, code_challenge_method,"
-    " scope, resource, upstream_verifier_enc, expires_at"
+    " scope, resource, expires_at"
 )
 
 
@@ -37,7 +38,6 @@ class PendingAuthorization:
     code_challenge_method: str
     scope: str
     resource: str
-    upstream_verifier_enc: bytes | None = attrs.field(repr=False)
     expires_at: float
 
 
@@ -108,65 +108,30 @@ class AuthorizationStore(Database):
 
         return self._write("create_pending_authorization", q)
 
-    def approve_pending_authorization(
-        self,
-        consent_hash: bytes,
-        browser_hash: bytes,
-        state_hash: bytes,
-        upstream_verifier_enc: bytes,
-        expires_at: float,
+    def deny_pending_authorization(
+        self, consent_hash: bytes, browser_hash: bytes
     ) -> Deferred[PendingAuthorization | None]:
         """
-        The user approved: attach the upstream state and verifier.  Only
-        once, only from the browser that saw the form, only before expiry.
+        Remove and return a live pending authorization the user has not
+        approved, found by its consent token and the browser that saw the
+        form.  A second call finds nothing.
         """
         now = self._now()
 
         def q(txn: Txn) -> PendingAuthorization | None:
             txn.execute(
-                "UPDATE pending_authorizations SET state_hash = ?, upstream_verifier_enc = ?,"
-                " expires_at = ? WHERE consent_hash = ? AND browser_hash = ?"
-                " AND state_hash IS NULL AND expires_at > ?"
-                f" RETURNING {_PENDING_COLUMNS}",
-                (state_hash, upstream_verifier_enc, expires_at, consent_hash, browser_hash, now),
-            )
-            row = txn.fetchone()
-            return PendingAuthorization(*row) if row else None
-
-        return self._write("approve_pending_authorization", q)
-
-    def take_pending_authorization(
-        self,
-        consent_hash: bytes | None = None,
-        state_hash: bytes | None = None,
-        browser_hash: bytes | None = None,
-    ) -> Deferred[PendingAuthorization | None]:
-        """
-        Remove and return a live pending authorization, found by its consent
-        token (a denial: then the browser must match too) or by its upstream
-        state (the return from Forgejo).  A second call finds nothing.
-        """
-        now = self._now()
-        args: tuple[object, ...]
-        if state_hash is not None:
-            where, args = "state_hash = ?", (state_hash,)
-        else:
-            where, args = (
-                "consent_hash = ? AND browser_hash = ? AND state_hash IS NULL",
+                "DELETE FROM pending_authorizations WHERE consent_hash = ? AND browser_hash = ?"
+                " AND NOT EXISTS (SELECT 1 FROM forgejo_logins"
+                "   WHERE authorization_id = pending_authorizations.id)"
+                f" RETURNING {PENDING_COLUMNS}",
                 (consent_hash, browser_hash),
-            )
-
-        def q(txn: Txn) -> PendingAuthorization | None:
-            txn.execute(
-                f"DELETE FROM pending_authorizations WHERE {where} RETURNING {_PENDING_COLUMNS}",
-                args,
             )
             row = txn.fetchone()
             if row is None or row[-1] <= now:
                 return None
             return PendingAuthorization(*row)
 
-        return self._write("take_pending_authorization", q)
+        return self._write("deny_pending_authorization", q)
 
     def remember_consent(self, forgejo_user_id: int, client_id: str, scope: str) -> Deferred[None]:
         now = self._now()
@@ -226,10 +191,12 @@ class AuthorizationStore(Database):
         now = self._now()
 
         def q(txn: Txn) -> int:
-            txn.execute("DELETE FROM pending_authorizations WHERE expires_at <= ?", (now,))
-            count = int(txn.rowcount)
+            count = 0
+            for table in ("forgejo_logins", "pending_authorizations", "form_tokens"):
+                txn.execute(f"DELETE FROM {table} WHERE expires_at <= ?", (now,))
+                count += txn.rowcount
             txn.execute("DELETE FROM login_sessions WHERE expires_at <= ?", (now,))
-            return count + int(txn.rowcount)
+            return count + txn.rowcount
 
         return self._write("purge_expired_authorizations", q)
 

@@ -90,7 +90,8 @@ def _family(row: tuple[Any, ...]) -> TokenFamily:
 
 def _revoke_family_txn(txn: Txn, family_id: str, reason: str, now: float) -> bool:
     """
-    Revoke a family and every token in it; True if it was live until now.
+    Revoke a family and every token in it; True if it was live until now,
+    and then the store announces it once the transaction commits.
     """
     txn.execute(
         "UPDATE token_families SET revoked_at = ?, revoked_reason = ?"
@@ -106,6 +107,8 @@ def _revoke_family_txn(txn: Txn, family_id: str, reason: str, now: float) -> boo
         "UPDATE refresh_tokens SET revoked_at = ? WHERE family_id = ? AND revoked_at IS NULL",
         (now, family_id),
     )
+    if changed:
+        txn.call_after(txn.events.grant_revoked, family_id, reason)
     return changed
 
 
@@ -242,7 +245,10 @@ class TokenTransaction:
             "UPDATE access_tokens SET revoked_at = ? WHERE token_hash = ? AND revoked_at IS NULL",
             (self.now, token_hash),
         )
-        return bool(self._txn.rowcount == 1)
+        if self._txn.rowcount != 1:
+            return False
+        self._txn.call_after(self._txn.events.access_token_revoked, token_hash)
+        return True
 
 
 class TokenStore(Database):
