@@ -49,9 +49,10 @@ WEB_ALLOWED_BELOW_HTTP = {"fjmcp.forgejo.client": {"treq", "twisted.web"}}
 # CIMD fetches documents over https as a client, with its own pinned agent.
 WEB_ALLOWED_BELOW_HTTP["fjmcp.oauth.cimd.fetcher"] = {"twisted.web"}
 WEB_ALLOWED_BELOW_HTTP["fjmcp.oauth.cimd.transport"] = {"twisted.web"}
-# The issue that set the layout asked for ~500; these are what the largest
-# modules (cimd, admin, routes, tokens) hold now, and no module may grow past.
-MAX_LINES = 860
+# The issue that set the layout asked for ~500.  Every module holds at most
+# 525 lines (mcp/router.py, one state machine best read whole; oauth/tokens.py)
+# but mcp/sessions.py (605), which is being shrunk; then this drops to 530.
+MAX_LINES = 610
 
 
 def modules() -> dict[str, Path]:
