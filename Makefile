@@ -98,6 +98,15 @@ caddy:
 		&& apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq caddy) \
 		|| echo "WARNING: could not install caddy: tests/test_caddy.py will skip (or fail under CI)" >&2
 
+# podman, the base images made with debootstrap and Debian 13's quadlet, for
+# tests/test_podman_{image,quadlet,systemd}.py (tests/podman_support.py; all
+# cached between runs on one machine).  As root it installs Debian's podman,
+# runc, debootstrap, uidmap and slirp4netns when missing (system-wide);
+# without root the podman tests skip (or fail under CI=true).
+.PHONY: podman-deps
+podman-deps: venv
+	$(VENV)/bin/python -m tests.podman_support
+
 lint: venv
 	$(VENV)/bin/ruff check fjmcp dev tests bench twisted
 	$(VENV)/bin/ruff format --check fjmcp dev tests bench twisted

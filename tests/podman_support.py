@@ -268,12 +268,16 @@ class Podman:
         return result.stdout + result.stderr
 
 
-def ensure_installed() -> None:
+def ensure_installed(install: bool = False) -> None:
+    """
+    podman and its helpers, installed with apt-get when missing if this
+    runs as root and C{install} is set or CI=true.
+    """
     missing = [name for name in PROGRAMS if not shutil.which(name)]
     if not missing:
         return
     packages = sorted({PROGRAMS[name] for name in missing})
-    if os.geteuid() == 0 and ci():
+    if os.geteuid() == 0 and (install or ci()):
         log(f"installing {' '.join(packages)} with apt-get")
         env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
         run(["apt-get", "update", "-qq"], env=env, timeout=900)
@@ -311,7 +315,7 @@ def containers_conf() -> Path:
 
 
 @functools.cache
-def podman() -> Podman:
+def podman(install: bool = False) -> Podman:
     """
     podman, working, or SkipTest / (under CI) AssertionError saying why not.
     """
@@ -321,7 +325,7 @@ def podman() -> Podman:
         # debootstrap, network namespaces and nsenter: all root's.
         unavailable("the podman tests run as root (they make images and network namespaces)")
     with locked("setup"):
-        ensure_installed()
+        ensure_installed(install)
         engine = Podman(containers_conf())
         result = engine("info", "--format", "json", check=False, timeout=120)
         if result.returncode != 0:
@@ -942,7 +946,7 @@ def prepare() -> None:
     Everything the podman tests need, ahead of them (make podman-deps).
     """
     started = time.monotonic()
-    engine = podman()
+    engine = podman(install=True)
     with locked("images"):
         python_bases(engine)
     systemd_image(engine)
