@@ -124,6 +124,16 @@ SESSIONS_STARTED = Counter(
 SESSIONS_ENDED = Counter(
     "fjmcp_sessions_ended", "MCP sessions that ended, by why", ["reason"], registry=None
 )
+SESSIONS_HIBERNATED = Counter(
+    "fjmcp_sessions_hibernated",
+    "Times an idle MCP session's child was stopped, the session kept",
+    registry=None,
+)
+SESSIONS_WOKEN = Counter(
+    "fjmcp_sessions_woken",
+    "Times a hibernating MCP session got a child again for a request",
+    registry=None,
+)
 HTTP_REQUESTS = Counter(
     "fjmcp_http_requests",
     "HTTP requests answered on the public listener, counted when they finish",
@@ -183,6 +193,8 @@ EVENT_METRICS = (
     CHILD_EXITED,
     SESSIONS_STARTED,
     SESSIONS_ENDED,
+    SESSIONS_HIBERNATED,
+    SESSIONS_WOKEN,
     HTTP_REQUESTS,
     HTTP_DURATION,
     HTTP_STREAM_DURATION,
@@ -222,6 +234,14 @@ def child_exited(code: int | None, signal: int | None) -> None:
 
 def session_started() -> None:
     SESSIONS_STARTED.inc()
+
+
+def session_hibernated() -> None:
+    SESSIONS_HIBERNATED.inc()
+
+
+def session_woken() -> None:
+    SESSIONS_WOKEN.inc()
 
 
 def session_ended(reason: str) -> None:

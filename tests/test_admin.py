@@ -133,7 +133,8 @@ class AdminTestCase(BrokerTestCase):
             },
             session_id,
         )
-        if code != 200:
+        if code != 200 or "result" not in body:
+            # Refused, or (a session ended under the call) an error answer.
             return code, body
         return code, json.loads(body["result"]["content"][0]["text"])
 

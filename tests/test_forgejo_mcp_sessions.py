@@ -20,11 +20,13 @@ import attrs
 from fjmcp_dev.standin.model import Forge, TokenResponse
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
+from fjmcp import metrics
 from fjmcp.http.streamable import SUPPORTED_VERSIONS
 from tests.broker_support import REDIRECT, Broker, run_sdk_client
 from tests.test_forgejo_mcp import NEWEST, find_forgejo_mcp
@@ -122,16 +124,21 @@ def calls(*pairs: tuple[str, str]) -> list[str]:
     return [arg for tool, arguments in pairs for arg in ("--call", tool, arguments)]
 
 
-class ForgejoMCPSessionTests(TestCase):
+class SDKOnForgejoMCP(TestCase):
+    """
+    A broker whose children are the real forgejo-mcp, and the SDK client.
+    """
+
     timeout = SCRIPT_TIMEOUT + 30
 
     version = PINNED_VERSION
+    config: dict[str, Any] = {}
 
     def setUp(self) -> None:
         if SDK_MISSING:
             raise SkipTest(SDK_MISSING)
         self.binary = find_forgejo_mcp(self.version)
-        self.broker = Broker(self, executable=[self.binary])
+        self.broker = Broker(self, executable=[self.binary], **self.config)
         self.watch = APIWatch(self.broker.forgejo_site.resource, self.broker.forge, self)
         self.broker.forgejo_site.resource = self.watch
 
@@ -186,6 +193,8 @@ class ForgejoMCPSessionTests(TestCase):
         for page in listed:
             self.assertEqual(sorted(r["full_name"] for r in page), repos)
 
+
+class ForgejoMCPSessionTests(SDKOnForgejoMCP):
     async def test_sdk_client_on_forgejo_mcp(self) -> None:
         """
         Discovery, registration, consent, Forgejo's login, then initialize,
@@ -250,9 +259,44 @@ class ForgejoMCPSessionTests(TestCase):
         self.assertEqual({r.login for r in self.watch.seen}, {"alice"})
 
 
+class HibernationTests(SDKOnForgejoMCP):
+    """
+    Idle sessions cost no process: between the SDK client's calls the
+    session's forgejo-mcp is stopped, and each call starts one again with
+    the session's handshake replayed; the client notices nothing.
+    """
+
+    config = {"session_hibernate_after": 1.0}
+
+    async def test_hibernating_between_calls(self) -> None:
+        sessions = self.broker.sessions
+        seen: list[tuple[int, int]] = []
+        sampler = LoopingCall(lambda: seen.append((len(sessions), sessions.children_running())))
+        sampler.start(0.1)
+        hibernated = metrics.SESSIONS_HIBERNATED._value.get()
+        woken = metrics.SESSIONS_WOKEN._value.get()
+        try:
+            summary = await self.run_client(
+                "alice", *calls(ME, REPOS, ME), "--call-interval", "2.5"
+            )
+        finally:
+            sampler.stop()
+        self.check_user(summary, "alice", ALICE_REPOS)
+        # One session throughout, whose child came and went: none while it
+        # hibernated, one again for each call.
+        self.assertIn((1, 0), seen)
+        self.assertIn((1, 1), seen)
+        self.assertGreaterEqual(metrics.SESSIONS_HIBERNATED._value.get() - hibernated, 2)
+        self.assertGreaterEqual(metrics.SESSIONS_WOKEN._value.get() - woken, 2)
+
+
 class NewestForgejoMCPSessionTests(ForgejoMCPSessionTests):
     """
     The same through the broker with the newest forgejo-mcp release as child.
     """
 
+    version = NEWEST
+
+
+class NewestHibernationTests(HibernationTests):
     version = NEWEST

@@ -48,7 +48,8 @@ from zope.interface import implementer
 from fjmcp.http.streamable import MCPEndpoint
 from fjmcp.mcp import resources
 from fjmcp.mcp.children import ChildSupervisor
-from fjmcp.mcp.sessions import Session, SessionManager
+from fjmcp.mcp.session import Session
+from fjmcp.mcp.sessions import SessionManager
 from fjmcp.safejson import MAX_DEPTH
 
 TIMEOUT = 5.0

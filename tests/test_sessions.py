@@ -17,7 +17,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.web.http_headers import Headers
 
-from fjmcp.mcp.sessions import Session
+from fjmcp.mcp.session import Session
 from tests.broker_support import SCRIPTED_CHILD, Broker, BrokerTestCase
 from tests.helpers import http_client
 

@@ -281,6 +281,8 @@ def build_broker(config: Config, reactor: Any, seams: Seams = Seams()) -> Broker
         args_prefix=command[1:],
         request_timeout=config.request_timeout,
         unused_timeout=config.session_unused_timeout,
+        max_children=config.max_children,
+        hibernate_after=config.session_hibernate_after,
     )
     # After the supervisor, so it stops first: sessions end (pending requests
     # answered) before their children are stopped.

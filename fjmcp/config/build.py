@@ -20,6 +20,7 @@ from fjmcp.config.options import DEFAULT_LISTEN, ENV_PREFIX, OPTIONS, OTHER_VARI
 from fjmcp.config.settings import Config, ConfigError
 from fjmcp.config.values import (
     parse_duration,
+    parse_duration_or_off,
     parse_forgejo_url,
     parse_log_format,
     parse_log_level,
@@ -125,6 +126,8 @@ def build_config(
     max_per_user = parse("max-sessions-per-user", parse_positive_int)
     idle = parse("session-idle-timeout", parse_duration)
     unused = parse("session-unused-timeout", parse_duration)
+    max_children = parse("max-children", parse_positive_int)
+    hibernate_after = parse("session-hibernate-after", parse_duration_or_off)
     request_timeout = parse("request-timeout", parse_duration)
     max_requests = parse("max-requests-per-user", parse_positive_int)
     proxies = parse("trusted-proxies", parse_networks)
@@ -234,6 +237,8 @@ def build_config(
         max_sessions_per_user=max_per_user,
         session_idle_timeout=idle,
         session_unused_timeout=unused,
+        max_children=max_children,
+        session_hibernate_after=hibernate_after,
         request_timeout=request_timeout,
         max_requests_per_user=max_requests,
         trusted_proxies=proxies,

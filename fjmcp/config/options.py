@@ -53,8 +53,20 @@ OPTIONS: tuple[Option, ...] = (
         "File with the base64 32-byte key that encrypts upstream tokens at rest "
         "(one key per line after a rotation, the first one current). Required.",
     ),
-    Option("max-sessions", "Most MCP sessions (child processes) at once.", "100"),
+    Option("max-sessions", "Most MCP sessions at once, hibernating ones included.", "100"),
     Option("max-sessions-per-user", "Most MCP sessions per Forgejo user.", "5"),
+    Option(
+        "max-children",
+        "Most forgejo-mcp processes running at once; at the cap the least recently "
+        "used idle session hibernates to make room.",
+        "100",
+    ),
+    Option(
+        "session-hibernate-after",
+        "Stop an idle session's forgejo-mcp process after this long without activity; "
+        "the session stays and its next request starts a new one (0: never).",
+        "2m",
+    ),
     Option(
         "session-idle-timeout",
         "End a session after this long without requests (900, 15m, 1h30m).",

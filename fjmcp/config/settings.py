@@ -74,6 +74,10 @@ class Config:
     request_timeout: float = 300.0
     session_unused_timeout: float = 120.0
     max_requests_per_user: int = 64
+    # Children running at once, and how long an idle session keeps its
+    # child (0: until the session ends).
+    max_children: int = 100
+    session_hibernate_after: float = 120.0
 
     @property
     def db_path(self) -> Path:

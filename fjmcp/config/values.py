@@ -34,6 +34,15 @@ def parse_duration(text: str) -> float:
     return seconds
 
 
+def parse_duration_or_off(text: str) -> float:
+    """
+    A duration, or C{0}/C{off} for never.
+    """
+    if text.strip().lower() in ("0", "off", "never"):
+        return 0.0
+    return parse_duration(text)
+
+
 def parse_positive_int(text: str) -> int:
     try:
         value = int(text.strip())

@@ -33,7 +33,8 @@ from fjmcp.mcp.jsonrpc import (
     known_id,
 )
 from fjmcp.mcp.jsonrpc import error as rpc_error
-from fjmcp.mcp.sessions import Session, SessionLimitError, SessionManager, SpawnError
+from fjmcp.mcp.session import Session, wakes
+from fjmcp.mcp.sessions import SessionLimitError, SessionManager, SpawnError
 
 SUPPORTED_VERSIONS = ("2025-03-26", "2025-06-18", "2025-11-25")
 DEFAULT_VERSION = "2025-03-26"
@@ -116,6 +117,32 @@ class MCPEndpoint:
             )
         return session, None
 
+    def _unavailable(self, request: Request, id: Any, e: SessionLimitError | SpawnError) -> bytes:
+        """
+        No child for the session now: 503, and when to try again.
+        """
+        if isinstance(e, SpawnError):
+            log.error("{error}", error=str(e))
+            request.setHeader(b"Retry-After", b"30")
+            return self._json(request, 503, rpc_error(id, INTERNAL_ERROR, str(e)))
+        request.setHeader(b"Retry-After", str(e.retry_after).encode())
+        return self._json(request, 503, rpc_error(id, SERVER_ERROR, str(e)))
+
+    def _ensure_child(
+        self,
+        request: Request,
+        session: Session,
+        forgejo_token: str,
+        wake: bool,
+        message: Any = None,
+    ) -> bytes | None:
+        try:
+            self._sessions.ensure_child(session, forgejo_token, wake)
+        except (SessionLimitError, SpawnError) as e:
+            id = message.get("id") if isinstance(message, dict) else None
+            return self._unavailable(request, id, e)
+        return None
+
     def _full(self, request: Request, user_id: int, message: Any = None) -> bytes | None:
         """
         None while the user may open another exchange; else the 429 answer.
@@ -175,7 +202,7 @@ class MCPEndpoint:
             return self._json(request, 400, rpc_error(None, PARSE_ERROR, f"Parse error: {e}"))
 
         if isinstance(message, list):
-            return await self._batch(request, user_id, message, family_id)
+            return await self._batch(request, user_id, message, forgejo_token, family_id)
         what = classify(message)
         if what.kind == "invalid":
             return self._json(request, 400, what.refusal(message))
@@ -199,9 +226,14 @@ class MCPEndpoint:
         session, error = self._session(request, user_id, family_id, message)
         if session is None:
             return error
-        # The user's Forgejo token may have been renewed since the child
-        # started; the session then moves to a child holding the new one.
-        self._sessions.renew(session, forgejo_token)
+        # A hibernating session gets a child again; and the user's Forgejo
+        # token may have been renewed since the child started: the session
+        # then moves to a child holding the new one.
+        wake = what.kind != "response" and wakes(message)
+        if (
+            refused := self._ensure_child(request, session, forgejo_token, wake, message)
+        ) is not None:
+            return refused
         if what.kind == "notification":
             self._sessions.client_notification(session, message)
             return _accepted(request)
@@ -260,13 +292,8 @@ class MCPEndpoint:
                 forgejo_token,
                 family_id=family_id,
             )
-        except SessionLimitError as e:
-            request.setHeader(b"Retry-After", str(e.retry_after).encode())
-            return self._json(request, 503, rpc_error(message["id"], SERVER_ERROR, str(e)))
-        except SpawnError as e:
-            log.error("{error}", error=str(e))
-            request.setHeader(b"Retry-After", b"30")
-            return self._json(request, 503, rpc_error(message["id"], INTERNAL_ERROR, str(e)))
+        except (SessionLimitError, SpawnError) as e:
+            return self._unavailable(request, message["id"], e)
         holder.append(session)
         session.initialize = message
         # Now, not with the result: a child that logs while it initializes
@@ -281,7 +308,12 @@ class MCPEndpoint:
         return None
 
     async def _batch(
-        self, request: Request, user_id: int, messages: list[Any], family_id: str = ""
+        self,
+        request: Request,
+        user_id: int,
+        messages: list[Any],
+        forgejo_token: str,
+        family_id: str = "",
     ) -> bytes | None:
         session, error = self._session(request, user_id, family_id)
         if session is None:
@@ -307,6 +339,13 @@ class MCPEndpoint:
         # A batch refused as a whole delivers nothing: the client retries it.
         if requests and (full := self._full(request, user_id)) is not None:
             return full
+        wake = any(
+            what.kind != "invalid" and wakes(m)
+            for m, what in zip(messages, kinds, strict=True)
+            if what.kind in ("request", "notification")
+        )
+        if (refused := self._ensure_child(request, session, forgejo_token, wake)) is not None:
+            return refused
         refusals: list[dict[str, Any]] = []
         for message, what in zip(messages, kinds, strict=True):
             if what.kind == "invalid":
@@ -355,7 +394,9 @@ class MCPEndpoint:
         if (full := self._full(request, user_id)) is not None:
             return full
         if forgejo_token is not None:
-            self._sessions.renew(session, forgejo_token)
+            # An open GET stream does not keep a child running (a hibernating
+            # session keeps its stream and wakes on the next request).
+            self._sessions.ensure_child(session, forgejo_token, wake=False)
         sse = _SSE(request, self._clock, self._keepalive, child=lambda: session.child)
         # Some proxies hold the headers back until the first bytes.
         request.write(b": stream open\n\n")

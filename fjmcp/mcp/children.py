@@ -9,6 +9,7 @@ messages in and gets messages, stderr lines and the exit out.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, cast
 
@@ -27,6 +28,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from fjmcp import __version__, metrics, safejson
+from fjmcp.logs import Redactor
 
 # forgejo-mcp answers with whole tool results on one line; lists of issues or
 # file contents can be large, so the limit is generous but still bounded.
@@ -332,3 +334,48 @@ class ChildSupervisor(Service):
         super().stopService()
         stops = [c.stop(self._stdin_grace, self._term_grace) for c in list(self._children)]
         return DeferredList(stops, consumeErrors=True)
+
+
+# forgejo-mcp colours its log levels; a log file wants plain text.
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+STDERR_BURST = 20
+STDERR_WINDOW = 10.0
+child_log = Logger(namespace="fjmcp.child")
+
+
+class StderrLog:
+    """
+    A child's stderr, logged with its session and user, secrets scrubbed,
+    at most C{STDERR_BURST} lines per C{STDERR_WINDOW} seconds.
+    """
+
+    def __init__(self, clock: IReactorTime, session_id: str, user: str, redact: Redactor) -> None:
+        self._clock = clock
+        self._session = session_id[:8]
+        self._user = user
+        self._redact = redact
+        self._window_start = 0.0
+        self._count = 0
+        self._suppressed = 0
+
+    def __call__(self, line: str) -> None:
+        now = self._clock.seconds()
+        if now - self._window_start >= STDERR_WINDOW:
+            if self._suppressed:
+                child_log.info(
+                    "session {session} ({user}): {n} more stderr lines suppressed",
+                    session=self._session,
+                    user=self._user,
+                    n=self._suppressed,
+                )
+            self._window_start, self._count, self._suppressed = now, 0, 0
+        self._count += 1
+        if self._count > STDERR_BURST:
+            self._suppressed += 1
+            return
+        child_log.info(
+            "session {session} ({user}): {line}",
+            session=self._session,
+            user=self._user,
+            line=self._redact(_ANSI.sub("", line)),
+        )

@@ -200,6 +200,13 @@ class SessionRouter:
         self._server_ids: dict[tuple[str, Any], str] = {}
 
     @property
+    def last_heard(self) -> float:
+        """
+        When the child last wrote anything (its start, before that).
+        """
+        return self._last_heard
+
+    @property
     def in_flight(self) -> int:
         """
         How many client requests are waiting for the child.

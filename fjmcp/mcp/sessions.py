@@ -3,7 +3,10 @@ MCP sessions: one forgejo-mcp child per session, owned by one user.
 
 This module owns the session table and every session's life: creating one
 (caps on sessions and on processes, spawning the child with only that
-user's token), looking one up for its owner, reaping idle and unused ones,
+user's token), looking one up for its owner, hibernating an idle one (its
+child stops, the session stays; the next request starts a child and
+replays the session's handshake to it, as a token renewal does), reaping
+idle and unused ones,
 ending one (and its child) or those matching a rule (a revoked grant), and
 what happens when a child dies, misbehaves or stops answering.  Routing
 messages inside a session is L{fjmcp.mcp.router}'s job; HTTP is
@@ -12,13 +15,10 @@ L{fjmcp.http.streamable}'s.
 
 from __future__ import annotations
 
-import collections
-import re
 import secrets
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import attrs
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IReactorTime
@@ -33,16 +33,15 @@ from fjmcp.mcp.children import (
     ChildExit,
     ChildSupervisor,
     JSONRPCChildProtocol,
+    StderrLog,
     child_environment,
 )
 from fjmcp.mcp.router import ResponseStream, SessionRouter
+from fjmcp.mcp.session import Session, StandaloneSink
 from fjmcp.secrets.crypto import token_hash
 
 # JSON-RPC error codes the broker itself answers with.
 CHILD_GONE = -32603
-STANDALONE_QUEUE = 256
-STDERR_BURST = 20
-STDERR_WINDOW = 10.0
 REAP_INTERVAL = 30.0
 # Claude gives a tool call 300 s; no request waits longer by default, and a
 # retiring child gets no longer either.
@@ -54,16 +53,12 @@ UNUSED_TIMEOUT = 120.0
 # wait: forgejo-mcp exits within a second of its stdin closing.
 STOPPING_RETRY_AFTER = 5
 
-# forgejo-mcp colours its log levels; a log file wants plain text.
-_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-
 # forgejo-mcp's --debug defaults to true and then logs every API call to
 # stderr; the broker keeps (rate-limited) stderr in its own log, where that
 # volume drowns what matters.
 CHILD_ARGS = ("--transport", "stdio", "--debug=false")
 
 log = Logger()
-child_log = Logger(namespace="fjmcp.child")
 
 
 class SessionLimitError(Exception):
@@ -81,109 +76,6 @@ class SpawnError(Exception):
     """
     The child process could not be started (missing binary, fork failure).
     """
-
-
-class StandaloneSink:
-    """
-    The session's GET stream: messages not tied to a client request.  Held
-    in a bounded queue while no GET stream is open.
-    """
-
-    def __init__(self) -> None:
-        self.queue: collections.deque[dict[str, Any]] = collections.deque(maxlen=STANDALONE_QUEUE)
-        self.stream: Callable[[dict[str, Any]], None] | None = None
-        self._close: Callable[[], None] | None = None
-
-    def __call__(self, message: dict[str, Any]) -> None:
-        if self.stream is not None:
-            self.stream(message)
-        else:
-            self.queue.append(message)
-
-    def attach(self, stream: Callable[[dict[str, Any]], None], close: Callable[[], None]) -> None:
-        """
-        A GET stream opened; it replaces the previous one, which is closed.
-        """
-        if self._close is not None:
-            self._close()
-        self.stream, self._close = stream, close
-        while self.queue:
-            stream(self.queue.popleft())
-
-    def detach(self, stream: Callable[[dict[str, Any]], None]) -> None:
-        if self.stream == stream:
-            self.stream, self._close = None, None
-
-    def close(self) -> None:
-        """
-        The session ended: end its GET stream too.
-        """
-        close, self.stream, self._close = self._close, None, None
-        if close is not None:
-            close()
-
-
-class _StderrLog:
-    """
-    A child's stderr, logged with its session and user, secrets scrubbed,
-    at most C{STDERR_BURST} lines per C{STDERR_WINDOW} seconds.
-    """
-
-    def __init__(self, clock: IReactorTime, session_id: str, user: str, redact: Redactor) -> None:
-        self._clock = clock
-        self._session = session_id[:8]
-        self._user = user
-        self._redact = redact
-        self._window_start = 0.0
-        self._count = 0
-        self._suppressed = 0
-
-    def __call__(self, line: str) -> None:
-        now = self._clock.seconds()
-        if now - self._window_start >= STDERR_WINDOW:
-            if self._suppressed:
-                child_log.info(
-                    "session {session} ({user}): {n} more stderr lines suppressed",
-                    session=self._session,
-                    user=self._user,
-                    n=self._suppressed,
-                )
-            self._window_start, self._count, self._suppressed = now, 0, 0
-        self._count += 1
-        if self._count > STDERR_BURST:
-            self._suppressed += 1
-            return
-        child_log.info(
-            "session {session} ({user}): {line}",
-            session=self._session,
-            user=self._user,
-            line=self._redact(_ANSI.sub("", line)),
-        )
-
-
-@attrs.define(eq=False)
-class Session:
-    id: str
-    user_id: int
-    user_login: str
-    client_id: str
-    protocol_version: str
-    child: Child
-    router: SessionRouter
-    standalone: StandaloneSink
-    last_used: float
-    token_digest: bytes = attrs.field(repr=False)
-    # The grant (token family) whose bearer last used the session: the one
-    # that opened it, or a newer one of the same user (the client signed in
-    # again).  Its revocation ends the session.  Empty: not known.
-    family_id: str = ""
-    # The client's initialize request, replayed to a replacement child.
-    initialize: dict[str, Any] | None = None
-    retiring: list[tuple[Child, SessionRouter]] = attrs.Factory(list)
-    ended: bool = False
-    # Whether the client sent any request after initialize; sessions that
-    # never get one are reaped sooner.
-    used: bool = False
 
 
 class SessionManager(Service):
@@ -208,8 +100,16 @@ class SessionManager(Service):
         request_timeout: float = REQUEST_TIMEOUT,
         unused_timeout: float = UNUSED_TIMEOUT,
         budget: resources.Budget | None = None,
+        max_children: int | None = None,
+        hibernate_after: float = 0.0,
     ) -> None:
         """
+        @param max_sessions: sessions at once, hibernating ones included.
+        @param max_children: children running at once (those of sessions
+            with a child); at the cap, the least recently used idle one
+            hibernates to make room.  None: as many as sessions.
+        @param hibernate_after: seconds without activity after which an
+            idle session's child is stopped (0: never).
         @param request_timeout: the deadline of every client request.
         @param unused_timeout: how long a session that got no request after
             initialize lives (never longer than C{idle_timeout}).
@@ -220,6 +120,8 @@ class SessionManager(Service):
         self._executable = executable
         self._forgejo_url = forgejo_url
         self._max = max_sessions
+        self._max_children = max_children if max_children is not None else max_sessions
+        self._hibernate_after = hibernate_after
         self._max_per_user = max_per_user
         self._idle_timeout = idle_timeout
         self._max_line = max_line
@@ -241,7 +143,10 @@ class SessionManager(Service):
 
     def startService(self) -> None:
         super().startService()
-        self._reaper.start(REAP_INTERVAL, now=False)
+        interval = REAP_INTERVAL
+        if self._hibernate_after > 0:
+            interval = min(interval, max(self._hibernate_after / 3, 0.05))
+        self._reaper.start(interval, now=False)
 
     def stopService(self) -> Deferred[Any]:
         super().stopService()
@@ -297,26 +202,7 @@ class SessionManager(Service):
         @raise SessionLimitError: the broker or the user is at a cap.
         @raise SpawnError: the child could not be started.
         """
-        # Processes are counted, not just sessions: an evicted session's
-        # child takes a moment to exit, and a client that initializes
-        # hundreds of times at once must not get a process each meanwhile.
-        # A user may have twice their session cap alive, half of it stopping.
-        if self.processes_of(user_id) >= 2 * self._max_per_user:
-            raise SessionLimitError(
-                f"too many of this user's MCP server processes are still starting or "
-                f"stopping (at most {2 * self._max_per_user})",
-                retry_after=STOPPING_RETRY_AFTER,
-            )
-        # Globally, room for one user's worth of children still stopping.
-        most = self._max + self._max_per_user
-        if len(self._children) >= most:
-            raise SessionLimitError(
-                f"the broker already runs {most} MCP server processes",
-                retry_after=STOPPING_RETRY_AFTER,
-            )
-        if not self._budget.room_for_child():
-            log.warn("refusing a new session: the broker is close to its open-files limit")
-            raise SessionLimitError("the broker is out of file descriptors")
+        self._check_processes(user_id)
         mine = sorted(self.of_user(user_id), key=lambda s: s.last_used)
         while len(mine) >= self._max_per_user:
             # The user's least recently used session makes room (Claude
@@ -326,6 +212,7 @@ class SessionManager(Service):
             self.end(oldest, "ended to make room for a newer session of the same user", "evicted")
         if len(self._sessions) >= self._max:
             raise SessionLimitError(f"the broker already runs {self._max} sessions")
+        self._room_for_child()
 
         session_id = secrets.token_urlsafe(24)
         session = Session(
@@ -353,6 +240,55 @@ class SessionManager(Service):
             pid=session.child.pid,
         )
         return session
+
+    def _check_processes(self, user_id: int) -> None:
+        """
+        @raise SessionLimitError: no process may be started for the user now.
+        """
+        # Processes are counted, not just sessions: an evicted or hibernated
+        # session's child takes a moment to exit, and a client that
+        # initializes hundreds of times at once must not get a process each
+        # meanwhile.  A user may have twice their session cap alive, half of
+        # it stopping.
+        if self.processes_of(user_id) >= 2 * self._max_per_user:
+            raise SessionLimitError(
+                f"too many of this user's MCP server processes are still starting or "
+                f"stopping (at most {2 * self._max_per_user})",
+                retry_after=STOPPING_RETRY_AFTER,
+            )
+        # Globally, room for one user's worth of children still stopping.
+        most = self._max_children + self._max_per_user
+        if len(self._children) >= most:
+            raise SessionLimitError(
+                f"the broker already runs {most} MCP server processes",
+                retry_after=STOPPING_RETRY_AFTER,
+            )
+        if not self._budget.room_for_child():
+            log.warn("refusing a new session: the broker is close to its open-files limit")
+            raise SessionLimitError("the broker is out of file descriptors")
+
+    def children_running(self) -> int:
+        """
+        Sessions with a child (hibernating ones have none).
+        """
+        return sum(1 for s in self._sessions.values() if not s.hibernating)
+
+    def _room_for_child(self, waking: Session | None = None) -> None:
+        """
+        At the children cap, hibernate the least recently used idle session
+        (not C{waking}) to make room for one more.
+
+        @raise SessionLimitError: every running child is busy.
+        """
+        if self.children_running() < self._max_children:
+            return
+        idle = [s for s in self._sessions.values() if s is not waking and s.can_hibernate()]
+        if not idle:
+            raise SessionLimitError(
+                f"all {self._max_children} MCP server processes are busy",
+                retry_after=STOPPING_RETRY_AFTER,
+            )
+        self.hibernate(min(idle, key=Session.idle_since), "to make room for another session")
 
     def _spawn(self, session: Session, forgejo_token: str) -> tuple[Child, SessionRouter]:
         """
@@ -388,7 +324,7 @@ class SessionManager(Service):
         kwargs = {} if self._max_line is None else {"max_line": self._max_line}
         protocol = JSONRPCChildProtocol(
             on_message,
-            on_stderr=_StderrLog(
+            on_stderr=StderrLog(
                 self._reactor, session.id, session.user_login, Redactor([forgejo_token])
             ),
             on_protocol_error=on_protocol_error,
@@ -438,16 +374,44 @@ class SessionManager(Service):
         protocol.exited.addCallback(self._child_exited, session, child, router)
         return child, router
 
-    def renew(self, session: Session, forgejo_token: str) -> None:
+    def ensure_child(self, session: Session, forgejo_token: str, wake: bool = True) -> None:
         """
-        The user's Forgejo token was renewed, and forgejo-mcp reads its
-        token only once: start a replacement child with the new token,
-        replay the session's handshake to it, send new requests there, and
-        let the old child finish what it has in hand before it is stopped.
+        Before a message goes to the session: make sure it has a child (when
+        C{wake}: a message that a hibernating session can take without one,
+        such as a GET stream or a cancellation, wakes nothing), and one
+        holding the user's current Forgejo token.
+
+        A hibernating session gets a new child, with the session's handshake
+        replayed to it.  A renewed token (forgejo-mcp reads its token only
+        once) gets a replacement child the same way; new requests go there,
+        and the old child finishes what it has in hand before it is stopped.
         The client sees the same session throughout.
+
+        @raise SessionLimitError: a hibernating session cannot get a child
+            now (caps); try again later.
+        @raise SpawnError: nor could one be started.
         """
+        if session.ended or session.initialize is None:
+            return
         digest = token_hash(forgejo_token)
-        if digest == session.token_digest or session.ended or session.initialize is None:
+        if session.hibernating and not wake:
+            return
+        if session.hibernating:
+            self._check_processes(session.user_id)
+            self._room_for_child(waking=session)
+            child, router = self._spawn(session, forgejo_token)
+            self._handshake(session, child)
+            session.child, session.router, session.token_digest = child, router, digest
+            session.hibernating = False
+            metrics.session_woken()
+            log.info(
+                "session {s} of {u} woke up: child pid {pid}",
+                s=session.id[:8],
+                u=session.user_login,
+                pid=child.pid,
+            )
+            return
+        if digest == session.token_digest:
             return
         try:
             child, router = self._spawn(session, forgejo_token)
@@ -455,11 +419,7 @@ class SessionManager(Service):
             # The old child goes on with the old token while it lasts.
             log.error("session {s}: cannot renew its child: {e}", s=session.id[:8], e=str(e))
             return
-        replay = dict(session.initialize)
-        # Not an id the router hands out, so the answer is dropped there.
-        replay["id"] = "fjmcp-renewal"
-        child.send(replay)
-        child.send({"jsonrpc": "2.0", "method": "notifications/initialized"})
+        self._handshake(session, child)
         old_child, old_router = session.child, session.router
         session.child, session.router, session.token_digest = child, router, digest
         session.retiring.append((old_child, old_router))
@@ -481,6 +441,36 @@ class SessionManager(Service):
 
         old_child.protocol.exited.addCallback(cancel_deadline)
         self._maybe_retire(session, old_child, old_router)
+
+    @staticmethod
+    def _handshake(session: Session, child: Child) -> None:
+        """
+        Replay the client's initialize and initialized to a new child of
+        the session; it answers before anything sent after them.
+        """
+        assert session.initialize is not None
+        replay = dict(session.initialize)
+        # Not an id the router hands out, so the answer is dropped there.
+        replay["id"] = "fjmcp-handshake"
+        child.send(replay)
+        child.send({"jsonrpc": "2.0", "method": "notifications/initialized"})
+
+    def hibernate(self, session: Session, why: str) -> None:
+        """
+        Stop the session's child; the session stays (see L{ensure_child}).
+        """
+        if not session.can_hibernate():
+            return
+        session.hibernating = True
+        metrics.session_hibernated()
+        log.info(
+            "session {s} of {u} hibernates ({why}): child pid {pid} stops",
+            s=session.id[:8],
+            u=session.user_login,
+            why=why,
+            pid=session.child.pid,
+        )
+        session.child.stop()
 
     def _maybe_retire(self, session: Session, child: Child, router: SessionRouter) -> None:
         if router.in_flight == 0 and router.server_requests_pending == 0:
@@ -510,6 +500,10 @@ class SessionManager(Service):
         return False
 
     def client_notification(self, session: Session, message: dict[str, Any]) -> None:
+        if session.hibernating:
+            # Only notifications that need no child reach a hibernating
+            # session (see L{wakes}): nothing is in flight to cancel.
+            return
         if message.get("method") == "notifications/cancelled":
             for _, router in session.retiring:
                 router.client_notification(message)
@@ -518,8 +512,9 @@ class SessionManager(Service):
     def _child_exited(
         self, exit: ChildExit, session: Session, child: Child, router: SessionRouter
     ) -> ChildExit:
-        if child is not session.child:
-            # A retired child: whatever it still owed gets an error now.
+        if child is not session.child or session.hibernating:
+            # A retired child, or a hibernating session's: whatever it still
+            # owed gets an error now.
             session.retiring = [(c, r) for c, r in session.retiring if c is not child]
             router.fail_all(CHILD_GONE, f"the forgejo-mcp process {exit.reason}")
             return exit
@@ -576,6 +571,12 @@ class SessionManager(Service):
                     u=session.user_login,
                 )
                 self.end(session, "the session was never used", "unused")
+            elif (
+                self._hibernate_after > 0
+                and session.used
+                and session.idle_since() <= now - self._hibernate_after
+            ):
+                self.hibernate(session, "idle")
 
     # --- ending sessions by their grant
 

@@ -1,0 +1,135 @@
+"""
+Sessions that outlive their child: an idle session's child is stopped and
+the session stays; its next request starts a child with the session's
+handshake replayed.  At the cap on running children, the least recently
+used idle session hibernates to make room; a session busy with a request
+never does.  Over real HTTP, with the scripted child.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from tests.helpers import process_gone, wait_until
+from tests.test_sessions import SessionTestCase, notification, tool, tool_text, within
+
+
+class HibernationTests(SessionTestCase):
+    async def pid(self, token: str, session_id: str) -> int:
+        info = await self.whoami(token, session_id)
+        pid: int = info["pid"]
+        return pid
+
+    async def test_an_idle_session_hibernates_and_wakes(self) -> None:
+        self.use_broker(session_hibernate_after=0.3)
+        alice = await self.token("alice")
+        session_id = await self.open_session(alice)
+        first = await self.pid(alice, session_id)
+        session = self.session_object(session_id)
+        await wait_until(lambda: session.hibernating, what="hibernation")
+        await wait_until(lambda: process_gone(first), what="the child's exit")
+        self.assertEqual(self.broker.sessions.children_running(), 0)
+        self.assertTrue(self.live(session_id))
+        # The same session id works; a new child serves it, with the
+        # user's token, and the client's own request ids.
+        info = await self.whoami(alice, session_id)
+        self.assertNotEqual(info["pid"], first)
+        self.assertEqual(info["url"], self.broker.forgejo_url)
+        self.assertFalse(session.hibernating)
+        echoed = await self.rpc(alice, session_id, tool(77, "echo", {"said": "hello"}))
+        self.assertEqual(json.loads(tool_text(echoed)), {"said": "hello"})
+
+    async def test_no_hibernation_with_a_request_in_flight(self) -> None:
+        self.use_broker(session_hibernate_after=0.2)
+        alice = await self.token("alice")
+        session_id = await self.open_session(alice)
+        await self.pid(alice, session_id)
+        session = self.session_object(session_id)
+        slow = self.start("POST", alice, tool(5, "slow", {"delay": 1.5}), session_id)
+        reply = await (await within(slow)).finished()
+        answer = reply.events[-1] if reply.is_sse else reply.json()
+        self.assertEqual(answer["id"], 5)
+        self.assertIn("result", answer)
+        # It stayed awake all along: the slow call's child answered it.
+        self.assertEqual(self.broker.sessions._sessions[session_id], session)
+        await wait_until(lambda: session.hibernating, what="hibernation after the call")
+
+    async def test_notifications_that_need_no_child_do_not_wake_it(self) -> None:
+        self.use_broker(session_hibernate_after=0.2)
+        alice = await self.token("alice")
+        session_id = await self.open_session(alice)
+        await self.pid(alice, session_id)
+        session = self.session_object(session_id)
+        await wait_until(lambda: session.hibernating, what="hibernation")
+        reply = await self.post(alice, notification("notifications/cancelled"), session_id)
+        self.assertEqual(reply.code, 202)
+        self.assertTrue(session.hibernating)
+        self.assertEqual(self.broker.sessions.children_running(), 0)
+
+    async def test_a_get_stream_stays_open_across_hibernation(self) -> None:
+        self.use_broker(session_hibernate_after=0.3)
+        alice = await self.token("alice")
+        session_id = await self.open_session(alice)
+        await self.pid(alice, session_id)
+        stream = await self.send("GET", alice, None, session_id)
+        self.assertEqual(stream.code, 200)
+        session = self.session_object(session_id)
+        await wait_until(lambda: session.hibernating, what="hibernation")
+        self.assertFalse(stream.done.called)
+        await self.pid(alice, session_id)
+        self.assertFalse(stream.done.called)
+        await self.delete(alice, session_id)
+        await stream.finished()
+
+    async def test_the_least_recently_used_idle_session_makes_room(self) -> None:
+        """
+        Two children at most: a third session's child is started after the
+        least recently used idle session hibernates; each session then still
+        answers, waking in turn.
+        """
+        self.use_broker(max_children=2, session_hibernate_after=3600)
+        alice = await self.token("alice")
+        bob = await self.token("bob")
+        a = await self.open_session(alice)
+        b = await self.open_session(bob)
+        await self.pid(alice, a)
+        await self.pid(bob, b)
+        c = await self.open_session(alice)
+        self.assertTrue(self.session_object(a).hibernating)
+        self.assertFalse(self.session_object(b).hibernating)
+        self.assertEqual(self.broker.sessions.children_running(), 2)
+        self.assertEqual((await self.whoami(alice, a))["url"], self.broker.forgejo_url)
+        # a woke; b was now the least recently used.
+        self.assertTrue(self.session_object(b).hibernating)
+        self.assertEqual(self.broker.sessions.children_running(), 2)
+        await self.pid(bob, b)
+        await self.pid(alice, c)
+
+    async def test_busy_children_are_never_stopped_for_room(self) -> None:
+        self.use_broker(max_children=1, session_hibernate_after=3600)
+        alice = await self.token("alice")
+        bob = await self.token("bob")
+        a = await self.open_session(alice)
+        slow = self.start("POST", alice, tool(5, "slow", {"delay": 1.0}), a)
+        await wait_until(lambda: self.session_object(a).router.in_flight == 1)
+        refused = await self.post(
+            bob,
+            {
+                "jsonrpc": "2.0",
+                "id": 1,
+                "method": "initialize",
+                "params": {
+                    "protocolVersion": "2025-06-18",
+                    "capabilities": {},
+                    "clientInfo": {"name": "t", "version": "1"},
+                },
+            },
+        )
+        body = self.assert_rpc_error(refused, 503)
+        self.assertEqual(body["id"], 1)
+        self.assertIn("busy", body["error"]["message"])
+        self.assertTrue(refused.headers.getRawHeaders(b"retry-after"))
+        reply = await (await within(slow)).finished()
+        answer: Any = reply.events[-1] if reply.is_sse else reply.json()
+        self.assertIn("result", answer)
