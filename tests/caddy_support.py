@@ -1,9 +1,10 @@
 """
 The real Caddy in front of a test broker, running the shipped
 deploy/caddy/Caddyfile adapted only in its site address (plain HTTP on a
-loopback port, automatic HTTPS off), its upstream (the test broker) and the
-admin endpoint (off, so tests can run side by side); every other directive
-is the shipped one.  Used by tests/test_caddy.py and
+loopback port, automatic HTTPS off), its upstream (the test broker), the
+admin endpoint (off, so tests can run side by side) and the grace period of
+its stop (short: a test's last stream need not be waited for); every other
+directive is the shipped one.  Used by tests/test_caddy.py and
 tests/test_conformance.py.
 """
 
@@ -13,13 +14,12 @@ import os
 import shutil
 import socket
 import subprocess
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from twisted.internet import reactor
-from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
+
+from tests.helpers import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 CADDYFILE = ROOT / "deploy" / "caddy" / "Caddyfile"
@@ -64,7 +64,10 @@ def loopback_caddyfile(
     adapted = adapted.replace(CATCH_ALL, f"http://:{port} {{\n\tbind 127.0.0.1")
     extra = "".join(f'\n\t\theader_up {name} "{value}"' for name, value in header_up)
     adapted = adapted.replace(UPSTREAM + " {", f"reverse_proxy 127.0.0.1:{upstream_port} {{{extra}")
-    return "{\n\tauto_https off\n\tadmin off\n}\n\n" + adapted
+    # grace_period: a stopping Caddy waits for its open requests, and a
+    # stream the broker keeps open (a GET stream, an SSE answer) would hold
+    # it there until stop() kills it five seconds later.
+    return "{\n\tauto_https off\n\tadmin off\n\tgrace_period 100ms\n}\n\n" + adapted
 
 
 async def run_caddy(
@@ -106,14 +109,15 @@ async def run_caddy(
             process.wait()
 
     test.addCleanup(stop)
-    deadline = time.monotonic() + START_TIMEOUT
-    while True:
+
+    def listening() -> bool:
         if process.poll() is not None:
             test.fail(f"caddy exited ({process.returncode}):\n{(home / 'caddy.log').read_text()}")
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return stop
         except OSError:
-            if time.monotonic() > deadline:
-                test.fail(f"caddy did not start listening within {START_TIMEOUT:.0f} s")
-            await deferLater(reactor, 0.05, lambda: None)
+            return False
+        return True
+
+    await wait_until(listening, START_TIMEOUT, "caddy listening")
+    return stop

@@ -16,10 +16,10 @@ import socket
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
-from twisted.internet import reactor, task
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web.http_headers import Headers
@@ -27,7 +27,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from tests.broker_support import ROOT, Broker
-from tests.helpers import http_client
+from tests.helpers import http_client, wait_until
 from tests.test_forgejo_mcp import find_forgejo_mcp
 
 BIN = Path(sys.executable).parent
@@ -76,14 +76,6 @@ def alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
-
-
-async def until(test: TestCase, check: Any, timeout: float, what: str) -> None:
-    for _ in range(int(timeout / 0.2)):
-        if check():
-            return
-        await task.deferLater(reactor, 0.2, lambda: None)
-    test.fail(f"gave up waiting {timeout:g} s for {what}")
 
 
 async def fjmcp_try(*argv: str, env: dict[str, str] | None = None) -> tuple[str, str, int]:
@@ -178,8 +170,7 @@ class DemoTests(TestCase):
             return output.read_text(errors="replace")
 
         mcp = f"http://127.0.0.1:{broker_port}/mcp"
-        await until(
-            self,
+        await wait_until(
             lambda: "Press Ctrl-C to stop" in printed() or demo.poll() is not None,
             120,
             "the demo to start",
@@ -212,7 +203,7 @@ class DemoTests(TestCase):
         self.assertEqual(len(set(ports)), 2, printed())
         self.assertTrue(all(accepting(port) for port in ports))
         os.killpg(demo.pid, signal.SIGINT)
-        await until(self, lambda: demo.poll() is not None, 60, "the demo to stop")
+        await wait_until(lambda: demo.poll() is not None, 60, "the demo to stop")
         self.assertEqual(demo.returncode, 0, printed())
         self.assertIn("fjmcp-demo: stopped.", printed())
         self.assertNotIn("Traceback", printed())
@@ -431,8 +422,9 @@ class TryClientTests(TestCase):
         self.assertEqual(stat.S_IMODE(path.stat().st_mode), 0o600)
         kept = json.loads(path.read_text())
         self.assertEqual(sorted(kept), ["client_info", "expires_at", "tokens"])
-        # The access token lives a second here: the next run refreshes it.
-        await task.deferLater(reactor, 1.5, lambda: None)
+        # The access token lives a second here: once the client's record of
+        # its expiry has passed, the next run refreshes it.
+        await wait_until(lambda: time.time() > kept["expires_at"], what="the access token's expiry")
         out, err, code = await fjmcp_try(*args)
         self.assertEqual(code, 0, err)
         self.assertIn("using the tokens kept in", err)
