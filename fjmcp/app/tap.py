@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 from http.cookiejar import DefaultCookiePolicy
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 from treq.client import HTTPClient
@@ -22,6 +22,7 @@ from twisted.application.service import MultiService, Service
 from twisted.internet import endpoints
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.error import ReactorNotRunning
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.logger import Logger
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.server import Site
@@ -36,12 +37,13 @@ from fjmcp.forgejo.credentials import UpstreamCredentials
 from fjmcp.http import metrics as http_metrics
 from fjmcp.http.browser import BrowserPages
 from fjmcp.http.common import RateGuard, access_log_formatter
+from fjmcp.http.exchanges import KEEPALIVE
 from fjmcp.http.gate import MCPGate
 from fjmcp.http.oauth_endpoints import OAuthEndpoints
 from fjmcp.http.pages import home_page
 from fjmcp.http.ratelimit import RateLimiter
 from fjmcp.http.routes import BrokerApp, Health
-from fjmcp.http.streamable import KEEPALIVE, MCPEndpoint
+from fjmcp.http.streamable import MCPEndpoint
 from fjmcp.logs import prepare_twistd_observer
 from fjmcp.mcp import resources
 from fjmcp.mcp.children import ChildSupervisor
@@ -54,6 +56,9 @@ from fjmcp.oauth.grants import REVOCATION_INTERVAL, BearerCache, GrantEnds
 from fjmcp.oauth.signin import ForgejoSignIn
 from fjmcp.oauth.tokens import TokenService
 from fjmcp.store import Store, StoreError, migrate_database
+
+if TYPE_CHECKING:
+    from fjmcp.interfaces import IBrokerReactor
 
 log = Logger()
 
@@ -138,7 +143,7 @@ class CleanShutdown(Service):
     exit, which shows up as status 143 under podman and in CI.)
     """
 
-    def __init__(self, reactor: Any) -> None:
+    def __init__(self, reactor: IBrokerReactor) -> None:
         self._reactor = reactor
 
     def startService(self) -> None:
@@ -148,7 +153,8 @@ class CleanShutdown(Service):
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
         log.info("received SIGTERM, shutting down")
-        self._reactor.callFromThread(self._stop)
+        # A signal handler: hand the stop to the reactor's own thread.
+        IReactorFromThreads(self._reactor).callFromThread(self._stop)
 
     def _stop(self) -> None:
         try:
@@ -181,7 +187,7 @@ async def purge_expired(store: Store) -> None:
         )
 
 
-def makeService(options: Options, reactor: Any = None) -> MultiService:
+def makeService(options: Options, reactor: IBrokerReactor | None = None) -> MultiService:
     if reactor is None:
         from twisted.internet import reactor as _reactor
 
@@ -246,13 +252,13 @@ class Broker:
     metrics_listener: Listener | None
 
 
-def build_service(config: Config, reactor: Any, schema_version: int) -> MultiService:
+def build_service(config: Config, reactor: IBrokerReactor, schema_version: int) -> MultiService:
     broker = build_broker(config, reactor)
     log_start(config, schema_version)
     return broker.service
 
 
-def build_broker(config: Config, reactor: Any, seams: Seams = Seams()) -> Broker:
+def build_broker(config: Config, reactor: IBrokerReactor, seams: Seams = Seams()) -> Broker:
     """
     The broker, wired: the one place that builds it, for the daemon and the
     tests alike.  Nothing runs until C{service} starts.
