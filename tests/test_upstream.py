@@ -104,6 +104,17 @@ class Secrets:
                 self.test.assertNotIn(value, line)
 
 
+def under_way(op: Awaitable[Any]) -> Deferred[Any]:
+    """
+    C{op} started, as a Deferred a test can look at before it ends.
+    """
+
+    async def run() -> Any:
+        return await op
+
+    return Deferred.fromCoroutine(run())
+
+
 async def failure(
     test: TestCase, secrets: Secrets, kind: type[UpstreamError], op: Awaitable[Any]
 ) -> UpstreamError:
@@ -643,7 +654,7 @@ class CannedTests(TestCase):
         client = self.client(self.listen(canned), timeout=0.5)
         for operation, call in self.all_operations(client):
             canned.arrived = Deferred()
-            d = Deferred.fromCoroutine(call())
+            d = under_way(call())
             await canned.arrived
             self.clock.advance(0.49)
             self.assertNoResult(d)
