@@ -66,9 +66,26 @@ class _LateSite(ServerFactory):
 
     site: Site | None = None
 
+    def __init__(self) -> None:
+        self.connections: list[Protocol] = []
+
     def buildProtocol(self, addr: IAddress | None) -> Protocol | None:
         assert self.site is not None, "the broker is not built yet"
-        return self.site.buildProtocol(addr)
+        protocol = self.site.buildProtocol(addr)
+        if protocol is not None:
+            self.connections.append(protocol)
+        return protocol
+
+    def drop_connections(self) -> None:
+        """
+        Close every connection accepted so far, as the exit of a broker
+        process would.
+        """
+        for protocol in self.connections:
+            transport = getattr(protocol, "transport", None)
+            if transport is not None:
+                transport.abortConnection()
+        self.connections.clear()
 
 
 class Broker:
@@ -199,9 +216,11 @@ class Broker:
     async def restart(self) -> None:
         """
         Stop the broker (its sessions end, its database closes) and start a
-        new one on the same data, as a restarted daemon would.
+        new one on the same data, as a restarted daemon would; connections
+        to the old one are closed, as its process's exit would close them.
         """
         await self._stop(self.parts)
+        self._late.drop_connections()
         self.start()
 
     async def register(self, **metadata: Any) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from twisted.web.server import Request
 from fjmcp import metrics
 from fjmcp.http.streamable import SUPPORTED_VERSIONS
 from tests.broker_support import REDIRECT, Broker, run_sdk_client
+from tests.helpers import wait_until
 from tests.test_forgejo_mcp import NEWEST, find_forgejo_mcp
 from tests.test_forgejo_mcp import PINNED as PINNED_VERSION
 from tests.test_sdk_oauth import SCRIPT, SDK_MISSING
@@ -290,6 +291,41 @@ class HibernationTests(SDKOnForgejoMCP):
         self.assertGreaterEqual(metrics.SESSIONS_WOKEN._value.get() - woken, 2)
 
 
+class ResumeTests(SDKOnForgejoMCP):
+    """
+    The broker restarts between two of the SDK client's calls: the client
+    goes on with the same session id (kept in the store), served by a new
+    forgejo-mcp with the session's handshake replayed.
+    """
+
+    async def test_resumed_after_a_restart(self) -> None:
+        client = Deferred.fromCoroutine(
+            self.run_client("alice", *calls(REPOS, ME, REPOS), "--call-interval", "3")
+        )
+
+        # Between two calls (one in flight when the broker stops fails with
+        # an error, as it may): once the first call (the only one that lists
+        # repositories) reached the API and was answered.
+        def between_calls() -> bool:
+            sessions = list(self.broker.sessions._sessions.values())
+            return (
+                "/api/v1/user/repos" in {r.path for r in self.watch.seen}
+                and len(sessions) == 1
+                and sessions[0].router.in_flight == 0
+            )
+
+        await wait_until(between_calls, timeout=60, what="the first call's answer")
+        resumed = metrics.SESSIONS_WOKEN._value.get()
+        await self.broker.restart()
+        self.assertEqual(len(self.broker.sessions), 0)
+        summary = await client
+        # Every call answered, none refused or lost (run_client checks that
+        # no request met 404), the session resumed once in the new broker.
+        self.check_user(summary, "alice", ALICE_REPOS)
+        self.assertEqual(len(self.results(summary, "list_my_repos")), 2)
+        self.assertEqual(metrics.SESSIONS_WOKEN._value.get() - resumed, 1)
+
+
 class NewestForgejoMCPSessionTests(ForgejoMCPSessionTests):
     """
     The same through the broker with the newest forgejo-mcp release as child.
@@ -299,4 +335,8 @@ class NewestForgejoMCPSessionTests(ForgejoMCPSessionTests):
 
 
 class NewestHibernationTests(HibernationTests):
+    version = NEWEST
+
+
+class NewestResumeTests(ResumeTests):
     version = NEWEST

@@ -9,6 +9,7 @@ never does.  Over real HTTP, with the scripted child.
 from __future__ import annotations
 
 import json
+import sqlite3
 from typing import Any
 
 from tests.helpers import process_gone, wait_until
@@ -133,3 +134,59 @@ class HibernationTests(SessionTestCase):
         reply = await (await within(slow)).finished()
         answer: Any = reply.events[-1] if reply.is_sse else reply.json()
         self.assertIn("result", answer)
+
+
+class ResumeTests(SessionTestCase):
+    """
+    Sessions are kept in the store: after a broker restart the client's
+    next request with the same session id is served by a new child, with
+    the handshake replayed.
+    """
+
+    async def test_a_session_survives_a_restart(self) -> None:
+        alice = await self.token("alice")
+        bob = await self.token("bob")
+        session_id = await self.open_session(alice)
+        before = (await self.whoami(alice, session_id))["pid"]
+        await self.broker.restart()
+        self.assertFalse(self.live(session_id))
+        # Not bob's to use, after a restart as before.
+        refused = await self.post(bob, tool(3, "whoami"), session_id)
+        self.assert_rpc_error(refused, 404)
+        info = await self.whoami(alice, session_id)
+        self.assertNotEqual(info["pid"], before)
+        self.assertEqual(info["url"], self.broker.forgejo_url)
+        self.assertTrue(self.live(session_id))
+        echoed = await self.rpc(alice, session_id, tool(9, "echo", {"after": "restart"}))
+        self.assertEqual(json.loads(tool_text(echoed)), {"after": "restart"})
+
+    async def test_an_ended_session_stays_ended(self) -> None:
+        alice = await self.token("alice")
+        ended = await self.open_session(alice)
+        await self.whoami(alice, ended)
+        self.assertEqual((await self.delete(alice, ended)).code, 204)
+        kept = await self.open_session(alice)
+        await self.whoami(alice, kept)
+        await self.broker.restart()
+        self.assert_rpc_error(await self.post(alice, tool(3, "whoami"), ended), 404)
+        # Deleting a kept session needs no child.
+        self.assertEqual((await self.delete(alice, kept)).code, 204)
+        self.assertEqual(self.broker.sessions.children_running(), 0)
+        self.assert_rpc_error(await self.post(alice, tool(4, "whoami"), kept), 404)
+
+    async def test_kept_by_digest_only(self) -> None:
+        """
+        A session is kept once its initialize succeeded, its id as a
+        digest only.
+        """
+        alice = await self.token("alice")
+        session_id = await self.open_session(alice)
+        await self.whoami(alice, session_id)
+        conn = sqlite3.connect(self.broker.config.db_path)
+        try:
+            (count,) = conn.execute("SELECT COUNT(*) FROM mcp_sessions").fetchone()
+            dump = "\n".join(conn.iterdump())
+        finally:
+            conn.close()
+        self.assertEqual(count, 1)
+        self.assertNotIn(session_id, dump)

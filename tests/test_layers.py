@@ -49,10 +49,9 @@ WEB_ALLOWED_BELOW_HTTP = {"fjmcp.forgejo.client": {"treq", "twisted.web"}}
 # CIMD fetches documents over https as a client, with its own pinned agent.
 WEB_ALLOWED_BELOW_HTTP["fjmcp.oauth.cimd.fetcher"] = {"twisted.web"}
 WEB_ALLOWED_BELOW_HTTP["fjmcp.oauth.cimd.transport"] = {"twisted.web"}
-# The issue that set the layout asked for ~500.  Every module holds at most
-# 525 lines (mcp/router.py, one state machine best read whole; oauth/tokens.py)
-# but mcp/sessions.py (605), which is being shrunk; then this drops to 530.
-MAX_LINES = 610
+# The issue that set the layout asked for ~500.  The largest are
+# mcp/router.py (one state machine, best read whole) and oauth/tokens.py.
+MAX_LINES = 540
 
 
 def modules() -> dict[str, Path]:

@@ -289,6 +289,8 @@ def build_broker(config: Config, reactor: IBrokerReactor, seams: Seams = Seams()
         unused_timeout=config.session_unused_timeout,
         max_children=config.max_children,
         hibernate_after=config.session_hibernate_after,
+        # Sessions are kept, so a client resumes its session after a restart.
+        records=store,
     )
     # After the supervisor, so it stops first: sessions end (pending requests
     # answered) before their children are stopped.

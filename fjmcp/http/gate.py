@@ -149,4 +149,4 @@ class MCPGate:
             return await self._mcp.get(
                 request, grant.forgejo_user_id, forgejo_token, family_id=grant.family_id
             )
-        return self._mcp.delete(request, grant.forgejo_user_id)
+        return await self._mcp.delete(request, grant.forgejo_user_id)

@@ -34,7 +34,8 @@ from fjmcp.mcp.jsonrpc import (
 )
 from fjmcp.mcp.jsonrpc import error as rpc_error
 from fjmcp.mcp.session import Session, wakes
-from fjmcp.mcp.sessions import SessionLimitError, SessionManager, SpawnError
+from fjmcp.mcp.session_children import SessionLimitError, SpawnError
+from fjmcp.mcp.sessions import SessionManager
 
 SUPPORTED_VERSIONS = ("2025-03-26", "2025-06-18", "2025-11-25")
 DEFAULT_VERSION = "2025-03-26"
@@ -81,14 +82,21 @@ class MCPEndpoint:
         request.setHeader(b"Content-Type", b"application/json")
         return safejson.dumps(body)
 
-    def _session(
-        self, request: Request, user_id: int, family_id: str = "", message: Any = None
+    async def _session(
+        self,
+        request: Request,
+        user_id: int,
+        family_id: str = "",
+        forgejo_token: str | None = None,
+        message: Any = None,
     ) -> tuple[Session | None, bytes | None]:
         """
-        The request's session, or the error answer (under the id of
-        C{message} when it has one): 400 for an unsupported protocol
-        version, 400 without a session id, 404 for an unknown, ended or
-        someone else's session.
+        The request's session (resumed from the store when this process
+        does not hold it, see L{SessionManager.find}), or the error answer
+        (under the id of C{message} when it has one): 400 for an
+        unsupported protocol version, 400 without a session id, 404 for an
+        unknown, ended or someone else's session, 503 when it cannot be
+        resumed now.
         """
         id = known_id(message)
         version = request.getHeader(b"mcp-protocol-version")
@@ -110,7 +118,20 @@ class MCPEndpoint:
                 400,
                 rpc_error(id, INVALID_REQUEST, "Bad Request: Mcp-Session-Id header is required"),
             )
-        session = self._sessions.get(raw.decode("latin-1"), user_id, family_id)
+        try:
+            session = await self._sessions.find(
+                raw.decode("latin-1"), user_id, family_id, forgejo_token
+            )
+        except (SessionLimitError, SpawnError) as e:
+            return None, self._unavailable(request, id, e)
+        except CancelledError:
+            raise
+        except Exception as e:
+            log.error("cannot look a session up in the store: {error}", error=str(e))
+            request.setHeader(b"Retry-After", b"5")
+            return None, self._json(
+                request, 503, rpc_error(id, INTERNAL_ERROR, "the session store is unavailable")
+            )
         if session is None:
             return None, self._json(
                 request, 404, rpc_error(id, SESSION_NOT_FOUND, "Session not found")
@@ -223,7 +244,7 @@ class MCPEndpoint:
                 request, user_id, login, client_id, message, forgejo_token, family_id
             )
 
-        session, error = self._session(request, user_id, family_id, message)
+        session, error = await self._session(request, user_id, family_id, forgejo_token, message)
         if session is None:
             return error
         # A hibernating session gets a child again; and the user's Forgejo
@@ -281,6 +302,7 @@ class MCPEndpoint:
             result = response["result"]
             if isinstance(result, dict) and result.get("protocolVersion") in SUPPORTED_VERSIONS:
                 holder[0].protocol_version = result["protocolVersion"]
+            self._sessions.initialized(holder[0])
 
         exchange = PostExchange(request, self._clock, self._keepalive, on_response)
         try:
@@ -315,7 +337,7 @@ class MCPEndpoint:
         forgejo_token: str,
         family_id: str = "",
     ) -> bytes | None:
-        session, error = self._session(request, user_id, family_id)
+        session, error = await self._session(request, user_id, family_id, forgejo_token)
         if session is None:
             return error
         if session.protocol_version != "2025-03-26":
@@ -388,7 +410,7 @@ class MCPEndpoint:
         a client request.  One per session; a new one replaces the old.  It
         ends when the session does (DELETE, revocation, the child's death).
         """
-        session, error = self._session(request, user_id, family_id)
+        session, error = await self._session(request, user_id, family_id, forgejo_token)
         if session is None:
             return error
         if (full := self._full(request, user_id)) is not None:
@@ -414,10 +436,20 @@ class MCPEndpoint:
             session.standalone.detach(sse.send)
         return None
 
-    def delete(self, request: Request, user_id: int) -> bytes:
-        session, error = self._session(request, user_id)
+    async def delete(self, request: Request, user_id: int) -> bytes:
+        session, error = await self._session(request, user_id)
         if session is None:
             assert error is not None
+            raw = request.getHeader(SESSION_HEADER)
+            if (
+                request.code == 404
+                and raw
+                and await self._sessions.forget_stored(raw.decode("latin-1"), user_id)
+            ):
+                # Kept from before a restart: ended without a child.
+                request.responseHeaders.removeHeader(b"content-type")
+                request.setResponseCode(204)
+                return b""
             return error
         self._sessions.end(session, "the client ended the session", "deleted")
         request.setResponseCode(204)

@@ -25,6 +25,7 @@ from fjmcp.store.database import (
     migrate_database,
 )
 from fjmcp.store.logins import ForgejoLogin, LoginStore
+from fjmcp.store.mcp_sessions import MCPSessionStore, StoredSession
 from fjmcp.store.tokens import TokenStore
 
 # Used codes and rotated refresh tokens are kept a day past their expiry, so a
@@ -38,6 +39,7 @@ class Store(
     ClientStore,
     CredentialStore,
     LoginStore,
+    MCPSessionStore,
     TokenStore,
     Database,
 ):
@@ -72,6 +74,7 @@ __all__ = [
     "SealedCredential",
     "Store",
     "StoreError",
+    "StoredSession",
     "UpstreamUser",
     "apply_migrations",
     "configure_connection",
