@@ -487,6 +487,7 @@ def default_descriptors_needed() -> int:
     """
     return resources.descriptors_needed(
         int(_default("max-sessions")),
+        int(_default("max-children")),
         int(_default("max-requests-per-user")),
         int(_default("max-sessions-per-user")),
     )
@@ -494,7 +495,7 @@ def default_descriptors_needed() -> int:
 
 def default_tasks() -> int:
     return resources.tasks_needed(
-        int(_default("max-sessions")), int(_default("max-sessions-per-user"))
+        int(_default("max-children")), int(_default("max-sessions-per-user"))
     )
 
 

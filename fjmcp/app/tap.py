@@ -414,16 +414,20 @@ def log_start(config: Config, schema_version: int) -> None:
         log.warn("{warning}", warning=warning)
     open_files = resources.raise_limit()
     wanted = resources.descriptors_needed(
-        config.max_sessions, config.max_requests_per_user, config.max_sessions_per_user
+        config.max_sessions,
+        config.max_children,
+        config.max_requests_per_user,
+        config.max_sessions_per_user,
     )
     if open_files < wanted:
         log.warn(
             "the open-files limit ({limit}) is below the {wanted} that --max-sessions "
-            "{sessions} may need; new sessions are refused near the limit (raise "
-            "LimitNOFILE= or the container's nofile ulimit)",
+            "{sessions} and --max-children {children} may need; new sessions are refused "
+            "near the limit (raise LimitNOFILE= or the container's nofile ulimit)",
             limit=open_files,
             wanted=wanted,
             sessions=config.max_sessions,
+            children=config.max_children,
         )
     build = build_info()
     log.info(

@@ -53,7 +53,7 @@ OPTIONS: tuple[Option, ...] = (
         "File with the base64 32-byte key that encrypts upstream tokens at rest "
         "(one key per line after a rotation, the first one current). Required.",
     ),
-    Option("max-sessions", "Most MCP sessions at once, hibernating ones included.", "100"),
+    Option("max-sessions", "Most MCP sessions at once, hibernating ones included.", "1000"),
     Option("max-sessions-per-user", "Most MCP sessions per Forgejo user.", "5"),
     Option(
         "max-children",

@@ -4,7 +4,7 @@ its limit, whether another child fits) and the tasks (threads) it and its
 children need, from which the units' C{LimitNOFILE=} and C{TasksMax=} are
 sized.
 
-Every session's child costs the broker three pipe descriptors, and every
+Every running child costs the broker three pipe descriptors, and every
 open HTTP exchange one socket; when the process runs out, accept() and
 spawnProcess fail for everybody (health checks and the token endpoint
 included).  So new sessions are refused while the process is within a
@@ -64,14 +64,17 @@ def raise_limit() -> int:
     return limit()
 
 
-def descriptors_needed(max_sessions: int, max_requests_per_user: int, max_per_user: int) -> int:
+def descriptors_needed(
+    max_sessions: int, max_children: int, max_requests_per_user: int, max_per_user: int
+) -> int:
     """
-    Descriptors a broker at its session cap may hold: each session's child
-    pipes and its open exchanges (a GET stream and, at most, its user's
-    share of requests in flight), plus the reserve.
+    Descriptors a broker at its caps may hold: every session's GET stream
+    (a hibernating session keeps its stream), and for each running child its
+    pipes and, at most, its user's share of requests in flight; plus the
+    reserve.
     """
-    per_session = PER_CHILD + 1 + max(1, max_requests_per_user // max(1, max_per_user))
-    return max_sessions * per_session + RESERVE
+    share = max(1, max_requests_per_user // max(1, max_per_user))
+    return max_sessions + max_children * (PER_CHILD + share) + RESERVE
 
 
 # forgejo-mcp (Go) runs 6 OS threads idle and starts more for blocking
@@ -81,13 +84,13 @@ THREADS_PER_CHILD = 16
 BROKER_THREADS = 32
 
 
-def tasks_needed(max_sessions: int, max_per_user: int) -> int:
+def tasks_needed(max_children: int, max_per_user: int) -> int:
     """
     Tasks (threads of every process) a broker at its caps may run: at most
-    C{max_sessions + max_per_user} children exist, those still stopping
-    included (L{fjmcp.mcp.sessions.SessionManager.create}).
+    C{max_children + max_per_user} children exist, those still stopping
+    included (L{fjmcp.mcp.session_children.SessionChildren}).
     """
-    return (max_sessions + max_per_user) * THREADS_PER_CHILD + BROKER_THREADS
+    return (max_children + max_per_user) * THREADS_PER_CHILD + BROKER_THREADS
 
 
 @attrs.frozen
