@@ -9,19 +9,25 @@ import json
 import os
 import sys
 import textwrap
-from typing import Any
+from typing import Any, cast
 
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet import error, reactor
 from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import ILogObserver, LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from fjmcp.logs import Redactor
 from fjmcp.mcp.children import (
+    STDERR_BURST,
+    STDERR_WINDOW,
     ChildSupervisor,
     JSONRPCChildProtocol,
+    StderrLog,
     child_environment,
 )
 
@@ -311,3 +317,45 @@ class RealProcessTests(TestCase):
         await first
         exit = await child.stop(0.2, 0.3)
         self.assertEqual(exit.signal, 9)
+
+
+class StderrLogTests(SynchronousTestCase):
+    """
+    A child's stderr in the broker's log: at forgejo-mcp's own level (its
+    INFO chatter, repeated at every wake of a hibernating session, is
+    debug), the token scrubbed, bursts cut short.
+    """
+
+    def setUp(self) -> None:
+        self.events: list[dict[str, Any]] = []
+        observer = cast(ILogObserver, self.events.append)
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        self.clock = Clock()
+        self.log = StderrLog(self.clock, "session-id", "alice", Redactor(["gto_secret"]))
+
+    def logged(self) -> list[tuple[LogLevel, str]]:
+        return [
+            (e["log_level"], e.get("line", ""))
+            for e in self.events
+            if e.get("log_namespace") == "fjmcp.child"
+        ]
+
+    def test_levels(self) -> None:
+        self.log("2026-12-03 10:29:17\tINFO\tcmd/cmd.go:240\tStarting Forgejo MCP Server")
+        self.log("2026-12-03 10:29:17\tWARN\tforgejo/forgejo.go:80\tslow")
+        self.log("2026-12-03 10:29:17\tERROR\tforgejo/forgejo.go:80\ttoken gto_secret refused")
+        self.log("panic: something else entirely")
+        levels = [level for level, _ in self.logged()]
+        self.assertEqual(levels, [LogLevel.debug, LogLevel.warn, LogLevel.error, LogLevel.info])
+        self.assertNotIn("gto_secret", repr(self.events))
+
+    def test_bursts_are_cut_short(self) -> None:
+        for n in range(STDERR_BURST + 5):
+            self.log(f"line {n}")
+        self.assertEqual(len(self.logged()), STDERR_BURST)
+        self.clock.advance(STDERR_WINDOW)
+        self.log("after")
+        suppressed = [e["n"] for e in self.events if "suppressed" in e.get("log_format", "")]
+        self.assertEqual(suppressed, [5])
+        self.assertEqual(self.logged()[-1][1], "after")

@@ -24,7 +24,7 @@ from twisted.internet.interfaces import (
     IReactorTime,
 )
 from twisted.internet.protocol import ProcessProtocol
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from fjmcp import __version__, metrics, safejson
@@ -181,6 +181,8 @@ class Child:
         self.transport = transport
         self.protocol = protocol
         self.name = name
+        # The transport forgets its pid once the process is reaped.
+        self._pid = transport.pid
         self._stdin_grace = stdin_grace
         self._term_grace = term_grace
         self._stopping: Deferred[ChildExit] | None = None
@@ -188,7 +190,7 @@ class Child:
 
     @property
     def pid(self) -> int | None:
-        return self.transport.pid
+        return self._pid
 
     def send(self, message: Any) -> None:
         self.protocol.send(message)
@@ -322,7 +324,7 @@ class ChildSupervisor(Service):
             log.info(
                 "child {name} (pid {pid}) {reason}",
                 name=name,
-                pid=transport.pid,
+                pid=child.pid,
                 reason=result.reason,
             )
             return result
@@ -343,10 +345,37 @@ STDERR_WINDOW = 10.0
 child_log = Logger(namespace="fjmcp.child")
 
 
+# forgejo-mcp logs "<time>\t<LEVEL>\t<caller>\t<message>"; its own INFO
+# lines (a dozen at every start, and a hibernating session starts a child on
+# every wake) are the broker's debug, its warnings and errors stay visible.
+_LEVELS = {
+    "DEBUG": LogLevel.debug,
+    "INFO": LogLevel.debug,
+    "WARN": LogLevel.warn,
+    "WARNING": LogLevel.warn,
+    "ERROR": LogLevel.error,
+    "DPANIC": LogLevel.error,
+    "PANIC": LogLevel.error,
+    "FATAL": LogLevel.error,
+}
+
+
+def stderr_level(line: str) -> LogLevel:
+    """
+    The level to log a child's stderr line at: forgejo-mcp's own, one step
+    down for its INFO; C{info} for a line it did not format.
+    """
+    fields = line.split("\t", 2)
+    if len(fields) >= 2:
+        return _LEVELS.get(fields[1].strip().upper(), LogLevel.info)
+    return LogLevel.info
+
+
 class StderrLog:
     """
     A child's stderr, logged with its session and user, secrets scrubbed,
-    at most C{STDERR_BURST} lines per C{STDERR_WINDOW} seconds.
+    at its own level (L{stderr_level}), at most C{STDERR_BURST} lines per
+    C{STDERR_WINDOW} seconds.
     """
 
     def __init__(self, clock: IReactorTime, session_id: str, user: str, redact: Redactor) -> None:
@@ -373,9 +402,11 @@ class StderrLog:
         if self._count > STDERR_BURST:
             self._suppressed += 1
             return
-        child_log.info(
+        plain = _ANSI.sub("", line)
+        child_log.emit(
+            stderr_level(plain),
             "session {session} ({user}): {line}",
             session=self._session,
             user=self._user,
-            line=self._redact(_ANSI.sub("", line)),
+            line=self._redact(plain),
         )

@@ -37,6 +37,7 @@ CHILD_GONE = -32603
 # How long a client refused for a user's processes still stopping should
 # wait: forgejo-mcp exits within a second of its stdin closing.
 STOPPING_RETRY_AFTER = 5
+BUSY_RETRY_AFTER = 1
 
 # forgejo-mcp's --debug defaults to true and then logs every API call to
 # stderr; the broker keeps (rate-limited) stderr in its own log, where that
@@ -144,7 +145,8 @@ class SessionChildren:
         if not idle:
             raise SessionLimitError(
                 f"all {self._max_children} MCP server processes are busy",
-                retry_after=STOPPING_RETRY_AFTER,
+                # A call takes seconds, not minutes: ask again soon.
+                retry_after=BUSY_RETRY_AFTER,
             )
         self.hibernate(min(idle, key=Session.idle_since), "to make room for another session")
 
