@@ -130,7 +130,11 @@ class Broker:
         self.test = test
         self.child = list(child)
         self.command = (
-            list(executable) if executable is not None else [sys.executable, SCRIPTED_CHILD, *child]
+            list(executable)
+            if executable is not None
+            # -S: the scripted child needs only the standard library, and the
+            # venv's start-up hooks were most of each child's start.
+            else [sys.executable, "-S", SCRIPTED_CHILD, *child]
         )
         self.tls_trust_root = tls_trust_root
         self.max_line = max_line
@@ -139,7 +143,10 @@ class Broker:
         self.forge = Forge(reactor.seconds)
         seed(self.forge)
         self._late = _LateSite()
-        self._port = reactor.listenTCP(0, self._late, interface="127.0.0.1")
+        # A deep accept queue, as a production listener behind Caddy would
+        # want: tests that open many connections at once are not each a
+        # SYN retransmission (1 s) late.
+        self._port = reactor.listenTCP(0, self._late, backlog=1024, interface="127.0.0.1")
         test.addCleanup(self._port.stopListening)
         self.url = f"http://127.0.0.1:{self._port.getHost().port}"
         self.metrics_url = ""

@@ -171,7 +171,7 @@ class SessionTestCase(BrokerTestCase):
         so one broker can run a well-behaved and a misbehaving session side
         by side.
         """
-        self.broker.sessions._args_prefix = [SCRIPTED_CHILD, *behaviours]
+        self.broker.sessions._args_prefix = ["-S", SCRIPTED_CHILD, *behaviours]
 
     def session_object(self, session_id: str) -> Session:
         """
