@@ -18,7 +18,13 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
-from fjmcp.app.listeners import EXIT_CANNOT_LISTEN, Listener, describe_failure
+from fjmcp.app.listeners import (
+    BACKLOG,
+    EXIT_CANNOT_LISTEN,
+    Listener,
+    describe_failure,
+    with_backlog,
+)
 
 
 class FakeReactor:
@@ -131,3 +137,26 @@ class ListenerTests(SynchronousTestCase):
             "bind(): port must be 0-65535.",
         )
         self.assertEqual(describe_failure(Failure(KeyError())), "KeyError")
+
+
+class BacklogTests(SynchronousTestCase):
+    """
+    The broker's own listening sockets get a deep accept queue (Twisted's
+    default of 50 drops a burst of reconnecting clients); what the operator
+    or systemd chose is kept.
+    """
+
+    def test_listening_sockets_get_a_deep_queue(self) -> None:
+        from twisted.internet import endpoints, reactor
+
+        for description in (
+            "tcp:8080:interface=127.0.0.1",
+            "tcp6:8080",
+            "unix:/run/fjmcp/fjmcp.sock",
+        ):
+            endpoint = endpoints.serverFromString(reactor, with_backlog(description))
+            self.assertEqual(endpoint._backlog, BACKLOG, description)
+
+    def test_chosen_queues_and_systemd_sockets_are_kept(self) -> None:
+        for description in ("tcp:8080:backlog=10", "systemd:domain=INET:name=fjmcp"):
+            self.assertEqual(with_backlog(description), description)

@@ -29,6 +29,24 @@ log = Logger()
 # Not 2: a port held by another process (often the previous instance still
 # closing) is worth a restart, and the units only refuse to restart on 2.
 EXIT_CANNOT_LISTEN = 3
+# Twisted listens with a queue of 50 unless told otherwise: a burst of new
+# connections (clients reconnecting after a restart, Caddy opening many at
+# once) beyond it is dropped by the kernel and retried a second later.  As
+# deep as a systemd socket unit's.
+BACKLOG = 4096
+_BACKLOG_TYPES = ("tcp", "tcp6", "unix", "ssl")
+
+
+def with_backlog(description: str) -> str:
+    """
+    An endpoint description with L{BACKLOG} as its accept queue, unless it
+    names one itself or is not a listening socket of ours (C{systemd:}'s
+    queue is the socket unit's).
+    """
+    kind = description.split(":", 1)[0].lower()
+    if kind not in _BACKLOG_TYPES or "backlog=" in description:
+        return description
+    return f"{description}:backlog={BACKLOG}"
 
 
 def exit_after_stop(status: int) -> None:

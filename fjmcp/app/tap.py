@@ -28,7 +28,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.server import Site
 
 from fjmcp import __version__
-from fjmcp.app.listeners import Listener
+from fjmcp.app.listeners import Listener, with_backlog
 from fjmcp.buildinfo import build_info
 from fjmcp.config import Config, secret_box
 from fjmcp.config import Options as _ConfigOptions
@@ -368,7 +368,7 @@ def build_broker(config: Config, reactor: IBrokerReactor, seams: Seams = Seams()
     site.displayTracebacks = False
     listeners = []
     for description in config.listen:
-        endpoint = endpoints.serverFromString(reactor, description)
+        endpoint = endpoints.serverFromString(reactor, with_backlog(description))
         listener = Listener(reactor, description, endpoint, site)
         listener.setServiceParent(top)
         listeners.append(listener)
