@@ -226,7 +226,9 @@ class Broker:
         new one on the same data, as a restarted daemon would; connections
         to the old one are closed, as its process's exit would close them.
         """
+        began = reactor.seconds()
         await self._stop(self.parts)
+        _log.info("test broker stopped in {t:.2f} s", t=reactor.seconds() - began)
         self._late.drop_connections()
         self.start()
 
