@@ -52,7 +52,6 @@ import re
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -73,6 +72,7 @@ from bench.mcpload import (  # noqa: E402
     REDIRECT,
     HTTPSession,
     Stack,
+    _NoRedirect,
     children_of,
     direct_setup_once,
     free_port,
@@ -110,11 +110,6 @@ def parse_seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a duration: {text!r}")
     value = float(match.group(1))
     return value * {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}[match.group(2)]
-
-
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
-        return None
 
 
 def forgejo_token(forgejo_url: str, client_secret: str, login: str = "alice") -> str:
@@ -200,83 +195,24 @@ def latency_summary(values: list[float]) -> dict[str, float]:
 
 class SessionsStack(Stack):
     """
-    L{Stack} with the real forgejo-mcp, a metrics listener and the caps of
-    this benchmark (its own C{start}: the shared one fixes the caps).
+    L{Stack} with the real forgejo-mcp, a metrics listener, the caps of this
+    benchmark, and a second stand-in client for forgejo-mcp run directly.
     """
 
     def __init__(self, workdir: Path, binary: str, broker_options: list[str]) -> None:
-        super().__init__(workdir, None, "info")
-        self.binary = binary
-        self.broker_options = broker_options
         self.metrics_port = free_port()
+        super().__init__(
+            workdir,
+            None,
+            "info",
+            [f"--metrics-listen=tcp:{self.metrics_port}:interface={HOST}", *broker_options],
+        )
+        self.binary = binary
 
     def prepare(self) -> None:
         super().prepare()
         self.wrapper = Path(self.binary)
-
-    def start(self) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("FJMCP_")}
-        env["PYTHONPATH"] = str(ROOT)
-        self.standin = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "fjmcp_dev.standin",
-                f"--listen=tcp:0:interface={HOST}",
-                f"--client=fjmcp-bench:{self.client_secret}:{self.broker_url}/oauth/callback",
-                f"--client={DIRECT_CLIENT}:{self.client_secret}:{REDIRECT}",
-                "--test-login",
-                "--quiet",
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=open(self.workdir / "standin.log", "wb"),
-        )
-        assert self.standin.stdout is not None
-        line = self.standin.stdout.readline().decode().strip()
-        if "listening on " not in line:
-            raise RuntimeError(f"the stand-in did not start: {line!r}")
-        self.forgejo_url = line.rsplit(" ", 1)[1]
-        twistd = str(Path(sys.executable).parent / "twistd")
-        self.broker = subprocess.Popen(
-            [
-                sys.executable,
-                twistd,
-                "--nodaemon",
-                "--pidfile=",
-                f"--logfile={self.workdir / 'broker.log'}",
-                "fjmcp",
-                f"--listen=tcp:{self.broker_port}:interface={HOST}",
-                f"--metrics-listen=tcp:{self.metrics_port}:interface={HOST}",
-                f"--public-url={self.broker_url}",
-                f"--forgejo-url={self.forgejo_url}",
-                "--forgejo-client-id=fjmcp-bench",
-                f"--forgejo-client-secret-file={self.workdir / 'client-secret'}",
-                f"--forgejo-mcp={self.wrapper}",
-                f"--data-dir={self.workdir / 'data'}",
-                f"--secret-key-file={self.workdir / 'secret.key'}",
-                f"--log-level={self.log_level}",
-                *self.broker_options,
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=open(self.workdir / "broker.stderr", "wb"),
-        )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.broker.poll() is not None:
-                raise RuntimeError(
-                    "the broker exited: "
-                    + (self.workdir / "broker.stderr").read_text(errors="replace")[-2000:]
-                )
-            try:
-                with urllib.request.urlopen(self.broker_url + "/healthz", timeout=1):
-                    return
-            except OSError:
-                time.sleep(0.1)
-        raise RuntimeError("the broker did not answer /healthz within 30 s")
+        self.standin_clients = [f"{DIRECT_CLIENT}:{self.client_secret}:{REDIRECT}"]
 
     def counters(self) -> dict[str, float]:
         """

@@ -658,10 +658,24 @@ class Stack:
     The stand-in and the broker as processes in a temporary directory.
     """
 
-    def __init__(self, workdir: Path, profile: Path | None, log_level: str) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        profile: Path | None,
+        log_level: str,
+        broker_options: Sequence[str] = ("--max-sessions=400", "--max-sessions-per-user=400"),
+        standin_clients: Sequence[str] = (),
+    ) -> None:
+        """
+        @param broker_options: more options for C{twistd fjmcp} (the caps).
+        @param standin_clients: more C{--client} values for the stand-in,
+            besides the broker's own.
+        """
         self.workdir = workdir
         self.profile = profile
         self.log_level = log_level
+        self.broker_options = list(broker_options)
+        self.standin_clients = list(standin_clients)
         self.wrapper = workdir / "forgejo-mcp"
         self.standin: subprocess.Popen[bytes] | None = None
         self.broker: subprocess.Popen[bytes] | None = None
@@ -693,6 +707,7 @@ class Stack:
                 "fjmcp_dev.standin",
                 f"--listen=tcp:0:interface={HOST}",
                 f"--client={CLIENT_ID}:{self.client_secret}:{self.broker_url}/oauth/callback",
+                *(f"--client={client}" for client in self.standin_clients),
                 "--test-login",
                 "--quiet",
             ],
@@ -726,9 +741,8 @@ class Stack:
                 f"--forgejo-mcp={self.wrapper}",
                 f"--data-dir={self.workdir / 'data'}",
                 f"--secret-key-file={self.workdir / 'secret.key'}",
-                "--max-sessions=400",
-                "--max-sessions-per-user=400",
                 f"--log-level={self.log_level}",
+                *self.broker_options,
             ],
             cwd=ROOT,
             env=env,
