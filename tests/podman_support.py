@@ -598,7 +598,9 @@ def unit_sections(text: str) -> dict[str, list[tuple[str, str]]]:
             continue
         if current is None:
             raise ValueError(f"{line!r} outside a section")
-        key, _, value = line.partition("=")
+        key, sep, value = line.partition("=")
+        if not sep:
+            raise ValueError(f"not KEY=VALUE: {line!r}")
         current.append((key.strip(), value.strip()))
     return sections
 

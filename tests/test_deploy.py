@@ -30,6 +30,7 @@ from fjmcp.buildinfo import BuildInfo, git_revision, read_build_info
 from fjmcp.config import ENV_PREFIX, OPTIONS, Config, build_config
 from fjmcp.mcp import resources
 from tests.helpers import http_client
+from tests.podman_support import unit_sections
 from tests.test_daemon import TWISTD, Daemon
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -150,27 +151,13 @@ def healthcheck_command(instructions: list[Instruction]) -> list[str]:
 def parse_unit(path: Path) -> dict[str, list[tuple[str, str]]]:
     """
     A systemd-style unit (also Quadlet's): sections of (key, value) pairs in
-    order, keys repeatable, comments and continuation lines as systemd reads them.
+    order, keys repeatable, comments and continuation lines as systemd reads
+    them (L{tests.podman_support.unit_sections}).
     """
-    sections: dict[str, list[tuple[str, str]]] = {}
-    current: list[tuple[str, str]] | None = None
-    pending = ""
-    for raw in path.read_text().splitlines():
-        line = raw.strip()
-        if not pending and (not line or line[0] in "#;"):
-            continue
-        if line.endswith("\\"):
-            pending += line[:-1] + " "
-            continue
-        line, pending = pending + line, ""
-        if line.startswith("[") and line.endswith("]"):
-            current = sections.setdefault(line[1:-1], [])
-            continue
-        assert current is not None, f"{path.name}: {line!r} outside a section"
-        key, sep, value = line.partition("=")
-        assert sep, f"{path.name}: not KEY=VALUE: {line!r}"
-        current.append((key.strip(), value.strip()))
-    return sections
+    try:
+        return unit_sections(path.read_text())
+    except ValueError as e:
+        raise AssertionError(f"{path.name}: {e}") from None
 
 
 def values(unit: dict[str, list[tuple[str, str]]], section: str, key: str) -> list[str]:
