@@ -85,6 +85,7 @@ from bench.mcpload import (  # noqa: E402
     settle,
     tree_memory,
 )
+from bench.wrkload import wrk_closed_loop, wrk_path  # noqa: E402
 from fjmcp.mcp.children import child_environment  # noqa: E402
 
 # --------------------------------------------------------------------------
@@ -383,21 +384,42 @@ async def memory_phase(target: Target, idle: int) -> dict[str, Any]:
     }
 
 
+def driver_of(target: Target, args: argparse.Namespace) -> str:
+    """
+    wrk drives the bridges unless told otherwise; the direct path (stdio,
+    no HTTP) is always driven from Python.
+    """
+    return args.driver if isinstance(target, Bridge) else "python"
+
+
 async def load_once(target: Target, concurrency: int, args: argparse.Namespace) -> dict[str, Any]:
     sessions = await target.open(concurrency)
     try:
         children = target.children(sessions)
-        calls: list[Callable[[], Awaitable[None]]] = [s.call for s in sessions]
-        result = await closed_loop(
-            calls,
-            max(1, args.requests // concurrency),
-            args.warmup,
-            args.phase_seconds,
-            lambda: Meter(target.pid),
-        )
+        if isinstance(target, Bridge) and args.driver == "wrk":
+            ids = [s.session_id for s in sessions if isinstance(s, HTTPSession)]
+            assert None not in ids
+            result = await wrk_closed_loop(
+                target.port,
+                target.token,
+                [i for i in ids if i is not None],
+                args.phase_seconds,
+                args.warmup_seconds,
+                target.pid,
+            )
+        else:
+            calls: list[Callable[[], Awaitable[None]]] = [s.call for s in sessions]
+            result = await closed_loop(
+                calls,
+                max(1, args.requests // concurrency),
+                args.warmup,
+                args.phase_seconds,
+                lambda: Meter(target.pid),
+            )
     finally:
         await target.end(sessions)
     result["children"] = children
+    result["driver"] = driver_of(target, args)
     return result
 
 
@@ -409,6 +431,8 @@ def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
             merged[key] = sum(values)
         elif isinstance(value, int | float):
             merged[key] = statistics.median(values)
+        elif key == "driver":
+            merged[key] = value
     return merged
 
 
@@ -476,14 +500,25 @@ def report(
         + ", ".join(f"{x:.2f}" for x in info["loadavg_at_end"])
         + f". Runtime {info['runtime_s']:.0f} s.",
         "",
-        f"Load: tools/call echo, closed loop, {args.rounds} round(s), up to "
-        f"{args.requests} recorded requests per phase ({args.warmup} unrecorded per session "
-        "first); figures are medians over rounds, requests and errors totals. Bridge CPU: "
-        "the bridge process alone (all its threads), children not included.",
+        f"Load: tools/call echo, closed loop (one request in flight per session), "
+        f"{args.rounds} round(s); "
+        + (
+            f"the bridges driven by wrk (one thread and connection per session, "
+            f"{args.warmup_seconds:g} s unrecorded, then {args.phase_seconds:g} s recorded; "
+            "wrk's latency histogram), "
+            if args.driver == "wrk"
+            else ""
+        )
+        + f"the Python driver (this script) up to {args.requests} recorded requests per phase "
+        f"({args.warmup} unrecorded per session first)"
+        + (" for the direct path only" if args.driver == "wrk" else "")
+        + ". Figures are medians over rounds, requests and errors totals. Bridge CPU: "
+        "the bridge process alone (all its threads), children not included; load generator "
+        "CPU: wrk's, or this script's.",
         "",
-        "| sessions | path | requests | errors | req/s | p50 ms | p99 ms | bridge CPU "
-        "| children during load |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| sessions | path | driver | requests | errors | req/s | p50 ms | p99 ms | bridge CPU "
+        "| load generator CPU | children during load |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for c in args.sessions:
         for n in names:
@@ -494,8 +529,9 @@ def report(
                 else "-"
             )
             out.append(
-                f"| {c} | {labels[n]} | {r['requests']} | {r['errors']} | {_f(r['rps'])} "
-                f"| {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {cpu} | {r['children']:.0f} |"
+                f"| {c} | {labels[n]} | {r.get('driver', 'python')} | {r['requests']} "
+                f"| {r['errors']} | {_f(r['rps'])} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} "
+                f"| {cpu} | {r.get('loadgen_cpu_share', 0) * 100:.0f}% | {r['children']:.0f} |"
             )
     out += [
         "",
@@ -608,9 +644,23 @@ def main() -> None:
     )
     parser.add_argument("--rounds", type=int, default=3, help="load rounds")
     parser.add_argument("--requests", type=int, default=2000, help="recorded requests per phase")
-    parser.add_argument("--warmup", type=int, default=10, help="unrecorded requests per session")
     parser.add_argument(
-        "--phase-seconds", type=float, default=6.0, help="deadline of each load phase"
+        "--driver",
+        choices=["wrk", "python"],
+        default="wrk",
+        help="load generator for the bridges: wrk (little CPU; the default) or this script",
+    )
+    parser.add_argument(
+        "--warmup", type=int, default=10, help="unrecorded requests per session (python driver)"
+    )
+    parser.add_argument(
+        "--warmup-seconds", type=float, default=1.0, help="unrecorded load first (wrk driver)"
+    )
+    parser.add_argument(
+        "--phase-seconds",
+        type=float,
+        default=6.0,
+        help="length of each load phase (wrk) or its deadline (python)",
     )
     parser.add_argument("--idle", type=int, default=100, help="idle sessions for memory")
     parser.add_argument("--setup-samples", type=int, default=10)
@@ -635,6 +685,8 @@ def main() -> None:
     args = parser.parse_args()
 
     install_peers()
+    if args.driver == "wrk":
+        wrk_path()
     info = machine_info()
     info["versions"] = versions()
     workdir = Path(tempfile.mkdtemp(prefix="fjmcp-bench-peers-"))

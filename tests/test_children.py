@@ -19,7 +19,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import ILogObserver, LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from fjmcp.logs import Redactor
 from fjmcp.mcp.children import (
@@ -307,6 +307,20 @@ class RealProcessTests(TestCase):
         self.assertEqual(messages[-1]["result"], {"x": "é\n"})
         exit = await child.stop()
         self.assertEqual((exit.code, exit.signal), (0, None))
+
+    async def test_children_do_not_preempt_the_broker(self) -> None:
+        """
+        Children run under SCHED_BATCH (woken by the broker's write, they
+        wait for its time slice); the broker's own thread keeps its policy.
+        """
+        if not hasattr(os, "SCHED_BATCH"):
+            raise SkipTest("no SCHED_BATCH on this platform")
+        before = os.sched_getscheduler(0)
+        child, _, first = self.spawn()
+        await first
+        self.assertEqual(os.sched_getscheduler(child.pid), os.SCHED_BATCH)
+        self.assertEqual(os.sched_getscheduler(0), before)
+        await child.stop()
 
     async def test_stubborn_child_is_killed(self) -> None:
         """

@@ -86,10 +86,16 @@ class ParseTests(SynchronousTestCase):
         self.assertEqual(config.request_timeout, 300.0)
         self.assertEqual(config.session_unused_timeout, 120.0)
         self.assertEqual(config.max_requests_per_user, 64)
+        self.assertEqual((config.max_children, config.max_children_per_user), (100, 5))
         self.assertEqual(config.listen, (DEFAULT_LISTEN,))
         self.assertEqual(len(config.secret_key), 32)
         self.assertTrue(Path(self.data_dir).is_dir())
         self.assertEqual(config.db_path, Path(self.data_dir).resolve() / "broker.db")
+
+    def test_children_per_user_never_above_children(self) -> None:
+        config = self.parse([*good_argv(self.files, self.data_dir), "--max-children=3"]).config
+        assert config is not None
+        self.assertEqual((config.max_children, config.max_children_per_user), (3, 3))
 
     def test_environment_fallback(self) -> None:
         """
@@ -113,7 +119,7 @@ class ParseTests(SynchronousTestCase):
         self.assertEqual(config.public_url, "https://from-env.example.org")
         self.assertEqual(config.forgejo_client_secret, "env-secret")
         self.assertEqual(config.max_sessions, 3)
-        self.assertEqual(config.max_sessions_per_user, 5)
+        self.assertEqual(config.max_sessions_per_user, 20)
         self.assertEqual(len(config.listen), 2)
 
     def test_every_option_has_an_environment_variable(self) -> None:

@@ -476,13 +476,13 @@ def default_descriptors_needed() -> int:
         int(_default("max-sessions")),
         int(_default("max-children")),
         int(_default("max-requests-per-user")),
-        int(_default("max-sessions-per-user")),
+        int(_default("max-children-per-user")),
     )
 
 
 def default_tasks() -> int:
     return resources.tasks_needed(
-        int(_default("max-children")), int(_default("max-sessions-per-user"))
+        int(_default("max-children")), int(_default("max-children-per-user"))
     )
 
 

@@ -13,7 +13,14 @@ import sqlite3
 from typing import Any
 
 from tests.helpers import process_gone, wait_until
-from tests.test_sessions import SessionTestCase, notification, tool, tool_text, within
+from tests.test_sessions import (
+    SessionTestCase,
+    initialize,
+    notification,
+    tool,
+    tool_text,
+    within,
+)
 
 
 class HibernationTests(SessionTestCase):
@@ -114,23 +121,55 @@ class HibernationTests(SessionTestCase):
         a = await self.open_session(alice)
         slow = self.start("POST", alice, tool(5, "slow", {"delay": 1.0}), a)
         await wait_until(lambda: self.session_object(a).router.in_flight == 1)
-        refused = await self.post(
-            bob,
-            {
-                "jsonrpc": "2.0",
-                "id": 1,
-                "method": "initialize",
-                "params": {
-                    "protocolVersion": "2025-06-18",
-                    "capabilities": {},
-                    "clientInfo": {"name": "t", "version": "1"},
-                },
-            },
-        )
+        refused = await self.post(bob, initialize(1))
         body = self.assert_rpc_error(refused, 503)
         self.assertEqual(body["id"], 1)
         self.assertIn("busy", body["error"]["message"])
         self.assertTrue(refused.headers.getRawHeaders(b"retry-after"))
+        reply = await (await within(slow)).finished()
+        answer: Any = reply.events[-1] if reply.is_sse else reply.json()
+        self.assertIn("result", answer)
+
+    async def test_a_users_own_idle_session_makes_room_at_their_cap(self) -> None:
+        """
+        At the per-user children cap, the user's own least recently used
+        idle session hibernates, even with room under the broker's cap and
+        another user's session idler still.
+        """
+        self.use_broker(max_children=10, max_children_per_user=2, session_hibernate_after=3600)
+        alice = await self.token("alice")
+        bob = await self.token("bob")
+        bobs = await self.open_session(bob)
+        await self.pid(bob, bobs)
+        a = await self.open_session(alice)
+        b = await self.open_session(alice)
+        await self.pid(alice, a)
+        await self.pid(alice, b)
+        c = await self.open_session(alice)
+        self.assertTrue(self.session_object(a).hibernating)
+        self.assertFalse(self.session_object(b).hibernating)
+        self.assertFalse(self.session_object(bobs).hibernating)
+        self.assertEqual(self.broker.sessions.children_running(), 3)
+        # a wakes in its turn, b (now alice's least recently used) makes room.
+        await self.pid(alice, a)
+        self.assertTrue(self.session_object(b).hibernating)
+        await self.pid(alice, c)
+        await self.pid(bob, bobs)
+
+    async def test_one_users_busy_children_do_not_refuse_another_user(self) -> None:
+        self.use_broker(max_children=10, max_children_per_user=1, session_hibernate_after=3600)
+        alice = await self.token("alice")
+        bob = await self.token("bob")
+        a = await self.open_session(alice)
+        slow = self.start("POST", alice, tool(5, "slow", {"delay": 1.0}), a)
+        await wait_until(lambda: self.session_object(a).router.in_flight == 1)
+        refused = await self.post(alice, initialize(1))
+        body = self.assert_rpc_error(refused, 503)
+        self.assertEqual(body["id"], 1)
+        self.assertIn("all 1 of your MCP server processes are busy", body["error"]["message"])
+        self.assertEqual(refused.headers.getRawHeaders(b"retry-after"), [b"1"])
+        bobs = await self.open_session(bob)
+        await self.pid(bob, bobs)
         reply = await (await within(slow)).finished()
         answer: Any = reply.events[-1] if reply.is_sse else reply.json()
         self.assertIn("result", answer)

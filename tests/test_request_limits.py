@@ -300,7 +300,7 @@ class CapTests(SessionTestCase):
         await self.rpc(alice, mine, tool(6, "echo"))
 
     async def test_concurrent_initializes_do_not_multiply_processes(self) -> None:
-        self.use_broker(max_sessions_per_user=2, max_sessions=20)
+        self.use_broker(max_sessions_per_user=2, max_children_per_user=2, max_sessions=20)
         alice = await self.token("alice")
         bob = await self.token("bob")
         most = _watch_processes(self)

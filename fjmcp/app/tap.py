@@ -28,6 +28,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.server import Site
 
 from fjmcp import __version__
+from fjmcp.app.heap import FrozenStartupHeap
 from fjmcp.app.listeners import Listener, with_backlog
 from fjmcp.buildinfo import build_info
 from fjmcp.config import Config, secret_box
@@ -202,7 +203,10 @@ def makeService(options: Options, reactor: IBrokerReactor | None = None) -> Mult
         sys.stderr.write(f"fjmcp: cannot use the database {config.db_path}: {e}\n")
         raise SystemExit(1) from None
     top = build_service(config, reactor, schema_version=version)
+    # The process's own concerns: in makeService, not in the broker that
+    # tests build in their own process.
     CleanShutdown(reactor).setServiceParent(top)
+    FrozenStartupHeap(reactor).setServiceParent(top)
     return top
 
 
@@ -288,6 +292,7 @@ def build_broker(config: Config, reactor: IBrokerReactor, seams: Seams = Seams()
         request_timeout=config.request_timeout,
         unused_timeout=config.session_unused_timeout,
         max_children=config.max_children,
+        max_children_per_user=config.max_children_per_user,
         hibernate_after=config.session_hibernate_after,
         # Sessions are kept, so a client resumes its session after a restart.
         records=store,
@@ -417,7 +422,7 @@ def log_start(config: Config, schema_version: int) -> None:
         config.max_sessions,
         config.max_children,
         config.max_requests_per_user,
-        config.max_sessions_per_user,
+        config.max_children_per_user,
     )
     if open_files < wanted:
         log.warn(

@@ -127,6 +127,7 @@ def build_config(
     idle = parse("session-idle-timeout", parse_duration)
     unused = parse("session-unused-timeout", parse_duration)
     max_children = parse("max-children", parse_positive_int)
+    max_children_per_user = parse("max-children-per-user", parse_positive_int)
     hibernate_after = parse("session-hibernate-after", parse_duration_or_off)
     request_timeout = parse("request-timeout", parse_duration)
     max_requests = parse("max-requests-per-user", parse_positive_int)
@@ -238,6 +239,7 @@ def build_config(
         session_idle_timeout=idle,
         session_unused_timeout=unused,
         max_children=max_children,
+        max_children_per_user=min(max_children, max_children_per_user),
         session_hibernate_after=hibernate_after,
         request_timeout=request_timeout,
         max_requests_per_user=max_requests,

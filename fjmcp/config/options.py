@@ -54,12 +54,24 @@ OPTIONS: tuple[Option, ...] = (
         "(one key per line after a rotation, the first one current). Required.",
     ),
     Option("max-sessions", "Most MCP sessions at once, hibernating ones included.", "1000"),
-    Option("max-sessions-per-user", "Most MCP sessions per Forgejo user.", "5"),
+    Option(
+        "max-sessions-per-user",
+        "Most MCP sessions per Forgejo user, hibernating ones included; at the cap the "
+        "user's least recently used session ends.",
+        "20",
+    ),
     Option(
         "max-children",
         "Most forgejo-mcp processes running at once; at the cap the least recently "
         "used idle session hibernates to make room.",
         "100",
+    ),
+    Option(
+        "max-children-per-user",
+        "Most forgejo-mcp processes running at once for one Forgejo user (never more "
+        "than --max-children); at the cap that user's least recently used idle session "
+        "hibernates to make room.",
+        "5",
     ),
     Option(
         "session-hibernate-after",

@@ -77,6 +77,7 @@ class Config:
     # Children running at once, and how long an idle session keeps its
     # child (0: until the session ends).
     max_children: int = 100
+    max_children_per_user: int = 5
     session_hibernate_after: float = 120.0
 
     @property

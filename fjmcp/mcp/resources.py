@@ -65,15 +65,15 @@ def raise_limit() -> int:
 
 
 def descriptors_needed(
-    max_sessions: int, max_children: int, max_requests_per_user: int, max_per_user: int
+    max_sessions: int, max_children: int, max_requests_per_user: int, max_children_per_user: int
 ) -> int:
     """
     Descriptors a broker at its caps may hold: every session's GET stream
     (a hibernating session keeps its stream), and for each running child its
-    pipes and, at most, its user's share of requests in flight; plus the
+    pipes and, at most, its share of its user's requests in flight; plus the
     reserve.
     """
-    share = max(1, max_requests_per_user // max(1, max_per_user))
+    share = max(1, max_requests_per_user // max(1, max_children_per_user))
     return max_sessions + max_children * (PER_CHILD + share) + RESERVE
 
 
@@ -84,13 +84,13 @@ THREADS_PER_CHILD = 16
 BROKER_THREADS = 32
 
 
-def tasks_needed(max_children: int, max_per_user: int) -> int:
+def tasks_needed(max_children: int, max_children_per_user: int) -> int:
     """
     Tasks (threads of every process) a broker at its caps may run: at most
-    C{max_children + max_per_user} children exist, those still stopping
-    included (L{fjmcp.mcp.session_children.SessionChildren}).
+    C{max_children + max_children_per_user} children exist, those still
+    stopping included (L{fjmcp.mcp.session_children.SessionChildren}).
     """
-    return (max_children + max_per_user) * THREADS_PER_CHILD + BROKER_THREADS
+    return (max_children + max_children_per_user) * THREADS_PER_CHILD + BROKER_THREADS
 
 
 @attrs.frozen

@@ -77,7 +77,7 @@ class SessionChildren:
     _args_prefix: Sequence[str]
     _max_line: int | None
     _max_children: int
-    _max_per_user: int
+    _max_children_per_user: int
     _request_timeout: float
     _budget: resources.Budget
     _keeper: SessionKeeper
@@ -104,19 +104,20 @@ class SessionChildren:
         """
         @raise SessionLimitError: no process may be started for the user now.
         """
-        # Processes are counted, not just sessions: an evicted or hibernated
-        # session's child takes a moment to exit, and a client that
-        # initializes hundreds of times at once must not get a process each
-        # meanwhile.  A user may have twice their session cap alive, half of
-        # it stopping.
-        if self.processes_of(user_id) >= 2 * self._max_per_user:
+        # Processes are counted, not just running children: an evicted or
+        # hibernated session's child takes a moment to exit, and a client
+        # that initializes hundreds of times at once must not get a process
+        # each meanwhile.  A user may have twice their children cap alive,
+        # half of it stopping.
+        per_user = self._max_children_per_user
+        if self.processes_of(user_id) >= 2 * per_user:
             raise SessionLimitError(
                 f"too many of this user's MCP server processes are still starting or "
-                f"stopping (at most {2 * self._max_per_user})",
+                f"stopping (at most {2 * per_user})",
                 retry_after=STOPPING_RETRY_AFTER,
             )
         # Globally, room for one user's worth of children still stopping.
-        most = self._max_children + self._max_per_user
+        most = self._max_children + per_user
         if len(self._children) >= most:
             raise SessionLimitError(
                 f"the broker already runs {most} MCP server processes",
@@ -132,19 +133,28 @@ class SessionChildren:
         """
         return sum(1 for s in self._sessions.values() if not s.hibernating)
 
-    def _room_for_child(self, waking: Session | None = None) -> None:
+    def _room_for_child(self, user_id: int, waking: Session | None = None) -> None:
         """
-        At the children cap, hibernate the least recently used idle session
-        (not C{waking}) to make room for one more.
+        At the user's children cap, hibernate the user's least recently
+        used idle session (not C{waking}) to make room for one more; then
+        the same at the broker's cap, among every user's sessions.
 
-        @raise SessionLimitError: every running child is busy.
+        @raise SessionLimitError: every running child that could make room
+            is busy.
         """
-        if self.children_running() < self._max_children:
+        running = [s for s in self._sessions.values() if not s.hibernating]
+        mine = [s for s in running if s.user_id == user_id]
+        if len(mine) >= self._max_children_per_user:
+            self._make_room(mine, waking, f"all {len(mine)} of your MCP server processes")
             return
-        idle = [s for s in self._sessions.values() if s is not waking and s.can_hibernate()]
+        if len(running) >= self._max_children:
+            self._make_room(running, waking, f"all {self._max_children} MCP server processes")
+
+    def _make_room(self, among: list[Session], waking: Session | None, all_of: str) -> None:
+        idle = [s for s in among if s is not waking and s.can_hibernate()]
         if not idle:
             raise SessionLimitError(
-                f"all {self._max_children} MCP server processes are busy",
+                f"{all_of} are busy",
                 # A call takes seconds, not minutes: ask again soon.
                 retry_after=BUSY_RETRY_AFTER,
             )
@@ -258,7 +268,7 @@ class SessionChildren:
             return
         if session.hibernating:
             self._check_processes(session.user_id)
-            self._room_for_child(waking=session)
+            self._room_for_child(session.user_id, waking=session)
             child, router = self._spawn(session, forgejo_token)
             self._handshake(session, child)
             session.child, session.router, session.token_digest = child, router, digest

@@ -74,6 +74,7 @@ class SessionManager(SessionChildren, Service):
         unused_timeout: float = UNUSED_TIMEOUT,
         budget: resources.Budget | None = None,
         max_children: int | None = None,
+        max_children_per_user: int | None = None,
         hibernate_after: float = 0.0,
         records: SessionRecords | None = None,
     ) -> None:
@@ -82,6 +83,8 @@ class SessionManager(SessionChildren, Service):
         @param max_children: children running at once (those of sessions
             with a child); at the cap, the least recently used idle one
             hibernates to make room.  None: as many as sessions.
+        @param max_children_per_user: the same for each user's children
+            (at most C{max_children}).  None: as many as the user's sessions.
         @param hibernate_after: seconds without activity after which an
             idle session's child is stopped (0: never).
         @param records: where sessions are kept beyond this process (the
@@ -97,6 +100,10 @@ class SessionManager(SessionChildren, Service):
         self._forgejo_url = forgejo_url
         self._max = max_sessions
         self._max_children = max_children if max_children is not None else max_sessions
+        self._max_children_per_user = min(
+            self._max_children,
+            max_children_per_user if max_children_per_user is not None else max_per_user,
+        )
         self._hibernate_after = hibernate_after
         self._keeper = SessionKeeper(records, reactor, max_per_user)
         self._max_per_user = max_per_user
@@ -214,7 +221,7 @@ class SessionManager(SessionChildren, Service):
             self.end(oldest, "ended to make room for a newer session of the same user", "evicted")
         if len(self._sessions) >= self._max:
             raise SessionLimitError(f"the broker already runs {self._max} sessions")
-        self._room_for_child()
+        self._room_for_child(user_id)
 
     def _new(
         self,
