@@ -8,7 +8,7 @@ FORGEJO_MCP_VERSION := $(shell cat deploy/forgejo-mcp.version)
 FORGEJO_MCP_MODULE := codeberg.org/goern/forgejo-mcp/v2
 TRIAL_JOBS ?= 2
 
-.PHONY: all venv forgejo-mcp forgejo-mcp-newest node-deps conformance-deps caddy check lint test demo bench clean
+.PHONY: all venv forgejo-mcp forgejo-mcp-newest node-deps conformance-deps caddy check lint test demo bench wrk clean
 
 all: check
 
@@ -131,7 +131,14 @@ $(VENV)/.bench-installed: $(VENV)/.installed setup.cfg
 	$(VENV)/bin/pip install --quiet -e '.[bench]'
 	touch $@
 
-bench: $(VENV)/.bench-installed
+# wrk (Debian's package) drives the bridges: a load generator in C that
+# leaves the 2 cores to what it measures (bench/wrkload.py).
+wrk:
+	@command -v wrk >/dev/null 2>&1 || (echo "installing Debian's wrk package for make bench (system-wide)" \
+		&& apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk) \
+		|| { echo "could not install wrk: install it, or make bench BENCH_ARGS=--driver=python" >&2; exit 1; }
+
+bench: $(VENV)/.bench-installed $(if $(findstring driver=python,$(BENCH_ARGS)),,wrk)
 	$(VENV)/bin/python bench/bench_peers.py $(BENCH_ARGS)
 
 # The container image (Containerfile; docs/deploy-podman.md), built with
