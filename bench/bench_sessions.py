@@ -757,6 +757,8 @@ def main() -> None:
         f"--max-sessions={args.sessions + args.concurrency}",
         f"--max-sessions-per-user={per_user}",
         f"--max-children={args.max_children}",
+        # Three logins stand for many users: no per-user cap below the broker's.
+        f"--max-children-per-user={args.max_children}",
         f"--session-hibernate-after={args.hibernate_after:g}s",
     ]
     info = machine_info()

@@ -663,7 +663,13 @@ class Stack:
         workdir: Path,
         profile: Path | None,
         log_level: str,
-        broker_options: Sequence[str] = ("--max-sessions=400", "--max-sessions-per-user=400"),
+        # One login opens every session: the per-user caps as high as the rest.
+        broker_options: Sequence[str] = (
+            "--max-sessions=400",
+            "--max-sessions-per-user=400",
+            "--max-children=400",
+            "--max-children-per-user=400",
+        ),
         standin_clients: Sequence[str] = (),
     ) -> None:
         """
