@@ -589,7 +589,9 @@ def report(
     return "\n".join(out)
 
 
-def plot(results: dict[str, Any], targets: list[Target], sessions: list[int], path: Path) -> bool:
+def plot(
+    results: dict[str, Any], targets: list[Target], sessions: list[int], path: Path, driver: str
+) -> bool:
     try:
         import matplotlib
 
@@ -622,7 +624,12 @@ def plot(results: dict[str, Any], targets: list[Target], sessions: list[int], pa
     left.legend(fontsize=8)
     fig.suptitle(
         "tools/call echo on the scripted stdio child: direct, fjmcp (auth on), "
-        "supergateway --stateful, mcp-proxy",
+        "supergateway --stateful, mcp-proxy; "
+        + (
+            "bridges driven by wrk, the direct path by a Python client"
+            if driver == "wrk"
+            else "all driven by a Python client"
+        ),
         fontsize=9,
     )
     fig.tight_layout()
@@ -779,7 +786,7 @@ def main() -> None:
     print(report(info, results, targets, args))
     if args.profile is not None:
         print(f"\n(profiled run: fjmcp's numbers distorted; profile in {args.profile})")
-    if not args.no_plot and plot(results, targets, args.sessions, args.plot):
+    if not args.no_plot and plot(results, targets, args.sessions, args.plot, args.driver):
         print(f"\nplot: {args.plot}", file=sys.stderr)
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
