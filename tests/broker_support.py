@@ -18,14 +18,12 @@ from fjmcp_dev.standin.model import Forge, seed
 from fjmcp_dev.standin.web import StandinForgejo
 from treq.client import HTTPClient
 from twisted.internet import reactor
-from twisted.internet.interfaces import IAddress
-from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import Logger
+from twisted.protocols.policies import WrappingFactory
 from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
-from twisted.web.server import Site
 
 from fjmcp.app.tap import Broker as Broker_
 from fjmcp.app.tap import Seams, build_broker
@@ -58,34 +56,32 @@ class browser:
         return self._http.post(url, allow_redirects=False, **kwargs)
 
 
-class _LateSite(ServerFactory):
+class _LateSite(WrappingFactory):
     """
     Accepts connections for a site built after the port was taken: the
     broker's configuration needs its own URL, so the address comes first.
+    A restart points it at the new broker's site.
     """
 
-    site: Site | None = None
-
     def __init__(self) -> None:
-        self.connections: list[Protocol] = []
+        super().__init__(None)
 
-    def buildProtocol(self, addr: IAddress | None) -> Protocol | None:
-        assert self.site is not None, "the broker is not built yet"
-        protocol = self.site.buildProtocol(addr)
-        if protocol is not None:
-            self.connections.append(protocol)
-        return protocol
+    def doStart(self) -> None:
+        # The site is not there yet when the port opens (and the broker's
+        # own listeners, not this factory, would start it).
+        pass
+
+    def doStop(self) -> None:
+        pass
 
     def drop_connections(self) -> None:
         """
-        Close every connection accepted so far, as the exit of a broker
-        process would.
+        Close every open connection, as the exit of a broker process would
+        (keep-alive connections included: requests on them would otherwise
+        reach the stopped broker and wait for its closed database forever).
         """
-        for protocol in self.connections:
-            transport = getattr(protocol, "transport", None)
-            if transport is not None:
-                transport.abortConnection()
-        self.connections.clear()
+        for wrapper in list(self.protocols):
+            wrapper.transport.abortConnection()
 
 
 class Broker:
@@ -146,7 +142,12 @@ class Broker:
         # A deep accept queue, as a production listener behind Caddy would
         # want: tests that open many connections at once are not each a
         # SYN retransmission (1 s) late.
-        self._port = reactor.listenTCP(0, self._late, backlog=1024, interface="127.0.0.1")
+        self._port = reactor.listenTCP(
+            0,
+            self._late,  # type: ignore[arg-type]  # Twisted types WrappingFactory a ClientFactory
+            backlog=1024,
+            interface="127.0.0.1",
+        )
         test.addCleanup(self._port.stopListening)
         self.url = f"http://127.0.0.1:{self._port.getHost().port}"
         self.metrics_url = ""
@@ -206,7 +207,7 @@ class Broker:
         self.site = parts.site
         # For tests that take the broker's port down or ask where it is.
         self.site.port = self._port
-        self._late.site = parts.site
+        self._late.wrappedFactory = parts.site
         parts.service.privilegedStartService()
         parts.service.startService()
         self.test.addCleanup(self._stop, parts)
