@@ -65,6 +65,7 @@ SERIAL = "x-serial"
 
 PARSE_ERROR = -32700
 INVALID_REQUEST = -32600
+INVALID_PARAMS = -32602
 SERVER_ERROR = -32000
 SESSION_NOT_FOUND = -32001
 TIMED_OUT = "the request timed out"
@@ -344,6 +345,8 @@ class FakeRequest:
         self._clock = clock
         self.content = io.BytesIO(body)
         self._headers = {k.lower(): v for k, v in headers.items()}
+        self.requestHeaders = Headers({k: [v] for k, v in self._headers.items()})
+        self.method = b"POST"
         self.code = 200
         self.responseHeaders = Headers()
         self.startedWriting = 0
@@ -1106,6 +1109,12 @@ def predict(data: bytes, step: Step, alive: bool, version: str | None, full: boo
         return Prediction(200, answered=refusals + requests, forwarded=notes + requests)
 
     msg = body.msg
+    if step.version is not None and step.version not in SUPPORTED:
+        # Taken for a request of the stateless revision, whose envelope
+        # (params._meta) none of these messages has.
+        if msg.intent in ("bad", "response"):
+            return Prediction(400, msg.answer_id, INVALID_REQUEST)
+        return Prediction(400, msg.answer_id, INVALID_PARAMS)
     if msg.intent in ("bad", "initialize"):
         return Prediction(400, msg.answer_id, INVALID_REQUEST)
     if (refused := session(msg.answer_id)) is not None:

@@ -111,7 +111,9 @@ class GateTests(BrokerTestCase):
     async def test_concurrent_requests_one_upstream_refresh(self) -> None:
         # Room for ten sessions of one user: each request here opens one,
         # and the point is the one refresh behind them, not the caps.
-        self.broker = Broker(self, max_sessions_per_user=10, max_sessions=20)
+        self.broker = Broker(
+            self, max_sessions_per_user=10, max_children_per_user=10, max_sessions=20
+        )
         tokens = await self.login_tokens()
         await self.expire_upstream()
         grant = self.broker.forge.grant_for(1, "fjmcp-broker")

@@ -49,6 +49,7 @@ from fjmcp.logs import prepare_twistd_observer
 from fjmcp.mcp import resources
 from fjmcp.mcp.children import ChildSupervisor
 from fjmcp.mcp.sessions import SessionManager
+from fjmcp.mcp.warm import WarmChildren
 from fjmcp.oauth.authorize import AuthorizationFlow
 from fjmcp.oauth.cimd import ClientMetadataFetcher
 from fjmcp.oauth.clients import ClientRegistry
@@ -345,6 +346,7 @@ def build_broker(config: Config, reactor: IBrokerReactor, seams: Seams = Seams()
         max_body=config.max_request_body,
         keepalive=seams.sse_keepalive,
         max_exchanges_per_user=config.max_requests_per_user,
+        warm=WarmChildren(sessions, reactor),
     )
     limits = RateGuard(RateLimiter(reactor), config.trusted_proxies)
     app = BrokerApp(

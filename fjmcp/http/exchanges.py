@@ -24,6 +24,13 @@ from fjmcp.mcp.children import Child
 KEEPALIVE = 15.0
 
 
+def accepted(request: Request) -> bytes:
+    request.setResponseCode(202)
+    # No body, so no content type (Twisted would claim text/html).
+    request.defaultContentType = None
+    return b""
+
+
 def sse_event(message: dict[str, Any]) -> bytes:
     # JSON never contains a raw newline, so one data: line carries it.
     return b"event: message\ndata: " + safejson.dumps(message) + b"\n\n"
@@ -120,8 +127,16 @@ class PostExchange:
         keepalive: float = KEEPALIVE,
         on_response: Callable[[dict[str, Any], Request], None] | None = None,
         child: Callable[[], Child] | None = None,
+        status: Callable[[dict[str, Any]], int] | None = None,
     ) -> None:
+        """
+        @param on_response: sees (and may change) the response before it
+            is written.
+        @param status: the HTTP status of a response sent as plain JSON
+            (default 200).
+        """
         self._request = request
+        self._status = status
         self._child = child
         self._clock = clock
         self._keepalive = keepalive
@@ -156,7 +171,9 @@ class PostExchange:
                 self._sse.send(response)
                 self._sse.close()
             else:
-                self._request.setResponseCode(200)
+                self._request.setResponseCode(
+                    200 if self._status is None else self._status(response)
+                )
                 self._request.setHeader(b"Content-Type", b"application/json")
                 self._request.write(safejson.dumps(response))
                 self._request.finish()

@@ -22,7 +22,8 @@ from twisted.logger import Logger
 from twisted.web.server import Request
 
 from fjmcp import safejson
-from fjmcp.http.exchanges import _SSE, KEEPALIVE, BatchExchange, PostExchange
+from fjmcp.http.exchanges import _SSE, KEEPALIVE, BatchExchange, PostExchange, accepted
+from fjmcp.http.stateless import StatelessEndpoint
 from fjmcp.mcp.jsonrpc import (
     INTERNAL_ERROR,
     INVALID_REQUEST,
@@ -36,8 +37,10 @@ from fjmcp.mcp.jsonrpc import error as rpc_error
 from fjmcp.mcp.session import Session, wakes
 from fjmcp.mcp.session_children import SessionLimitError, SpawnError
 from fjmcp.mcp.sessions import SessionManager
+from fjmcp.mcp.stateless import HANDSHAKE_VERSIONS, is_stateless
+from fjmcp.mcp.warm import WarmChildren
 
-SUPPORTED_VERSIONS = ("2025-03-26", "2025-06-18", "2025-11-25")
+SUPPORTED_VERSIONS = HANDSHAKE_VERSIONS
 DEFAULT_VERSION = "2025-03-26"
 SESSION_HEADER = b"Mcp-Session-Id"
 # Requests in flight and GET streams one user may hold open at once: enough
@@ -64,7 +67,12 @@ class MCPEndpoint:
         max_body: int = 1024 * 1024,
         keepalive: float = KEEPALIVE,
         max_exchanges_per_user: int = MAX_EXCHANGES_PER_USER,
+        warm: WarmChildren | None = None,
     ) -> None:
+        """
+        @param warm: the children of stateless (2026-07-28) clients; None:
+            made here over C{sessions}.
+        """
         self._sessions = sessions
         self._users = users
         self._clock = clock
@@ -73,11 +81,13 @@ class MCPEndpoint:
         self._max_exchanges = max_exchanges_per_user
         # Open exchanges (requests waiting for an answer, GET streams) by user.
         self._open: collections.Counter[int] = collections.Counter()
+        self.warm = warm if warm is not None else WarmChildren(sessions, clock)
+        self._stateless = StatelessEndpoint(self, sessions, self.warm, users, clock, keepalive)
 
     def open_exchanges(self, user_id: int) -> int:
         return self._open[user_id]
 
-    def _json(self, request: Request, status: int, body: Any) -> bytes:
+    def json(self, request: Request, status: int, body: Any) -> bytes:
         request.setResponseCode(status)
         request.setHeader(b"Content-Type", b"application/json")
         return safejson.dumps(body)
@@ -100,8 +110,25 @@ class MCPEndpoint:
         """
         id = known_id(message)
         version = request.getHeader(b"mcp-protocol-version")
+        if (
+            version is not None
+            and version.decode("latin-1") not in SUPPORTED_VERSIONS
+            and request.method in (b"GET", b"DELETE")
+        ):
+            # A stateless client has no stream to open and no session to end.
+            request.setHeader(b"Allow", b"POST")
+            return None, self.json(
+                request,
+                405,
+                rpc_error(
+                    id,
+                    INVALID_REQUEST,
+                    f"Method Not Allowed: MCP-Protocol-Version "
+                    f"{version.decode('latin-1')!r} has no GET stream or DELETE",
+                ),
+            )
         if version is not None and version.decode("latin-1") not in SUPPORTED_VERSIONS:
-            return None, self._json(
+            return None, self.json(
                 request,
                 400,
                 rpc_error(
@@ -113,7 +140,7 @@ class MCPEndpoint:
             )
         raw = request.getHeader(SESSION_HEADER)
         if not raw:
-            return None, self._json(
+            return None, self.json(
                 request,
                 400,
                 rpc_error(id, INVALID_REQUEST, "Bad Request: Mcp-Session-Id header is required"),
@@ -123,31 +150,31 @@ class MCPEndpoint:
                 raw.decode("latin-1"), user_id, family_id, forgejo_token
             )
         except (SessionLimitError, SpawnError) as e:
-            return None, self._unavailable(request, id, e)
+            return None, self.unavailable(request, id, e)
         except CancelledError:
             raise
         except Exception as e:
             log.error("cannot look a session up in the store: {error}", error=str(e))
             request.setHeader(b"Retry-After", b"5")
-            return None, self._json(
+            return None, self.json(
                 request, 503, rpc_error(id, INTERNAL_ERROR, "the session store is unavailable")
             )
         if session is None:
-            return None, self._json(
+            return None, self.json(
                 request, 404, rpc_error(id, SESSION_NOT_FOUND, "Session not found")
             )
         return session, None
 
-    def _unavailable(self, request: Request, id: Any, e: SessionLimitError | SpawnError) -> bytes:
+    def unavailable(self, request: Request, id: Any, e: SessionLimitError | SpawnError) -> bytes:
         """
         No child for the session now: 503, and when to try again.
         """
         if isinstance(e, SpawnError):
             log.error("{error}", error=str(e))
             request.setHeader(b"Retry-After", b"30")
-            return self._json(request, 503, rpc_error(id, INTERNAL_ERROR, str(e)))
+            return self.json(request, 503, rpc_error(id, INTERNAL_ERROR, str(e)))
         request.setHeader(b"Retry-After", str(e.retry_after).encode())
-        return self._json(request, 503, rpc_error(id, SERVER_ERROR, str(e)))
+        return self.json(request, 503, rpc_error(id, SERVER_ERROR, str(e)))
 
     def _ensure_child(
         self,
@@ -161,10 +188,10 @@ class MCPEndpoint:
             self._sessions.ensure_child(session, forgejo_token, wake)
         except (SessionLimitError, SpawnError) as e:
             id = message.get("id") if isinstance(message, dict) else None
-            return self._unavailable(request, id, e)
+            return self.unavailable(request, id, e)
         return None
 
-    def _full(self, request: Request, user_id: int, message: Any = None) -> bytes | None:
+    def full(self, request: Request, user_id: int, message: Any = None) -> bytes | None:
         """
         None while the user may open another exchange; else the 429 answer.
         """
@@ -176,7 +203,7 @@ class MCPEndpoint:
             n=self._open[user_id],
         )
         request.setHeader(b"Retry-After", str(EXCHANGES_RETRY_AFTER).encode())
-        return self._json(
+        return self.json(
             request,
             429,
             rpc_error(
@@ -187,7 +214,7 @@ class MCPEndpoint:
             ),
         )
 
-    async def _hold(self, user_id: int, done: Deferred[None]) -> None:
+    async def hold(self, user_id: int, done: Deferred[None]) -> None:
         """
         Count an exchange against its user until it ends (answered, or the
         client went away).
@@ -210,7 +237,7 @@ class MCPEndpoint:
     ) -> bytes | None:
         body = request.content.read(self._max_body + 1) if request.content is not None else b""
         if len(body) > self._max_body:
-            return self._json(
+            return self.json(
                 request,
                 413,
                 rpc_error(
@@ -220,23 +247,28 @@ class MCPEndpoint:
         try:
             message = safejson.loads(body)
         except safejson.JSONInputError as e:
-            return self._json(request, 400, rpc_error(None, PARSE_ERROR, f"Parse error: {e}"))
+            return self.json(request, 400, rpc_error(None, PARSE_ERROR, f"Parse error: {e}"))
+        version = request.getHeader(b"mcp-protocol-version")
+        if not isinstance(message, list) and is_stateless(
+            version.decode("latin-1") if version is not None else None, message
+        ):
+            return await self._stateless.post(request, message, user_id, forgejo_token, family_id)
 
         if isinstance(message, list):
             return await self._batch(request, user_id, message, forgejo_token, family_id)
         what = classify(message)
         if what.kind == "invalid":
-            return self._json(request, 400, what.refusal(message))
+            return self.json(request, 400, what.refusal(message))
         if what.kind == "request" and message["method"] == "initialize":
             if request.getHeader(SESSION_HEADER):
-                return self._json(
+                return self.json(
                     request,
                     400,
                     rpc_error(
                         message["id"], INVALID_REQUEST, "this session is already initialized"
                     ),
                 )
-            if (full := self._full(request, user_id, message)) is not None:
+            if (full := self.full(request, user_id, message)) is not None:
                 return full
             user = await self._users.get_user(user_id)
             login = user.login if user is not None else str(user_id)
@@ -257,20 +289,20 @@ class MCPEndpoint:
             return refused
         if what.kind == "notification":
             self._sessions.client_notification(session, message)
-            return _accepted(request)
+            return accepted(request)
         if what.kind == "response":
             if not self._sessions.client_response(session, message):
-                return self._json(
+                return self.json(
                     request,
                     400,
                     rpc_error(message["id"], INVALID_REQUEST, "no server request has that id"),
                 )
-            return _accepted(request)
-        if (full := self._full(request, user_id, message)) is not None:
+            return accepted(request)
+        if (full := self.full(request, user_id, message)) is not None:
             return full
         exchange = PostExchange(request, self._clock, self._keepalive, child=lambda: session.child)
         router = self._sessions.client_request(session, message, exchange)
-        await self._hold(user_id, exchange.done)
+        await self.hold(user_id, exchange.done)
         if exchange.gone:
             router.abandon(exchange)
         return None
@@ -315,14 +347,14 @@ class MCPEndpoint:
                 family_id=family_id,
             )
         except (SessionLimitError, SpawnError) as e:
-            return self._unavailable(request, message["id"], e)
+            return self.unavailable(request, message["id"], e)
         holder.append(session)
         session.initialize = message
         # Now, not with the result: a child that logs while it initializes
         # turns the answer into a stream, whose headers go out first.
         request.setHeader(SESSION_HEADER, session.id.encode())
         self._sessions.client_request(session, message, exchange)
-        await self._hold(user_id, exchange.done)
+        await self.hold(user_id, exchange.done)
         if exchange.gone and not session.ended:
             # The client never learnt this session's id: nobody can use it.
             # (Ending it forgets the initialize; MCP has no cancelling one.)
@@ -341,13 +373,13 @@ class MCPEndpoint:
         if session is None:
             return error
         if session.protocol_version != "2025-03-26":
-            return self._json(
+            return self.json(
                 request,
                 400,
                 rpc_error(None, INVALID_REQUEST, "batches are only allowed in 2025-03-26 sessions"),
             )
         if not messages:
-            return self._json(
+            return self.json(
                 request, 400, rpc_error(None, INVALID_REQUEST, "Invalid Request: empty batch")
             )
         # JSON-RPC answers each element on its own: the broken ones with an
@@ -359,7 +391,7 @@ class MCPEndpoint:
             if what.kind == "request" and m["method"] != "initialize"
         ]
         # A batch refused as a whole delivers nothing: the client retries it.
-        if requests and (full := self._full(request, user_id)) is not None:
+        if requests and (full := self.full(request, user_id)) is not None:
             return full
         wake = any(
             what.kind != "invalid" and wakes(m)
@@ -383,7 +415,7 @@ class MCPEndpoint:
                     rpc_error(message["id"], INVALID_REQUEST, "no server request has that id")
                 )
         if not requests and not refusals:
-            return _accepted(request)
+            return accepted(request)
         batch = BatchExchange(request, self._clock, len(requests) + len(refusals))
         for refusal in refusals:
             batch.part().finish(refusal)
@@ -392,7 +424,7 @@ class MCPEndpoint:
         ]
         if not requests:
             return None
-        await self._hold(user_id, batch.done)
+        await self.hold(user_id, batch.done)
         if batch.gone:
             for router, part in zip(routers, batch.parts[len(refusals) :], strict=True):
                 router.abandon(part)
@@ -413,7 +445,7 @@ class MCPEndpoint:
         session, error = await self._session(request, user_id, family_id, forgejo_token)
         if session is None:
             return error
-        if (full := self._full(request, user_id)) is not None:
+        if (full := self.full(request, user_id)) is not None:
             return full
         if forgejo_token is not None:
             # An open GET stream does not keep a child running (a hibernating
@@ -431,7 +463,7 @@ class MCPEndpoint:
 
         session.standalone.attach(sse.send, end_stream)
         try:
-            await self._hold(user_id, done)
+            await self.hold(user_id, done)
         finally:
             session.standalone.detach(sse.send)
         return None
@@ -454,13 +486,6 @@ class MCPEndpoint:
         self._sessions.end(session, "the client ended the session", "deleted")
         request.setResponseCode(204)
         return b""
-
-
-def _accepted(request: Request) -> bytes:
-    request.setResponseCode(202)
-    # No body, so no content type (Twisted would claim text/html).
-    request.defaultContentType = None
-    return b""
 
 
 async def _until_done(done: Deferred[None]) -> None:

@@ -84,6 +84,11 @@ class Session:
     used: bool = False
     # No child now: the next request starts one (L{SessionManager.ensure_child}).
     hibernating: bool = False
+    # The broker's own session for a user's stateless (2026-07-28) requests
+    # (L{fjmcp.mcp.warm}): no client knows its id.
+    stateless: bool = False
+    # The child's answer to the broker's own initialize, for server/discover.
+    handshake_result: dict[str, Any] | None = None
 
     def idle_since(self) -> float:
         """

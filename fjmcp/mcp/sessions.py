@@ -159,7 +159,7 @@ class SessionManager(SessionChildren, Service):
         whose revocation ends the session.
         """
         session = self._sessions.get(session_id)
-        if session is None or session.user_id != user_id or session.ended:
+        if session is None or session.user_id != user_id or session.ended or session.stateless:
             return None
         session.last_used = self._reactor.seconds()
         if family_id and family_id != session.family_id:
@@ -174,12 +174,14 @@ class SessionManager(SessionChildren, Service):
         protocol_version: str,
         forgejo_token: str,
         family_id: str = "",
+        stateless: bool = False,
     ) -> Session:
         """
         Start a session: spawn its child with the user's Forgejo token.  The
         caller then routes the client's initialize request to it.
         C{family_id} is the grant of the bearer that asked: the session ends
-        when it is revoked.
+        when it is revoked.  A C{stateless} one is the broker's own
+        (L{fjmcp.mcp.warm}), never found by its id.
 
         @raise SessionLimitError: the broker or the user is at a cap.
         @raise SpawnError: the child could not be started.
@@ -194,6 +196,7 @@ class SessionManager(SessionChildren, Service):
             forgejo_token,
             family_id,
         )
+        session.stateless = stateless
         metrics.session_started()
         log.info(
             "session {s} started for {login} ({u}) by client {c}, child pid {pid}",

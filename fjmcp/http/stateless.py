@@ -1,0 +1,150 @@
+"""
+`/mcp` for clients of the stateless revision (MCP 2026-07-28): one request
+per POST, no session header, answered as JSON (or as an event stream when
+the child reports progress first).
+
+What a request must be and how answers are stamped is
+L{fjmcp.mcp.stateless}'s; which child serves it (the grant's warm one)
+L{fjmcp.mcp.warm}'s.  The per-user cap on open exchanges and the error
+answers are shared with the handshake-era endpoint
+(L{fjmcp.http.streamable}), which hands such requests over here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.web.server import Request
+
+from fjmcp.http.exchanges import KEEPALIVE, PostExchange, accepted
+from fjmcp.mcp.children import Child
+from fjmcp.mcp.jsonrpc import METHOD_NOT_FOUND, known_id
+from fjmcp.mcp.session_children import SessionLimitError, SpawnError
+from fjmcp.mcp.sessions import SessionManager
+from fjmcp.mcp.stateless import (
+    check,
+    discover_result,
+    http_status,
+    stamp,
+    to_child,
+)
+from fjmcp.mcp.warm import WarmChildren
+
+if TYPE_CHECKING:
+    from fjmcp.http.streamable import MCPEndpoint
+
+ROUTING_HEADERS = ("mcp-protocol-version", "mcp-method", "mcp-name")
+
+
+class StatelessExchange(PostExchange):
+    """
+    The answer to one stateless request.  The revision lets only the
+    request's progress come before its response: a child's log messages
+    are dropped, and its requests to the client (which a stateless client
+    cannot answer on this wire) are refused to the child at once.
+    """
+
+    def __init__(
+        self,
+        request: Request,
+        clock: IReactorTime,
+        keepalive: float,
+        on_response: Callable[[dict[str, Any], Request], None],
+        child: Callable[[], Child],
+        refuse: Callable[[dict[str, Any]], None],
+    ) -> None:
+        super().__init__(request, clock, keepalive, on_response, child, status=http_status)
+        self._refuse = refuse
+
+    def message(self, message: dict[str, Any]) -> None:
+        if "id" in message:
+            self._refuse(message)
+        elif message.get("method") == "notifications/progress":
+            super().message(message)
+
+
+class StatelessEndpoint:
+    def __init__(
+        self,
+        endpoint: MCPEndpoint,
+        sessions: SessionManager,
+        warm: WarmChildren,
+        users: Any,
+        clock: IReactorTime,
+        keepalive: float = KEEPALIVE,
+    ) -> None:
+        self._endpoint = endpoint
+        self._sessions = sessions
+        self._warm = warm
+        self._users = users
+        self._clock = clock
+        self._keepalive = keepalive
+
+    async def post(
+        self,
+        request: Request,
+        message: Any,
+        user_id: int,
+        forgejo_token: str,
+        family_id: str,
+    ) -> bytes | None:
+        endpoint = self._endpoint
+        headers = {
+            name: [
+                v.decode("latin-1")
+                for v in request.requestHeaders.getRawHeaders(name.encode("ascii"), [])
+            ]
+            for name in ROUTING_HEADERS
+        }
+        refusal = check(message, headers)
+        if refusal is not None:
+            return endpoint.json(request, refusal.status, refusal.response)
+        if "id" not in message:
+            # The revision defines no notification from the client; one
+            # that comes anyway is taken and dropped.
+            return accepted(request)
+        if (full := endpoint.full(request, user_id, message)) is not None:
+            return full
+        user = await self._users.get_user(user_id)
+        login = user.login if user is not None else str(user_id)
+        try:
+            session = await self._warm.session(user_id, login, forgejo_token, family_id)
+        except (SessionLimitError, SpawnError) as e:
+            return endpoint.unavailable(request, known_id(message), e)
+        handshake = session.handshake_result or {}
+        method = message["method"]
+        if method == "server/discover":
+            return endpoint.json(
+                request,
+                200,
+                {"jsonrpc": "2.0", "id": message["id"], "result": discover_result(handshake)},
+            )
+        server_info = handshake.get("serverInfo")
+
+        def on_response(response: dict[str, Any], _: Request) -> None:
+            stamp(method, message, response, server_info)
+
+        def refuse(server_request: dict[str, Any]) -> None:
+            self._sessions.client_response(
+                session,
+                {
+                    "jsonrpc": "2.0",
+                    "id": server_request["id"],
+                    "error": {
+                        "code": METHOD_NOT_FOUND,
+                        "message": "the client (MCP 2026-07-28, through fjmcp) cannot be asked "
+                        f"for {server_request.get('method')!r}",
+                    },
+                },
+            )
+
+        exchange = StatelessExchange(
+            request, self._clock, self._keepalive, on_response, lambda: session.child, refuse
+        )
+        router = self._sessions.client_request(session, to_child(message), exchange)
+        await endpoint.hold(user_id, exchange.done)
+        if exchange.gone:
+            router.abandon(exchange)
+        return None

@@ -1,0 +1,151 @@
+"""
+Warm children for stateless (MCP 2026-07-28) clients: per user and grant,
+one session of the broker's own making, already initialized, whose child
+serves every stateless request of that grant.
+
+Such a session is a session like the others to the session table (the same
+caps, hibernation, token renewal, reaping, and its end when its grant is
+revoked), except that no client knows its id: the session table never
+hands it out for an C{Mcp-Session-Id} (L{fjmcp.mcp.sessions}), and it is
+not kept in the store (a restart starts a new one on the next request).
+The broker makes the child's handshake itself (L{fjmcp.mcp.stateless})
+and keeps the child's answer, from which C{server/discover} is answered.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred, TimeoutError
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from fjmcp import __version__
+from fjmcp.mcp.session import Session
+from fjmcp.mcp.session_children import SpawnError
+from fjmcp.mcp.sessions import SessionManager
+from fjmcp.mcp.stateless import CHILD_VERSION, child_initialize
+
+# A forgejo-mcp answers initialize within a second of its start (it checks
+# its connection to Forgejo first); clients probing server/discover give up
+# after 10 s.
+INITIALIZE_TIMEOUT = 8.0
+STATELESS_CLIENT = "(stateless clients)"
+
+log = Logger()
+
+
+class _Answer:
+    """
+    Where the answer to the broker's own initialize goes.
+    """
+
+    def __init__(self) -> None:
+        self.done: Deferred[dict[str, Any]] = Deferred()
+
+    def message(self, message: dict[str, Any]) -> None:
+        pass
+
+    def finish(self, response: dict[str, Any]) -> None:
+        if not self.done.called:
+            self.done.callback(response)
+
+
+class WarmChildren:
+    """
+    The stateless sessions, one per (user, grant).
+    """
+
+    def __init__(
+        self,
+        sessions: SessionManager,
+        clock: IReactorTime,
+        initialize_timeout: float = INITIALIZE_TIMEOUT,
+    ) -> None:
+        self._sessions = sessions
+        self._clock = clock
+        self._timeout = initialize_timeout
+        self._warm: dict[tuple[int, str], Session] = {}
+        self._starting: dict[tuple[int, str], list[Deferred[Session]]] = {}
+
+    def __len__(self) -> int:
+        return sum(1 for s in self._warm.values() if not s.ended)
+
+    async def session(
+        self, user_id: int, user_login: str, forgejo_token: str, family_id: str
+    ) -> Session:
+        """
+        The grant's stateless session, with a child holding C{forgejo_token}
+        that has answered the broker's initialize (started, woken from
+        hibernation or renewed as needed).
+
+        @raise fjmcp.mcp.session_children.SessionLimitError: not now (caps).
+        @raise SpawnError: no child could be started or it would not
+            initialize.
+        """
+        key = (user_id, family_id)
+        session = self._warm.get(key)
+        if session is not None and not session.ended:
+            session.last_used = self._clock.seconds()
+            self._sessions.ensure_child(session, forgejo_token, wake=True)
+            return session
+        waiting = self._starting.get(key)
+        if waiting is not None:
+            mine: Deferred[Session] = Deferred()
+            waiting.append(mine)
+            return await mine
+        self._starting[key] = []
+        try:
+            session = await self._start(user_id, user_login, forgejo_token, family_id)
+        except Exception as e:
+            for d in self._starting.pop(key):
+                d.errback(e)
+            raise
+        self._warm[key] = session
+        for d in self._starting.pop(key):
+            d.callback(session)
+        return session
+
+    async def _start(
+        self, user_id: int, user_login: str, forgejo_token: str, family_id: str
+    ) -> Session:
+        session = self._sessions.create(
+            user_id,
+            user_login,
+            STATELESS_CLIENT,
+            CHILD_VERSION,
+            forgejo_token,
+            family_id=family_id,
+            stateless=True,
+        )
+        message = child_initialize(__version__)
+        session.initialize = message
+        session.used = True
+        answer = _Answer()
+        self._sessions.client_request(session, message, answer)
+        answer.done.addTimeout(self._timeout, self._clock)
+        try:
+            response = await answer.done
+        except TimeoutError:
+            self._sessions.end(session, "its child did not initialize", "initialize_failed")
+            raise SpawnError(
+                f"the forgejo-mcp process did not answer initialize within {self._timeout:g} s"
+            ) from None
+        result = response.get("result")
+        if not isinstance(result, dict):
+            self._sessions.end(session, "its child refused to initialize", "initialize_failed")
+            raise SpawnError(
+                f"the forgejo-mcp process refused to initialize: {response.get('error')!r}"
+            )
+        session.handshake_result = result
+        self._sessions.client_notification(
+            session, {"jsonrpc": "2.0", "method": "notifications/initialized"}
+        )
+        log.info(
+            "stateless session {s} of {login} ({u}) ready, child pid {pid}",
+            s=session.id[:8],
+            login=user_login,
+            u=user_id,
+            pid=session.child.pid,
+        )
+        return session

@@ -1,0 +1,232 @@
+"""
+`/mcp` for MCP 2026-07-28 (stateless) clients, over real HTTP through the
+broker the daemon builds, with the scripted child: server/discover from the
+child's own initialize, requests served by the grant's warm child and
+stamped as the revision requires, the envelope and header checks in the
+revision's order, errors under the request's id, one user's requests never
+on another's child, and the warm child hibernating and waking like any
+session's.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from tests.helpers import process_gone, wait_until
+from tests.test_sessions import Reply, SessionTestCase, tool_text
+
+VERSION = "2026-07-28"
+CAPABILITIES: dict[str, Any] = {"sampling": {}}
+
+
+def envelope(
+    id: Any, method: str, params: dict[str, Any] | None = None, version: str = VERSION
+) -> dict[str, Any]:
+    body = dict(params or {})
+    body["_meta"] = {
+        "io.modelcontextprotocol/protocolVersion": version,
+        "io.modelcontextprotocol/clientCapabilities": CAPABILITIES,
+        "io.modelcontextprotocol/clientInfo": {"name": "test_stateless", "version": "1"},
+    }
+    return {"jsonrpc": "2.0", "id": id, "method": method, "params": body}
+
+
+def routing_headers(message: dict[str, Any]) -> dict[bytes, bytes]:
+    """
+    The headers a 2026-07-28 client sends with C{message}.
+    """
+    params = message.get("params", {})
+    headers = {
+        b"MCP-Protocol-Version": params["_meta"][
+            "io.modelcontextprotocol/protocolVersion"
+        ].encode(),
+        b"Mcp-Method": message["method"].encode(),
+    }
+    if message["method"] in ("tools/call", "prompts/get"):
+        headers[b"Mcp-Name"] = params["name"].encode()
+    return headers
+
+
+class StatelessTests(SessionTestCase):
+    async def stateless(
+        self,
+        token: str,
+        message: dict[str, Any],
+        headers: dict[bytes, bytes] | None = None,
+    ) -> Reply:
+        sent = routing_headers(message) if headers is None else headers
+        return await self.post(token, message, headers=sent)
+
+    async def answer(self, token: str, message: dict[str, Any]) -> dict[str, Any]:
+        reply = await self.stateless(token, message)
+        self.assertEqual(reply.code, 200, bytes(reply.body))
+        self.assertIsNone(reply.session_id)
+        response: dict[str, Any] = reply.events[-1] if reply.is_sse else reply.json()
+        self.assertEqual(response["id"], message["id"])
+        return response
+
+    async def whoami(self, token: str, id: int = 9) -> dict[str, Any]:  # type: ignore[override]
+        response = await self.answer(token, envelope(id, "tools/call", {"name": "whoami"}))
+        info: dict[str, Any] = json.loads(tool_text(response))
+        return info
+
+    async def test_discover_list_call(self) -> None:
+        alice = await self.token("alice")
+        discovered = (await self.answer(alice, envelope(1, "server/discover")))["result"]
+        self.assertEqual(discovered["supportedVersions"], [VERSION])
+        self.assertEqual(discovered["resultType"], "complete")
+        self.assertEqual((discovered["ttlMs"], discovered["cacheScope"]), (0, "private"))
+        # The child's own capabilities and identity, less what the broker
+        # does not relay (change notifications need subscriptions/listen).
+        self.assertEqual(discovered["capabilities"], {"tools": {}})
+        self.assertEqual(
+            discovered["_meta"]["io.modelcontextprotocol/serverInfo"],
+            {"name": "scripted-child", "version": "1"},
+        )
+        listed = (await self.answer(alice, envelope("two", "tools/list")))["result"]
+        self.assertIn("echo", {t["name"] for t in listed["tools"]})
+        self.assertEqual(
+            (listed["resultType"], listed["ttlMs"], listed["cacheScope"]),
+            ("complete", 0, "private"),
+        )
+        called = await self.answer(
+            alice, envelope(3, "tools/call", {"name": "echo", "arguments": {"say": "héllo"}})
+        )
+        self.assertEqual(called["result"]["resultType"], "complete")
+        self.assertNotIn("ttlMs", called["result"])
+        self.assertEqual(json.loads(tool_text(called)), {"say": "héllo"})
+        # The envelope stayed with the broker: the child got its own kind
+        # of request (the echo tool would have shown extra arguments, and
+        # _meta is checked below through whoami's token).
+        info = await self.whoami(alice)
+        self.assertEqual(info["url"], self.broker.forgejo_url)
+
+    async def test_one_warm_child_per_grant_never_shared(self) -> None:
+        alice = await self.token("alice")
+        bob = await self.token("bob")
+        a1 = await self.whoami(alice, 1)
+        b1 = await self.whoami(bob, 2)
+        a2 = await self.whoami(alice, 3)
+        self.assertEqual(a1["pid"], a2["pid"])
+        self.assertNotEqual(a1["pid"], b1["pid"])
+        self.assertNotEqual(a1["token"], b1["token"])
+        # Each user's child holds that user's Forgejo token.
+        for info, login in ((a1, "alice"), (b1, "bob")):
+            owner = self.broker.forge.user_for_access_token(info["token"])
+            assert owner is not None
+            self.assertEqual(owner[0].login, login)
+        # No client can reach the broker's own sessions by id.
+        for session in self.broker.sessions._sessions.values():
+            self.assertTrue(session.stateless)
+            refused = await self.post(
+                alice, {"jsonrpc": "2.0", "id": 5, "method": "tools/list"}, session.id
+            )
+            self.assert_rpc_error(refused, 404)
+
+    async def test_header_and_envelope_checks_in_order(self) -> None:
+        alice = await self.token("alice")
+        call = envelope(7, "tools/call", {"name": "echo", "arguments": {}})
+        cases: list[tuple[dict[str, Any], dict[bytes, bytes] | None, int, int]] = [
+            # No envelope version: invalid params.
+            (
+                {"jsonrpc": "2.0", "id": 7, "method": "tools/list", "params": {"_meta": {}}},
+                {b"MCP-Protocol-Version": VERSION.encode(), b"Mcp-Method": b"tools/list"},
+                400,
+                -32602,
+            ),
+            # Header and body disagree: the method, its case, the name.
+            (call, {**routing_headers(call), b"Mcp-Method": b"tools/list"}, 400, -32020),
+            (call, {**routing_headers(call), b"Mcp-Method": b"TOOLS/CALL"}, 400, -32020),
+            (call, {**routing_headers(call), b"Mcp-Name": b"whoami"}, 400, -32020),
+            (
+                call,
+                {b"MCP-Protocol-Version": VERSION.encode(), b"Mcp-Method": b"tools/call"},
+                400,
+                -32020,
+            ),
+            # The header mismatch is found before the unsupported version.
+            (
+                envelope(7, "tools/list", version="v999"),
+                {b"MCP-Protocol-Version": VERSION.encode(), b"Mcp-Method": b"tools/list"},
+                400,
+                -32020,
+            ),
+            (envelope(7, "tools/list", version="v999"), None, 400, -32022),
+            # Removed by the revision, or served by nothing.
+            (envelope(7, "initialize"), None, 404, -32601),
+            (envelope(7, "ping"), None, 404, -32601),
+            (envelope(7, "subscriptions/listen"), None, 404, -32601),
+            (envelope(7, "unknown/method"), None, 404, -32601),
+        ]
+        for message, headers, status, code in cases:
+            reply = await self.stateless(alice, message, headers)
+            body = self.assert_rpc_error(reply, status, code)
+            self.assertEqual(body["id"], 7, (message, headers))
+        unsupported = await self.stateless(alice, envelope(8, "tools/list", version="v999"))
+        self.assertEqual(
+            unsupported.json()["error"]["data"], {"supported": [VERSION], "requested": "v999"}
+        )
+        # A name outside plain ASCII comes base64-encoded, and matches.
+        odd = envelope(9, "tools/call", {"name": "écho", "arguments": {}})
+        headers = {**routing_headers(odd), b"Mcp-Name": b"=?base64?w6ljaG8=?="}
+        reply = await self.stateless(alice, odd, headers)
+        # The child's own answer (it has no such tool), not a mismatch.
+        self.assert_rpc_error(reply, 400, -32602)
+        self.assertEqual(reply.json()["error"]["message"], "unknown tool")
+        # None of this started a child before it was needed.
+        self.assertLessEqual(self.broker.sessions.children_running(), 1)
+
+    async def test_no_stream_no_delete(self) -> None:
+        alice = await self.token("alice")
+        headers = {b"MCP-Protocol-Version": VERSION.encode()}
+        for method in ("GET", "DELETE"):
+            reply = await (await self.send(method, alice, None, headers=headers)).finished()
+            self.assert_rpc_error(reply, 405)
+            self.assertEqual(reply.headers.getRawHeaders(b"allow"), [b"POST"])
+
+    async def test_a_child_asking_the_client_is_refused_not_hung(self) -> None:
+        """
+        The stateless wire has no way to the client for a child's request
+        (sampling here): the child is told at once, and the call ends.
+        """
+        alice = await self.token("alice")
+        called = await self.answer(alice, envelope(4, "tools/call", {"name": "ask"}))
+        # The scripted child's tool shows the answer it got.
+        self.assertEqual(json.loads(tool_text(called))["code"], -32601)
+
+    async def test_warm_child_hibernates_and_wakes(self) -> None:
+        self.use_broker(session_hibernate_after=0.3)
+        alice = await self.token("alice")
+        first = await self.whoami(alice, 1)
+        (session,) = self.broker.sessions._sessions.values()
+        await wait_until(lambda: session.hibernating, what="hibernation")
+        await wait_until(lambda: process_gone(first["pid"]), what="the child's exit")
+        again = await self.whoami(alice, 2)
+        self.assertNotEqual(again["pid"], first["pid"])
+        self.assertIs(next(iter(self.broker.sessions._sessions.values())), session)
+        discovered = await self.answer(alice, envelope(3, "server/discover"))
+        self.assertEqual(discovered["result"]["supportedVersions"], [VERSION])
+
+    async def test_revoked_grant_ends_its_warm_child(self) -> None:
+        self.use_broker(revocation_interval=3600)
+        tokens = await self.login_tokens("alice")
+        alice = tokens["access_token"]
+        first = await self.whoami(alice, 1)
+        bob = await self.token("bob")
+        bobs = await self.whoami(bob, 2)
+        response = await self.browser.post(
+            self.broker.url + "/oauth/revoke",
+            data={
+                "token": tokens["refresh_token"],
+                "token_type_hint": "refresh_token",
+                "client_id": tokens["client"]["client_id"],
+            },
+        )
+        await response.content()
+        self.assertEqual(response.code, 200)
+        await wait_until(lambda: process_gone(first["pid"]), what="the warm child's end")
+        reply = await self.stateless(alice, envelope(3, "tools/list"))
+        self.assertEqual(reply.code, 401)
+        # Another user's warm child is not touched.
+        self.assertEqual((await self.whoami(bob, 4))["pid"], bobs["pid"])
