@@ -45,6 +45,7 @@ try:
     import httpx2 as httpx
     from fjmcp_dev.try_client import SECRET_FIELDS, HeadlessBrowser, MemoryStorage
     from mcp.client.auth import AuthorizationCodeResult, OAuthClientProvider  # noqa: F401
+    from mcp.client.client import Client
     from mcp.client.session import ClientSession
     from mcp.client.streamable_http import streamable_http_client
     from mcp.shared.auth import OAuthClientMetadata
@@ -86,6 +87,9 @@ class Recorder:
             "bearer": authorization.lower().startswith("bearer "),
             "basic": authorization.lower().startswith("basic "),
             "status": None,
+            # The stateless revision names each request's method in a header.
+            "mcp_method": request.headers.get("mcp-method"),
+            "mcp_protocol_version": request.headers.get("mcp-protocol-version"),
         }
         if request.method == "POST" and entry["path"].endswith("/token"):
             # Which fields were sent, and the values of those that are no secret.
@@ -171,6 +175,27 @@ async def run(options: argparse.Namespace, summary: dict[str, Any]) -> None:
         event_hooks={"request": [recorder.on_request], "response": [recorder.on_response]},
     )
     try:
+        if options.mode != "session":
+            # The SDK's Client: pinned to a version, or negotiating it (auto).
+            async with (
+                client,
+                Client(
+                    streamable_http_client(options.mcp_url, http_client=client),
+                    mode=options.mode,
+                    cache=None,
+                ) as modern,
+            ):
+                summary["initialize"] = await exercise(
+                    modern, first=True, calls=options.call, interval=options.call_interval
+                )
+                if options.again_after is not None:
+                    before = storage.tokens
+                    await anyio.sleep(options.again_after)
+                    summary["initialize_again"] = await exercise(
+                        modern, first=False, calls=options.call, interval=options.call_interval
+                    )
+                    summary["tokens_changed"] = _changed(before, storage.tokens)
+            return
         async with (
             client,
             streamable_http_client(options.mcp_url, http_client=client) as (
@@ -190,15 +215,7 @@ async def run(options: argparse.Namespace, summary: dict[str, Any]) -> None:
                     summary["initialize_again"] = await exercise(
                         session, first=False, calls=options.call, interval=options.call_interval
                     )
-                    after = storage.tokens
-                    summary["tokens_changed"] = {
-                        "access_token": after is not None
-                        and before is not None
-                        and after.access_token != before.access_token,
-                        "refresh_token": after is not None
-                        and before is not None
-                        and after.refresh_token != before.refresh_token,
-                    }
+                    summary["tokens_changed"] = _changed(before, storage.tokens)
     finally:
         summary["authorization_request"] = browser.authorization_params
         summary["authorization_response"] = browser.returned
@@ -228,8 +245,17 @@ async def run(options: argparse.Namespace, summary: dict[str, Any]) -> None:
         )
 
 
+def _changed(before: Any, after: Any) -> dict[str, bool]:
+    return {
+        name: after is not None
+        and before is not None
+        and getattr(after, name) != getattr(before, name)
+        for name in ("access_token", "refresh_token")
+    }
+
+
 async def exercise(
-    session: ClientSession,
+    session: ClientSession | Client,
     first: bool,
     calls: list[tuple[str, dict[str, Any]]] | None = None,
     interval: float = 0.0,
@@ -240,7 +266,10 @@ async def exercise(
     """
     out: dict[str, Any] = {}
     try:
-        if first:
+        if isinstance(session, Client):
+            # Connected (and negotiated) when it was entered.
+            out["protocol_version"] = session.protocol_version
+        elif first:
             result = await session.initialize()
             out["protocol_version"] = result.protocol_version
         tools = await session.list_tools()
@@ -285,6 +314,12 @@ def main(argv: list[str] | None = None) -> int:
         "--client-metadata-url", default=None, help="use this client ID metadata document URL"
     )
     parser.add_argument("--login", default="alice", help="who signs in at the Forgejo stand-in")
+    parser.add_argument(
+        "--mode",
+        default="session",
+        help="session (ClientSession, initialize), or the SDK Client's mode: "
+        "legacy, auto, or a stateless version such as 2026-07-28",
+    )
     parser.add_argument("--decision", default="approve", choices=["approve", "deny"])
     parser.add_argument("--redirect-uri", default="http://127.0.0.1:9/callback")
     parser.add_argument("--client-name", default="SDK Test Client")
