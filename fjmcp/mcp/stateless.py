@@ -250,8 +250,8 @@ def stamp(method: str, request: dict[str, Any], response: dict[str, Any], server
     """
     Make a child's answer (changed in place) one of the revision: a result
     gets C{resultType}, the cache hints of the lists and reads, and the
-    server's identity in C{_meta}; a resource the child did not find is
-    invalid params naming its URI.
+    server's identity in C{_meta}; a resource the child did not find (or
+    could not read for its parameters) is invalid params naming its URI.
     """
     result = response.get("result")
     if isinstance(result, dict):
@@ -266,12 +266,20 @@ def stamp(method: str, request: dict[str, Any], response: dict[str, Any], server
             result["_meta"] = meta
         return
     error = response.get("error")
-    if isinstance(error, dict) and error.get("code") == RESOURCE_NOT_FOUND:
-        uri = request.get("params", {}).get("uri")
+    if (
+        method == "resources/read"
+        and isinstance(error, dict)
+        and error.get("code") in (RESOURCE_NOT_FOUND, INVALID_PARAMS)
+    ):
+        # The revision's "resource not found": invalid params naming the
+        # URI (handshake-era servers use -32002, or -32602 without it).
+        data = error.get("data")
+        data = dict(data) if isinstance(data, dict) else {}
+        data.setdefault("uri", request.get("params", {}).get("uri"))
         response["error"] = {
             "code": INVALID_PARAMS,
             "message": error.get("message") or "Resource not found",
-            "data": {"uri": uri},
+            "data": data,
         }
 
 
