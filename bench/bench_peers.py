@@ -68,10 +68,12 @@ sys.path.insert(0, str(ROOT))
 from bench.mcpload import (  # noqa: E402
     CHILD_SCRIPT,
     HOST,
+    STATELESS,
     DirectSession,
     HTTPSession,
     Meter,
     Stack,
+    StatelessHTTPSession,
     children_of,
     closed_loop,
     descendants,
@@ -353,6 +355,22 @@ class Bridge:
         return len(children_of(self.pid))
 
 
+class StatelessBridge(Bridge):
+    """
+    fjmcp serving stateless (MCP 2026-07-28) clients: nothing to open or
+    end, every request served by the user's warm child.  Load only: it has
+    no sessions whose memory or set-up could be measured.
+    """
+
+    async def open(self, n: int) -> Sequence[Session]:
+        sessions = [StatelessHTTPSession(self.port, self.token) for _ in range(n)]
+        await asyncio.gather(*(s.start() for s in sessions))
+        return sessions
+
+    async def end(self, sessions: Sequence[Session]) -> None:
+        await asyncio.gather(*(s.close() for s in sessions if isinstance(s, StatelessHTTPSession)))
+
+
 # --------------------------------------------------------------------------
 # The phases
 
@@ -396,7 +414,17 @@ async def load_once(target: Target, concurrency: int, args: argparse.Namespace) 
     sessions = await target.open(concurrency)
     try:
         children = target.children(sessions)
-        if isinstance(target, Bridge) and args.driver == "wrk":
+        if isinstance(target, StatelessBridge) and args.driver == "wrk":
+            result = await wrk_closed_loop(
+                target.port,
+                target.token,
+                ["-"] * concurrency,
+                args.phase_seconds,
+                args.warmup_seconds,
+                target.pid,
+                protocol=STATELESS,
+            )
+        elif isinstance(target, Bridge) and args.driver == "wrk":
             ids = [s.session_id for s in sessions if isinstance(s, HTTPSession)]
             assert None not in ids
             result = await wrk_closed_loop(
@@ -441,6 +469,8 @@ async def run(
 ) -> dict[str, Any]:
     results: dict[str, Any] = {"memory": {}, "rounds": {}, "load": {}, "setup": {}}
     for t in targets:
+        if isinstance(t, StatelessBridge):
+            continue
         progress(f"memory: {t.name}, {args.idle} idle sessions")
         results["memory"][t.name] = await memory_phase(t, args.idle)
     rounds: dict[str, dict[int, list[dict[str, Any]]]] = {
@@ -457,9 +487,10 @@ async def run(
         name: {str(c): median_of(r) for c, r in per.items()} for name, per in rounds.items()
     }
     progress(f"session set-up: {args.setup_samples} samples each")
-    samples: dict[str, list[float]] = {t.name: [] for t in targets}
+    with_sessions = [t for t in targets if not isinstance(t, StatelessBridge)]
+    samples: dict[str, list[float]] = {t.name: [] for t in with_sessions}
     for _ in range(args.setup_samples):
-        for t in targets:
+        for t in with_sessions:
             samples[t.name].append(await t.setup_once())
     results["setup"] = {
         name: {
@@ -561,6 +592,8 @@ def report(
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for n in names:
+        if n not in results["setup"]:
+            continue
         s = results["setup"][n]
         m = results["memory"][n]
         before = m["before"].get("rss_kib", 0)
@@ -578,7 +611,7 @@ def report(
         out.append("| against | fjmcp req/s ÷ peer req/s | peer p99 ÷ fjmcp p99 | |")
         out.append("|---|---:|---:|---|")
         for n in bridges:
-            if n == "fjmcp":
+            if n.startswith("fjmcp"):
                 continue
             p = load[n]["16"]
             ahead = f["rps"] > p["rps"] and f["p99_ms"] < p["p99_ms"]
@@ -601,7 +634,13 @@ def plot(
         print("matplotlib is not installed: no plot (pip install '.[bench]')", file=sys.stderr)
         return False
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    styles = {"direct": "k--", "fjmcp": "C0-o", "supergateway": "C1-s", "mcp-proxy": "C2-^"}
+    styles = {
+        "direct": "k--",
+        "fjmcp": "C0-o",
+        "fjmcp-stateless": "C0:d",
+        "supergateway": "C1-s",
+        "mcp-proxy": "C2-^",
+    }
     for t in targets:
         per = results["load"][t.name]
         rps = [per[str(c)]["rps"] for c in sessions]
@@ -674,8 +713,8 @@ def main() -> None:
     parser.add_argument(
         "--only",
         type=lambda s: s.split(","),
-        default=["direct", "fjmcp", "supergateway", "mcp-proxy"],
-        help="which paths, comma-separated (direct,fjmcp,supergateway,mcp-proxy)",
+        default=["direct", "fjmcp", "fjmcp-stateless", "supergateway", "mcp-proxy"],
+        help="which paths, comma-separated (direct,fjmcp,fjmcp-stateless,supergateway,mcp-proxy)",
     )
     parser.add_argument(
         "--quiet-peers",
@@ -711,10 +750,22 @@ def main() -> None:
         targets: list[Target] = []
         if "direct" in args.only:
             targets.append(Direct(stack.wrapper, env))
-        if "fjmcp" in args.only:
+        if "fjmcp" in args.only or "fjmcp-stateless" in args.only:
             token = oauth_access_token(stack.broker_url)
+        if "fjmcp" in args.only:
             targets.append(
                 Bridge("fjmcp", "fjmcp (auth on)", stack.broker_port, stack.broker_pid, token, 0)
+            )
+        if "fjmcp-stateless" in args.only:
+            targets.append(
+                StatelessBridge(
+                    "fjmcp-stateless",
+                    "fjmcp stateless (2026-07-28, auth on)",
+                    stack.broker_port,
+                    stack.broker_pid,
+                    token,
+                    0,
+                )
             )
         child_cmd = f"{stack.wrapper} --transport stdio"
         if "supergateway" in args.only:

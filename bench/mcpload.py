@@ -546,6 +546,62 @@ class HTTPSession:
         await self.conn.close()
 
 
+STATELESS = "2026-07-28"
+
+
+def stateless_echo(id: int) -> dict[str, Any]:
+    """
+    The echo call of a stateless (MCP 2026-07-28) client: its envelope in
+    C{_meta}, no session.
+    """
+    message = echo_message(id)
+    message["params"]["_meta"] = {
+        "io.modelcontextprotocol/protocolVersion": STATELESS,
+        "io.modelcontextprotocol/clientCapabilities": {},
+    }
+    return message
+
+
+class StatelessHTTPSession:
+    """
+    A stateless client on its own keep-alive connection: nothing to open or
+    end, every request carries its envelope and routing headers.
+    """
+
+    session_id = "-"
+
+    def __init__(self, port: int, token: str | None, path: str = "/mcp") -> None:
+        self.conn = Connection(port)
+        self._token = token
+        self._path = path
+        self._next = 1
+
+    async def start(self) -> float:
+        await self.conn.open()
+        return 0.0
+
+    async def call(self) -> None:
+        id, self._next = self._next, self._next + 1
+        headers = {
+            "Content-Type": "application/json",
+            "Accept": "application/json, text/event-stream",
+            "MCP-Protocol-Version": STATELESS,
+            "Mcp-Method": "tools/call",
+            "Mcp-Name": "echo",
+        }
+        if self._token is not None:
+            headers["Authorization"] = "Bearer " + self._token
+        status, answer_headers, body = await self.conn.request(
+            "POST", self._path, headers, json.dumps(stateless_echo(id)).encode()
+        )
+        if status != 200:
+            raise HTTPError(f"tools/call answered {status}: {body[:200]!r}")
+        check_echo(jsonrpc_body(answer_headers, body), id)
+
+    async def close(self, delete: bool = True) -> None:
+        await self.conn.close()
+
+
 # --------------------------------------------------------------------------
 # Load
 

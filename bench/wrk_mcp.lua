@@ -5,9 +5,12 @@
 --   wrk -t N -c N -d 10s -s bench/wrk_mcp.lua http://127.0.0.1:PORT/mcp \
 --       -- PROTOCOL TOKEN SESSION_1 ... SESSION_N
 --
--- TOKEN is "-" for a bridge without authentication.  Every answer is
--- checked: status 200 and the request's own id in the body, else it counts
--- as bad.  done() prints one JSON line for wrkload.py.
+-- TOKEN is "-" for a bridge without authentication.  With PROTOCOL
+-- 2026-07-28 the requests are stateless: no session (the SESSION arguments
+-- are placeholders, one per thread), the envelope in _meta and the routing
+-- headers instead.  Every answer is checked: status 200 and the request's
+-- own id in the body, else it counts as bad.  done() prints one JSON line
+-- for wrkload.py.
 
 local sessions = {}
 local threads = {}
@@ -24,6 +27,7 @@ id = 0
 bad = 0
 first_bad = ""
 local path
+local meta = ""
 
 function init(args)
    local protocol, token = args[1], args[2]
@@ -35,8 +39,15 @@ function init(args)
    wrk.method = "POST"
    wrk.headers["Content-Type"] = "application/json"
    wrk.headers["Accept"] = "application/json, text/event-stream"
-   wrk.headers["Mcp-Session-Id"] = session
    wrk.headers["MCP-Protocol-Version"] = protocol
+   if protocol == "2026-07-28" then
+      wrk.headers["Mcp-Method"] = "tools/call"
+      wrk.headers["Mcp-Name"] = "echo"
+      meta = ',"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28",' ..
+         '"io.modelcontextprotocol/clientCapabilities":{}}'
+   else
+      wrk.headers["Mcp-Session-Id"] = session
+   end
    if token ~= "-" then
       wrk.headers["Authorization"] = "Bearer " .. token
    end
@@ -46,7 +57,7 @@ function request()
    id = id + 1
    return wrk.format(nil, path, nil,
       '{"jsonrpc":"2.0","id":' .. id .. ',"method":"tools/call",' ..
-      '"params":{"name":"echo","arguments":{"text":"hello, bench"}}}')
+      '"params":{"name":"echo","arguments":{"text":"hello, bench"}' .. meta .. '}}')
 end
 
 function response(status, headers, body)

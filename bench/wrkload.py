@@ -48,11 +48,14 @@ async def wrk_closed_loop(
     warmup: float,
     bridge_pid: int | None,
     path: str = "/mcp",
+    protocol: str = PROTOCOL,
 ) -> dict[str, Any]:
     """
     C{warmup} seconds of unrecorded load, then C{seconds} recorded; the
     same keys as L{bench.mcpload.closed_loop}'s result, plus wrk's own CPU
-    share and its error counts.
+    share and its error counts.  C{protocol} is the sessions' MCP version,
+    or L{bench.mcpload.STATELESS} for stateless requests (then each of
+    C{session_ids} is a placeholder, one per client).
     """
     n = len(session_ids)
     url = f"http://{HOST}:{port}{path}"
@@ -68,7 +71,7 @@ async def wrk_closed_loop(
             str(SCRIPT),
             url,
             "--",
-            PROTOCOL,
+            protocol,
             token or "-",
             *session_ids,
         ]

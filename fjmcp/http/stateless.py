@@ -107,8 +107,10 @@ class StatelessEndpoint:
             return accepted(request)
         if (full := endpoint.full(request, user_id, message)) is not None:
             return full
-        user = await self._users.get_user(user_id)
-        login = user.login if user is not None else str(user_id)
+        async def login() -> str:
+            user = await self._users.get_user(user_id)
+            return user.login if user is not None else str(user_id)
+
         try:
             session = await self._warm.session(user_id, login, forgejo_token, family_id)
         except (SessionLimitError, SpawnError) as e:

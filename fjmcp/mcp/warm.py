@@ -14,6 +14,7 @@ and keeps the child's answer, from which C{server/discover} is answered.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred, TimeoutError
@@ -72,12 +73,17 @@ class WarmChildren:
         return sum(1 for s in self._warm.values() if not s.ended)
 
     async def session(
-        self, user_id: int, user_login: str, forgejo_token: str, family_id: str
+        self,
+        user_id: int,
+        user_login: Callable[[], Awaitable[str]],
+        forgejo_token: str,
+        family_id: str,
     ) -> Session:
         """
         The grant's stateless session, with a child holding C{forgejo_token}
         that has answered the broker's initialize (started, woken from
-        hibernation or renewed as needed).
+        hibernation or renewed as needed).  C{user_login} is asked only
+        when a session is started (for its log lines).
 
         @raise fjmcp.mcp.session_children.SessionLimitError: not now (caps).
         @raise SpawnError: no child could be started or it would not
@@ -96,11 +102,15 @@ class WarmChildren:
             return await mine
         self._starting[key] = []
         try:
-            session = await self._start(user_id, user_login, forgejo_token, family_id)
+            login = await user_login()
+            session = await self._start(user_id, login, forgejo_token, family_id)
         except Exception as e:
             for d in self._starting.pop(key):
                 d.errback(e)
             raise
+        # Forget the ended ones now and then (grants end, users come back
+        # with new ones).
+        self._warm = {k: s for k, s in self._warm.items() if not s.ended}
         self._warm[key] = session
         for d in self._starting.pop(key):
             d.callback(session)
