@@ -77,9 +77,9 @@ class StatelessTests(SessionTestCase):
         self.assertEqual(discovered["supportedVersions"], [VERSION])
         self.assertEqual(discovered["resultType"], "complete")
         self.assertEqual((discovered["ttlMs"], discovered["cacheScope"]), (0, "private"))
-        # The child's own capabilities and identity, less what the broker
-        # does not relay (change notifications need subscriptions/listen).
-        self.assertEqual(discovered["capabilities"], {"tools": {}})
+        # The child's own capabilities (list changes come through
+        # subscriptions/listen) and identity.
+        self.assertEqual(discovered["capabilities"], {"tools": {"listChanged": True}})
         self.assertEqual(
             discovered["_meta"]["io.modelcontextprotocol/serverInfo"],
             {"name": "scripted-child", "version": "1"},
@@ -156,7 +156,6 @@ class StatelessTests(SessionTestCase):
             # Removed by the revision, or served by nothing.
             (envelope(7, "initialize"), None, 404, -32601),
             (envelope(7, "ping"), None, 404, -32601),
-            (envelope(7, "subscriptions/listen"), None, 404, -32601),
             (envelope(7, "unknown/method"), None, 404, -32601),
         ]
         for message, headers, status, code in cases:
@@ -176,6 +175,70 @@ class StatelessTests(SessionTestCase):
         self.assertEqual(reply.json()["error"]["message"], "unknown tool")
         # None of this started a child before it was needed.
         self.assertLessEqual(self.broker.sessions.children_running(), 1)
+
+    async def listen(self, token: str, id: Any, **asked: bool) -> Reply:
+        message = envelope(id, "subscriptions/listen", {"notifications": asked})
+        reply = await self.send("POST", token, message, headers=routing_headers(message))
+        self.assertEqual(reply.code, 200)
+        self.assertTrue(reply.is_sse)
+        return reply
+
+    async def test_listen_streams_the_childs_list_changes(self) -> None:
+        alice = await self.token("alice")
+        bob = await self.token("bob")
+        tools = await self.listen(alice, "L1", toolsListChanged=True, promptsListChanged=True)
+        prompts = await self.listen(alice, "L2", promptsListChanged=True)
+        bobs = await self.listen(bob, "L3", toolsListChanged=True)
+        ack = await tools.event(lambda e: True)
+        # First, what the stream will carry: the list changes asked for that
+        # the child announces (the scripted child has no prompts).
+        self.assertEqual(
+            ack,
+            {
+                "jsonrpc": "2.0",
+                "method": "notifications/subscriptions/acknowledged",
+                "params": {
+                    "_meta": {"io.modelcontextprotocol/subscriptionId": "L1"},
+                    "notifications": {"toolsListChanged": True},
+                },
+            },
+        )
+        self.assertEqual((await prompts.event(lambda e: True))["params"]["notifications"], {})
+        await self.answer(alice, envelope(5, "tools/call", {"name": "change"}))
+        changed = await tools.event(lambda e: e.get("method") != ack["method"])
+        self.assertEqual(
+            changed,
+            {
+                "jsonrpc": "2.0",
+                "method": "notifications/tools/list_changed",
+                "params": {"_meta": {"io.modelcontextprotocol/subscriptionId": "L1"}},
+            },
+        )
+        # Not to the stream that did not ask, nor to another user's.
+        await self.whoami(alice, 6)
+        self.assertEqual(len(prompts.events), 1)
+        self.assertEqual(len(bobs.events), 1)
+        self.assertFalse(tools.done.called)
+
+    async def test_listen_ends_with_its_grant(self) -> None:
+        self.use_broker(revocation_interval=3600)
+        tokens = await self.login_tokens("alice")
+        stream = await self.listen(tokens["access_token"], 11, toolsListChanged=True)
+        await stream.event(lambda e: True)
+        response = await self.browser.post(
+            self.broker.url + "/oauth/revoke",
+            data={
+                "token": tokens["refresh_token"],
+                "token_type_hint": "refresh_token",
+                "client_id": tokens["client"]["client_id"],
+            },
+        )
+        await response.content()
+        await stream.finished()
+        last = stream.events[-1]
+        self.assertEqual(last["id"], 11)
+        self.assertEqual(last["result"]["resultType"], "complete")
+        self.assertEqual(last["result"]["_meta"]["io.modelcontextprotocol/subscriptionId"], 11)
 
     async def test_no_stream_no_delete(self) -> None:
         alice = await self.token("alice")

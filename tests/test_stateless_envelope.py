@@ -18,11 +18,15 @@ from twisted.trial.unittest import SynchronousTestCase
 from fjmcp.mcp.jsonrpc import known_id
 from fjmcp.mcp.stateless import (
     FORWARDED,
+    LIST_CHANGES,
     META_CAPABILITIES,
     META_VERSION,
     NAME_PARAMS,
+    SUBSCRIPTION_ID,
     check,
     decode_header_value,
+    for_listener,
+    honoured,
     is_stateless,
     stamp,
     to_child,
@@ -170,3 +174,34 @@ class TranslationTests(SynchronousTestCase):
             response["error"],
             {"code": -32602, "message": "Resource not found", "data": {"uri": "file:///x"}},
         )
+
+
+class ListenFilterTests(SynchronousTestCase):
+    @given(
+        st.dictionaries(st.sampled_from([*sorted(LIST_CHANGES), "other"]), json_values),
+        st.dictionaries(
+            st.sampled_from(["tools", "prompts", "resources", "logging"]),
+            st.dictionaries(st.sampled_from(["listChanged", "subscribe"]), json_values),
+        ),
+        st.sampled_from(
+            [m for _, m in LIST_CHANGES.values()]
+            + ["notifications/resources/updated", "notifications/message", "x"]
+        ),
+        ids,
+    )
+    def test_only_what_was_asked_and_announced_tagged(
+        self, asked: dict[str, Any], capabilities: dict[str, Any], method: str, sid: Any
+    ) -> None:
+        delivered = honoured(asked, capabilities)
+        for flag in delivered:
+            kind = LIST_CHANGES[flag][0]
+            self.assertIs(asked[flag], True)
+            self.assertIs(capabilities[kind]["listChanged"], True)
+        out = for_listener({"jsonrpc": "2.0", "method": method}, sid, delivered)
+        wanted = {LIST_CHANGES[f][1] for f in delivered}
+        if method in wanted:
+            assert out is not None
+            self.assertEqual(out["method"], method)
+            self.assertEqual(out["params"]["_meta"][SUBSCRIPTION_ID], sid)
+        else:
+            self.assertIsNone(out)

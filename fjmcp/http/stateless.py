@@ -15,17 +15,24 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.server import Request
 
-from fjmcp.http.exchanges import KEEPALIVE, PostExchange, accepted
+from fjmcp.http.exchanges import _SSE, KEEPALIVE, PostExchange, accepted
 from fjmcp.mcp.children import Child
 from fjmcp.mcp.jsonrpc import METHOD_NOT_FOUND, known_id
+from fjmcp.mcp.session import Session
 from fjmcp.mcp.session_children import SessionLimitError, SpawnError
 from fjmcp.mcp.sessions import SessionManager
 from fjmcp.mcp.stateless import (
+    LISTEN,
+    SUBSCRIPTION_ID,
+    acknowledgement,
     check,
     discover_result,
+    for_listener,
+    honoured,
     http_status,
     stamp,
     to_child,
@@ -107,6 +114,7 @@ class StatelessEndpoint:
             return accepted(request)
         if (full := endpoint.full(request, user_id, message)) is not None:
             return full
+
         async def login() -> str:
             user = await self._users.get_user(user_id)
             return user.login if user is not None else str(user_id)
@@ -117,6 +125,9 @@ class StatelessEndpoint:
             return endpoint.unavailable(request, known_id(message), e)
         handshake = session.handshake_result or {}
         method = message["method"]
+        if method == LISTEN:
+            await self._listen(request, message, session, user_id)
+            return None
         if method == "server/discover":
             return endpoint.json(
                 request,
@@ -150,3 +161,39 @@ class StatelessEndpoint:
         if exchange.gone:
             router.abandon(exchange)
         return None
+
+    async def _listen(
+        self, request: Request, message: dict[str, Any], session: Session, user_id: int
+    ) -> None:
+        """
+        A subscriptions/listen stream: the acknowledgement (what it will
+        carry: the list changes asked for that the child announces), then
+        each such change, until the client goes away or the grant's session
+        ends (then the request's response closes it).
+        """
+        subscription = message["id"]
+        handshake = session.handshake_result or {}
+        delivered = honoured(message["params"].get("notifications"), handshake.get("capabilities"))
+        sse = _SSE(request, self._clock, self._keepalive)
+        sse.send(acknowledgement(subscription, delivered))
+        done: Deferred[None] = Deferred(lambda d: sse.close(finish=False))
+
+        def send(notification: dict[str, Any]) -> None:
+            out = for_listener(notification, subscription, delivered)
+            if out is not None:
+                sse.send(out)
+
+        def end() -> None:
+            result: dict[str, Any] = {"resultType": "complete"}
+            stamp(LISTEN, message, {"result": result}, handshake.get("serverInfo"))
+            result["_meta"][SUBSCRIPTION_ID] = subscription
+            sse.send({"jsonrpc": "2.0", "id": subscription, "result": result})
+            sse.close()
+            if not done.called:
+                done.callback(None)
+
+        stop = self._warm.listen(session, send, end)
+        try:
+            await self._endpoint.hold(user_id, done)
+        finally:
+            stop()

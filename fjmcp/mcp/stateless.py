@@ -14,10 +14,11 @@ C{initialize} result; everything else goes to the child with the envelope
 taken off, and comes back with C{resultType} (and, for lists and reads,
 C{ttlMs} and C{cacheScope}) and the server's identity added.
 
-Not served (yet): server-to-client requests (the revision's
-C{input_required} results) and C{subscriptions/listen}; discover says so
-(no C{listChanged}, no C{subscribe}), and a child's request to the client
-is refused to the child.
+C{subscriptions/listen} streams the child's list changes (those its
+capabilities announce) to the grant's listeners.  Not served (yet):
+server-to-client requests (the revision's C{input_required} results) and
+resource subscriptions; discover says so (no C{subscribe}), and a child's
+request to the client is refused to the child.
 """
 
 from __future__ import annotations
@@ -47,6 +48,15 @@ META_PREFIX = "io.modelcontextprotocol/"
 META_VERSION = META_PREFIX + "protocolVersion"
 META_CAPABILITIES = META_PREFIX + "clientCapabilities"
 META_SERVER_INFO = META_PREFIX + "serverInfo"
+SUBSCRIPTION_ID = META_PREFIX + "subscriptionId"
+LISTEN = "subscriptions/listen"
+# What a listen request may ask for: the capability that announces it, and
+# the child's notification that delivers it.
+LIST_CHANGES = {
+    "toolsListChanged": ("tools", "notifications/tools/list_changed"),
+    "promptsListChanged": ("prompts", "notifications/prompts/list_changed"),
+    "resourcesListChanged": ("resources", "notifications/resources/list_changed"),
+}
 
 HEADER_MISMATCH = -32020
 MISSING_CAPABILITY = -32021
@@ -225,7 +235,7 @@ def check(message: Any, headers: Mapping[str, Sequence[str]]) -> Refusal | None:
             "Unsupported protocol version",
             {"supported": list(STATELESS_VERSIONS), "requested": version},
         )
-    if what.kind == "request" and method != "server/discover" and method not in FORWARDED:
+    if what.kind == "request" and method not in FORWARDED | {"server/discover", LISTEN}:
         return _refuse(404, message, METHOD_NOT_FOUND, "Method not found", method)
     return None
 
@@ -308,8 +318,7 @@ def discover_result(initialize_result: Mapping[str, Any]) -> dict[str, Any]:
     """
     C{server/discover}'s result, from what the child said to the broker's
     C{initialize}: its capabilities (without what the broker does not relay:
-    change notifications, subscriptions, log levels), instructions and
-    identity.
+    resource subscriptions, log levels), instructions and identity.
     """
     capabilities = copy.deepcopy(initialize_result.get("capabilities"))
     if not isinstance(capabilities, dict):
@@ -318,7 +327,8 @@ def discover_result(initialize_result: Mapping[str, Any]) -> dict[str, Any]:
     for kind in ("tools", "prompts", "resources"):
         entry = capabilities.get(kind)
         if isinstance(entry, dict):
-            entry.pop("listChanged", None)
+            # List changes go to subscriptions/listen; resource
+            # subscriptions are not relayed.
             entry.pop("subscribe", None)
     result: dict[str, Any] = {
         "resultType": "complete",
@@ -333,3 +343,52 @@ def discover_result(initialize_result: Mapping[str, Any]) -> dict[str, Any]:
     if server_info is not None:
         result["_meta"] = {META_SERVER_INFO: server_info}
     return result
+
+
+def honoured(asked: Any, child_capabilities: Any) -> dict[str, bool]:
+    """
+    The part of a listen request's filter (its C{params.notifications})
+    that the broker delivers: the list changes the child announces.
+    """
+    out: dict[str, bool] = {}
+    if not isinstance(asked, dict) or not isinstance(child_capabilities, dict):
+        return out
+    for flag, (kind, _) in LIST_CHANGES.items():
+        capability = child_capabilities.get(kind)
+        if (
+            asked.get(flag) is True
+            and isinstance(capability, dict)
+            and capability.get("listChanged") is True
+        ):
+            out[flag] = True
+    return out
+
+
+def acknowledgement(subscription_id: Any, delivered: Mapping[str, bool]) -> dict[str, Any]:
+    """
+    The first message of a listen stream: what it will carry.
+    """
+    return {
+        "jsonrpc": "2.0",
+        "method": "notifications/subscriptions/acknowledged",
+        "params": {"_meta": {SUBSCRIPTION_ID: subscription_id}, "notifications": dict(delivered)},
+    }
+
+
+def for_listener(
+    message: Mapping[str, Any], subscription_id: Any, delivered: Mapping[str, bool]
+) -> dict[str, Any] | None:
+    """
+    A child's notification as a listen stream with that filter carries it
+    (tagged with the subscription), or None when the stream does not.
+    """
+    wanted = {LIST_CHANGES[flag][1] for flag in delivered if delivered[flag]}
+    if message.get("method") not in wanted:
+        return None
+    params = message.get("params")
+    params = dict(params) if isinstance(params, dict) else {}
+    meta = params.get("_meta")
+    meta = dict(meta) if isinstance(meta, dict) else {}
+    meta[SUBSCRIPTION_ID] = subscription_id
+    params["_meta"] = meta
+    return {"jsonrpc": "2.0", "method": message["method"], "params": params}

@@ -52,6 +52,9 @@ class _Answer:
             self.done.callback(response)
 
 
+_Listener = tuple[Callable[[dict[str, Any]], None], Callable[[], None]]
+
+
 class WarmChildren:
     """
     The stateless sessions, one per (user, grant).
@@ -68,6 +71,8 @@ class WarmChildren:
         self._timeout = initialize_timeout
         self._warm: dict[tuple[int, str], Session] = {}
         self._starting: dict[tuple[int, str], list[Deferred[Session]]] = {}
+        # The open subscriptions/listen streams of each session (by id).
+        self._listeners: dict[str, set[_Listener]] = {}
 
     def __len__(self) -> int:
         return sum(1 for s in self._warm.values() if not s.ended)
@@ -148,6 +153,11 @@ class WarmChildren:
                 f"the forgejo-mcp process refused to initialize: {response.get('error')!r}"
             )
         session.handshake_result = result
+        # What the child says on its own (list changes) goes to the
+        # grant's listen streams, for as long as the session lives.
+        session.standalone.attach(
+            lambda message: self._fan_out(session, message), lambda: self._ended(session)
+        )
         self._sessions.client_notification(
             session, {"jsonrpc": "2.0", "method": "notifications/initialized"}
         )
@@ -159,3 +169,34 @@ class WarmChildren:
             pid=session.child.pid,
         )
         return session
+
+    def listen(
+        self,
+        session: Session,
+        send: Callable[[dict[str, Any]], None],
+        end: Callable[[], None],
+    ) -> Callable[[], None]:
+        """
+        Give C{send} every message the session's child sends on its own,
+        until the returned callable is called; C{end} is called if the
+        session ends first.
+        """
+        listener: _Listener = (send, end)
+        self._listeners.setdefault(session.id, set()).add(listener)
+
+        def stop() -> None:
+            listeners = self._listeners.get(session.id)
+            if listeners is not None:
+                listeners.discard(listener)
+                if not listeners:
+                    del self._listeners[session.id]
+
+        return stop
+
+    def _fan_out(self, session: Session, message: dict[str, Any]) -> None:
+        for send, _ in list(self._listeners.get(session.id, ())):
+            send(message)
+
+    def _ended(self, session: Session) -> None:
+        for _, end in list(self._listeners.pop(session.id, ())):
+            end()
