@@ -258,6 +258,25 @@ class StatelessTests(SessionTestCase):
         # The scripted child's tool shows the answer it got.
         self.assertEqual(json.loads(tool_text(called))["code"], -32601)
 
+    async def test_a_childs_request_with_others_in_flight_is_refused_too(self) -> None:
+        """
+        With several calls in flight on the grant's child, a request of the
+        child's belongs to none of them that the broker could tell: it is
+        refused to the child all the same, never left waiting.
+        """
+        alice = await self.token("alice")
+        message = envelope(1, "tools/call", {"name": "slow", "arguments": {"delay": 1.5}})
+        slow = self.start("POST", alice, message, headers=routing_headers(message))
+        await wait_until(
+            lambda: any(s.router.in_flight for s in self.broker.sessions._sessions.values())
+        )
+        asked = await self.answer(alice, envelope(2, "tools/call", {"name": "ask"}))
+        self.assertEqual(json.loads(tool_text(asked))["code"], -32601)
+        # Answered while the slow call was still in flight.
+        self.assertTrue(any(s.router.in_flight for s in self.broker.sessions._sessions.values()))
+        reply = await (await slow).finished()
+        self.assertEqual(reply.code, 200)
+
     async def test_warm_child_hibernates_and_wakes(self) -> None:
         self.use_broker(session_hibernate_after=0.3)
         alice = await self.token("alice")

@@ -21,7 +21,7 @@ from twisted.web.server import Request
 
 from fjmcp.http.exchanges import _SSE, KEEPALIVE, PostExchange, accepted
 from fjmcp.mcp.children import Child
-from fjmcp.mcp.jsonrpc import METHOD_NOT_FOUND, known_id
+from fjmcp.mcp.jsonrpc import known_id
 from fjmcp.mcp.session import Session
 from fjmcp.mcp.session_children import SessionLimitError, SpawnError
 from fjmcp.mcp.sessions import SessionManager
@@ -34,6 +34,7 @@ from fjmcp.mcp.stateless import (
     for_listener,
     honoured,
     http_status,
+    refusal_to_child,
     stamp,
     to_child,
 )
@@ -140,18 +141,7 @@ class StatelessEndpoint:
             stamp(method, message, response, server_info)
 
         def refuse(server_request: dict[str, Any]) -> None:
-            self._sessions.client_response(
-                session,
-                {
-                    "jsonrpc": "2.0",
-                    "id": server_request["id"],
-                    "error": {
-                        "code": METHOD_NOT_FOUND,
-                        "message": "the client (MCP 2026-07-28, through fjmcp) cannot be asked "
-                        f"for {server_request.get('method')!r}",
-                    },
-                },
-            )
+            self._sessions.client_response(session, refusal_to_child(server_request))
 
         exchange = StatelessExchange(
             request, self._clock, self._keepalive, on_response, lambda: session.child, refuse

@@ -392,3 +392,19 @@ def for_listener(
     meta[SUBSCRIPTION_ID] = subscription_id
     params["_meta"] = meta
     return {"jsonrpc": "2.0", "method": message["method"], "params": params}
+
+
+def refusal_to_child(server_request: Mapping[str, Any]) -> dict[str, Any]:
+    """
+    The broker's answer to a child's request to a stateless client (which
+    it does not relay), so the child's work goes on instead of waiting.
+    """
+    return {
+        "jsonrpc": "2.0",
+        "id": server_request.get("id"),
+        "error": {
+            "code": METHOD_NOT_FOUND,
+            "message": "the client (MCP 2026-07-28, through fjmcp) cannot be asked "
+            f"for {server_request.get('method')!r}",
+        },
+    }

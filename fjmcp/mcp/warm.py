@@ -25,7 +25,7 @@ from fjmcp import __version__
 from fjmcp.mcp.session import Session
 from fjmcp.mcp.session_children import SpawnError
 from fjmcp.mcp.sessions import SessionManager
-from fjmcp.mcp.stateless import CHILD_VERSION, child_initialize
+from fjmcp.mcp.stateless import CHILD_VERSION, child_initialize, refusal_to_child
 
 # A forgejo-mcp answers initialize within a second of its start (it checks
 # its connection to Forgejo first); clients probing server/discover give up
@@ -194,6 +194,12 @@ class WarmChildren:
         return stop
 
     def _fan_out(self, session: Session, message: dict[str, Any]) -> None:
+        if "id" in message and "method" in message:
+            # A request of the child's that no single client request owns
+            # (several were in flight): no stateless client can take it,
+            # and the child must not wait for an answer.
+            self._sessions.client_response(session, refusal_to_child(message))
+            return
         for send, _ in list(self._listeners.get(session.id, ())):
             send(message)
 
