@@ -183,6 +183,7 @@ async def run(options: argparse.Namespace, summary: dict[str, Any]) -> None:
                     streamable_http_client(options.mcp_url, http_client=client),
                     mode=options.mode,
                     cache=None,
+                    sampling_callback=sampling(options.sampling_answer),
                 ) as modern,
             ):
                 summary["initialize"] = await exercise(
@@ -243,6 +244,26 @@ async def run(options: argparse.Namespace, summary: dict[str, Any]) -> None:
                 "scope": tokens.scope,
             }
         )
+
+
+def sampling(answer: str | None) -> Any:
+    """
+    A sampling callback that answers every question with C{answer} (None:
+    the client declares no sampling).
+    """
+    if answer is None:
+        return None
+
+    async def callback(context: Any, params: Any) -> Any:
+        from mcp import types
+
+        return types.CreateMessageResult(
+            role="assistant",
+            content=types.TextContent(type="text", text=answer),
+            model="sdk-oauth-client",
+        )
+
+    return callback
 
 
 def _changed(before: Any, after: Any) -> dict[str, bool]:
@@ -314,6 +335,11 @@ def main(argv: list[str] | None = None) -> int:
         "--client-metadata-url", default=None, help="use this client ID metadata document URL"
     )
     parser.add_argument("--login", default="alice", help="who signs in at the Forgejo stand-in")
+    parser.add_argument(
+        "--sampling-answer",
+        default=None,
+        help="declare sampling and answer every sampling request with this text (Client modes)",
+    )
     parser.add_argument(
         "--mode",
         default="session",

@@ -13,7 +13,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from tests.broker_support import REDIRECT, run_sdk_client
 from tests.helpers import process_gone, wait_until
+from tests.test_sdk_oauth import SCRIPT
 from tests.test_sessions import Reply, SessionTestCase, tool_text
 
 VERSION = "2026-07-28"
@@ -21,12 +23,16 @@ CAPABILITIES: dict[str, Any] = {"sampling": {}}
 
 
 def envelope(
-    id: Any, method: str, params: dict[str, Any] | None = None, version: str = VERSION
+    id: Any,
+    method: str,
+    params: dict[str, Any] | None = None,
+    version: str = VERSION,
+    capabilities: dict[str, Any] = CAPABILITIES,
 ) -> dict[str, Any]:
     body = dict(params or {})
     body["_meta"] = {
         "io.modelcontextprotocol/protocolVersion": version,
-        "io.modelcontextprotocol/clientCapabilities": CAPABILITIES,
+        "io.modelcontextprotocol/clientCapabilities": capabilities,
         "io.modelcontextprotocol/clientInfo": {"name": "test_stateless", "version": "1"},
     }
     return {"jsonrpc": "2.0", "id": id, "method": method, "params": body}
@@ -248,15 +254,109 @@ class StatelessTests(SessionTestCase):
             self.assert_rpc_error(reply, 405)
             self.assertEqual(reply.headers.getRawHeaders(b"allow"), [b"POST"])
 
-    async def test_a_child_asking_the_client_is_refused_not_hung(self) -> None:
+    async def test_a_question_the_client_cannot_answer_is_refused_not_hung(self) -> None:
         """
-        The stateless wire has no way to the client for a child's request
-        (sampling here): the child is told at once, and the call ends.
+        A client that did not declare sampling is not asked for it: the
+        child is told at once, and the call ends.
         """
         alice = await self.token("alice")
-        called = await self.answer(alice, envelope(4, "tools/call", {"name": "ask"}))
+        call = envelope(4, "tools/call", {"name": "ask"}, capabilities={})
+        called = await self.answer(alice, call)
         # The scripted child's tool shows the answer it got.
         self.assertEqual(json.loads(tool_text(called))["code"], -32601)
+
+    async def ask(self, token: str, id: Any = 1) -> tuple[dict[str, Any], str, str]:
+        """
+        Call the scripted child's tool that asks its client for a sampling:
+        the question that comes back, its key and the request state.
+        """
+        result = (await self.answer(token, envelope(id, "tools/call", {"name": "ask"})))["result"]
+        self.assertEqual(result["resultType"], "input_required")
+        self.assertNotIn("ttlMs", result)
+        ((key, question),) = result["inputRequests"].items()
+        self.assertEqual(question["method"], "sampling/createMessage")
+        self.assertEqual(question["params"]["maxTokens"], 5)
+        return question, key, result["requestState"]
+
+    def follow_up(self, id: Any, state: Any, responses: Any, name: str = "ask") -> dict[str, Any]:
+        return envelope(
+            id,
+            "tools/call",
+            {"name": name, "inputResponses": responses, "requestState": state},
+        )
+
+    async def test_the_childs_question_goes_to_the_client_and_back(self) -> None:
+        alice = await self.token("alice")
+        _, key, state = await self.ask(alice)
+        answer = {"role": "assistant", "content": {"type": "text", "text": "4"}, "model": "m"}
+        done = await self.answer(alice, self.follow_up(2, state, {key: answer}))
+        self.assertEqual(done["result"]["resultType"], "complete")
+        # The child got the client's answer as the result of its request.
+        self.assertEqual(json.loads(tool_text(done)), answer)
+
+    async def test_the_request_state_is_its_owners_once_and_for_that_call(self) -> None:
+        alice = await self.token("alice")
+        bob = await self.token("bob")
+        _, key, state = await self.ask(alice)
+        answer = {"role": "assistant", "content": {"type": "text", "text": "4"}, "model": "m"}
+        refusals = [
+            (bob, self.follow_up(3, state, {key: answer})),
+            (alice, self.follow_up(4, state + "x", {key: answer})),
+            (alice, self.follow_up(5, state, {key: answer}, name="echo")),
+            (alice, self.follow_up(6, state, {key: 5})),
+        ]
+        for token, message in refusals:
+            reply = await self.stateless(token, message)
+            body = self.assert_rpc_error(reply, 400, -32602)
+            self.assertEqual(body["id"], message["id"])
+        # None of that used it up: its owner's follow-up goes through, once.
+        done = await self.answer(alice, self.follow_up(7, state, {key: answer}))
+        self.assertEqual(json.loads(tool_text(done)), answer)
+        again = await self.stateless(alice, self.follow_up(8, state, {key: answer}))
+        self.assertEqual(
+            self.assert_rpc_error(again, 400, -32602)["error"]["data"],
+            {"reason": "invalid_request_state"},
+        )
+
+    async def test_the_python_sdk_answers_the_childs_question(self) -> None:
+        """
+        The MCP Python SDK's client, pinned to 2026-07-28, gets the child's
+        sampling request as an input_required result, answers it through
+        its sampling callback and repeats the call: the tool gets the answer.
+        """
+        summary, stderr = await run_sdk_client(
+            self,
+            [
+                SCRIPT,
+                self.broker.url + "/mcp",
+                "--redirect-uri",
+                REDIRECT,
+                "--mode",
+                VERSION,
+                "--sampling-answer",
+                "four",
+                "--call",
+                "ask",
+                "{}",
+            ],
+        )
+        self.assertTrue(summary["initialize"]["ok"], (summary, stderr))
+        (call,) = summary["initialize"]["calls"]
+        (text,) = call["text"]
+        got = json.loads(text)
+        self.assertEqual(got["content"], {"type": "text", "text": "four"})
+        self.assertEqual(got["role"], "assistant")
+
+    async def test_an_unanswered_question_is_asked_again(self) -> None:
+        alice = await self.token("alice")
+        question, key, state = await self.ask(alice)
+        again = (await self.answer(alice, self.follow_up(2, state, {})))["result"]
+        self.assertEqual(again["resultType"], "input_required")
+        self.assertEqual(again["inputRequests"], {key: question})
+        self.assertNotEqual(again["requestState"], state)
+        answer = {"role": "assistant", "content": {"type": "text", "text": "4"}, "model": "m"}
+        done = await self.answer(alice, self.follow_up(3, again["requestState"], {key: answer}))
+        self.assertEqual(json.loads(tool_text(done)), answer)
 
     async def test_a_childs_request_with_others_in_flight_is_refused_too(self) -> None:
         """

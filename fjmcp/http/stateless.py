@@ -21,12 +21,23 @@ from twisted.web.server import Request
 
 from fjmcp.http.exchanges import _SSE, KEEPALIVE, PostExchange, accepted
 from fjmcp.mcp.children import Child
-from fjmcp.mcp.jsonrpc import known_id
+from fjmcp.mcp.input_required import (
+    ASKING,
+    InputWaits,
+    Parked,
+    may_ask,
+    responses_problem,
+    same_call,
+)
+from fjmcp.mcp.jsonrpc import INVALID_PARAMS, known_id
+from fjmcp.mcp.jsonrpc import error as rpc_error
+from fjmcp.mcp.router import SessionRouter
 from fjmcp.mcp.session import Session
 from fjmcp.mcp.session_children import SessionLimitError, SpawnError
 from fjmcp.mcp.sessions import SessionManager
 from fjmcp.mcp.stateless import (
     LISTEN,
+    META_CAPABILITIES,
     SUBSCRIPTION_ID,
     acknowledgement,
     check,
@@ -50,8 +61,8 @@ class StatelessExchange(PostExchange):
     """
     The answer to one stateless request.  The revision lets only the
     request's progress come before its response: a child's log messages
-    are dropped, and its requests to the client (which a stateless client
-    cannot answer on this wire) are refused to the child at once.
+    are dropped, and its questions to the client go to C{question} (which
+    answers with them, or refuses them to the child).
     """
 
     def __init__(
@@ -61,14 +72,14 @@ class StatelessExchange(PostExchange):
         keepalive: float,
         on_response: Callable[[dict[str, Any], Request], None],
         child: Callable[[], Child],
-        refuse: Callable[[dict[str, Any]], None],
+        question: Callable[[dict[str, Any]], None],
     ) -> None:
         super().__init__(request, clock, keepalive, on_response, child, status=http_status)
-        self._refuse = refuse
+        self._question = question
 
     def message(self, message: dict[str, Any]) -> None:
         if "id" in message:
-            self._refuse(message)
+            self._question(message)
         elif message.get("method") == "notifications/progress":
             super().message(message)
 
@@ -89,6 +100,9 @@ class StatelessEndpoint:
         self._users = users
         self._clock = clock
         self._keepalive = keepalive
+        self._waits = InputWaits(
+            clock, lambda session, asked: sessions.client_response(session, refusal_to_child(asked))
+        )
 
     async def post(
         self,
@@ -135,21 +149,122 @@ class StatelessEndpoint:
                 200,
                 {"jsonrpc": "2.0", "id": message["id"], "result": discover_result(handshake)},
             )
-        server_info = handshake.get("serverInfo")
+        owner = (user_id, family_id)
+        if method in ASKING and "requestState" in message["params"]:
+            return await self._follow_up(request, message, session, owner)
+        routers: list[SessionRouter] = []
+        exchange = self._exchange(request, message, session, owner, routers)
+        router = self._sessions.client_request(session, to_child(message), exchange)
+        routers.append(router)
+        await endpoint.hold(user_id, exchange.done)
+        if exchange.gone:
+            router.abandon(exchange)
+        return None
+
+    def _exchange(
+        self,
+        request: Request,
+        message: dict[str, Any],
+        session: Session,
+        owner: tuple[int, str],
+        routers: list[SessionRouter],
+    ) -> StatelessExchange:
+        """
+        The answer to C{message}, the call the router of C{routers} holds:
+        the child's answer stamped, or, when the child asks the client
+        something the client can answer, the question (the call parked until
+        the client's follow-up).
+        """
+        method = message["method"]
+        server_info = (session.handshake_result or {}).get("serverInfo")
+        capabilities = message["params"]["_meta"].get(META_CAPABILITIES)
 
         def on_response(response: dict[str, Any], _: Request) -> None:
             stamp(method, message, response, server_info)
 
-        def refuse(server_request: dict[str, Any]) -> None:
-            self._sessions.client_response(session, refusal_to_child(server_request))
+        def question(asked: dict[str, Any]) -> None:
+            if not routers or not may_ask(message, capabilities, asked):
+                self._sessions.client_response(session, refusal_to_child(asked))
+                return
+            parked = Parked(owner, session, routers[0], message)
+            parked.message(asked)
+            routers[0].rebind(exchange, parked)
+            handle = self._waits.park(parked)
+            exchange.finish(
+                {"jsonrpc": "2.0", "id": message["id"], "result": parked.input_required(handle)}
+            )
 
         exchange = StatelessExchange(
-            request, self._clock, self._keepalive, on_response, lambda: session.child, refuse
+            request, self._clock, self._keepalive, on_response, lambda: session.child, question
         )
-        router = self._sessions.client_request(session, to_child(message), exchange)
+        return exchange
+
+    async def _follow_up(
+        self,
+        request: Request,
+        message: dict[str, Any],
+        session: Session,
+        owner: tuple[int, str],
+    ) -> bytes | None:
+        """
+        A call repeated with the client's answers to the child's questions:
+        they go to the child, and the call goes on (or asks what is still
+        unanswered).  A state that is not this user's and grant's parked
+        call, or answers that are not objects, are invalid params.
+        """
+        endpoint = self._endpoint
+        params = message["params"]
+        handle = params["requestState"]
+        parked = self._waits.peek(handle, owner)
+        if parked is None or parked.session is not session or not same_call(parked.call, message):
+            return endpoint.json(
+                request,
+                400,
+                {
+                    "jsonrpc": "2.0",
+                    "id": message["id"],
+                    "error": {
+                        "code": INVALID_PARAMS,
+                        "message": "Invalid or expired requestState",
+                        "data": {"reason": "invalid_request_state"},
+                    },
+                },
+            )
+        responses = params.get("inputResponses", {})
+        problem = responses_problem(responses)
+        if problem is not None:
+            return endpoint.json(
+                request, 400, rpc_error(message["id"], INVALID_PARAMS, f"Invalid params: {problem}")
+            )
+        self._waits.take(handle)
+        for key, answer in responses.items():
+            if parked.asked.pop(key, None) is not None:
+                self._sessions.client_response(
+                    session, {"jsonrpc": "2.0", "id": key, "result": answer}
+                )
+        server_info = (session.handshake_result or {}).get("serverInfo")
+        if parked.asked:
+            # Still unanswered: ask again, under a new handle.
+            response = {
+                "jsonrpc": "2.0",
+                "id": message["id"],
+                "result": parked.input_required(self._waits.park(parked)),
+            }
+            stamp(message["method"], message, response, server_info)
+            return endpoint.json(request, 200, response)
+        if parked.final is not None:
+            response = dict(parked.final)
+            response["id"] = message["id"]
+            stamp(message["method"], message, response, server_info)
+            return endpoint.json(request, http_status(response), response)
+        user_id = owner[0]
+        if (full := endpoint.full(request, user_id, message)) is not None:
+            return full
+        exchange = self._exchange(request, message, session, owner, [parked.router])
+        parked.router.rebind(parked, exchange, message["id"])
         await endpoint.hold(user_id, exchange.done)
         if exchange.gone:
-            router.abandon(exchange)
+            parked.router.abandon(exchange)
         return None
 
     async def _listen(

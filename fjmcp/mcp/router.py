@@ -280,6 +280,15 @@ class SessionRouter:
         if silent:
             self._on_silent()
 
+    def rebind(self, old: ResponseStream, new: ResponseStream, client_id: Any = None) -> None:
+        """
+        What would go to C{old} goes to C{new} (under C{client_id}) from now.
+        """
+        for request in self._pending.values():
+            if request.stream is old:
+                request.stream = new
+                request.client_id = request.client_id if client_id is None else client_id
+
     def abandon(self, stream: ResponseStream) -> int:
         """
         The client of C{stream} went away: nothing can reach it any more

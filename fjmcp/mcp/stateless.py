@@ -266,7 +266,8 @@ def stamp(method: str, request: dict[str, Any], response: dict[str, Any], server
     result = response.get("result")
     if isinstance(result, dict):
         result.setdefault("resultType", "complete")
-        if method in CACHEABLE:
+        # A question is never cached.
+        if method in CACHEABLE and result["resultType"] != "input_required":
             for key, value in CACHE_HINTS.items():
                 result.setdefault(key, value)
         if server_info is not None:
