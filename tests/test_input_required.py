@@ -32,23 +32,40 @@ LIFETIME = 10.0
 owners = st.tuples(st.integers(1, 3), st.sampled_from(["grant-a", "grant-b"]))
 
 
+class FakeRouter:
+    """
+    Where a parked call's refusals and cancellation go.
+    """
+
+    def __init__(self) -> None:
+        self.refused: list[dict[str, Any]] = []
+        self.abandoned: list[Any] = []
+
+    def client_response(self, message: dict[str, Any]) -> bool:
+        self.refused.append(message)
+        return True
+
+    def abandon(self, stream: Any) -> int:
+        self.abandoned.append(stream)
+        return 1
+
+
 class ParkedCalls(RuleBasedStateMachine):
     handles = Bundle("handles")
 
     def __init__(self) -> None:
         super().__init__()
         self.clock = Clock()
-        self.refused: list[tuple[Any, dict[str, Any]]] = []
-        self.waits = InputWaits(
-            self.clock, lambda s, q: self.refused.append((s, q)), lifetime=LIFETIME
-        )
+        self.router = FakeRouter()
+        self.waits = InputWaits(self.clock, lifetime=LIFETIME)
         # The model: handle -> (owner, parked at, taken, questions).
         self.model: dict[str, tuple[tuple[int, str], float, bool, int]] = {}
         self.expected_refusals = 0
+        self.expected_cancellations = 0
 
     @rule(target=handles, owner=owners, questions=st.integers(0, 3))
     def park(self, owner: tuple[int, str], questions: int) -> str:
-        parked = Parked(owner, object(), object(), {"method": "tools/call"})  # type: ignore[arg-type]
+        parked = Parked(owner, object(), self.router, {"method": "tools/call"})  # type: ignore[arg-type]
         for i in range(questions):
             parked.message({"jsonrpc": "2.0", "id": f"fjmcp-{i}", "method": "roots/list"})
         handle = self.waits.park(parked)
@@ -81,10 +98,13 @@ class ParkedCalls(RuleBasedStateMachine):
         for _, at, taken, questions in self.model.values():
             if not taken and before < at + LIFETIME <= self.clock.seconds():
                 self.expected_refusals += questions
+                self.expected_cancellations += 1
 
     @invariant()
-    def questions_of_expired_calls_refused_once(self) -> None:
-        assert len(self.refused) == self.expected_refusals
+    def expired_calls_cancelled_and_their_questions_refused_once(self) -> None:
+        assert len(self.router.refused) == self.expected_refusals
+        assert len(self.router.abandoned) == self.expected_cancellations
+        assert all(r["error"]["code"] == -32601 for r in self.router.refused)
 
 
 class ParkedCallsTests(SynchronousTestCase):

@@ -7,6 +7,7 @@ every client request is answered exactly once whatever happens.
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 from collections.abc import Callable
 from typing import Any
@@ -503,6 +504,23 @@ class ServerRequestTests(SynchronousTestCase):
         self.assertEqual(a.messages, [])
         self.assertEqual(b.messages, [])
         self.assertEqual([m["id"] for m in h.standalone], ["fjmcp-1", "fjmcp-2"])
+
+    def test_a_sessions_routers_number_questions_in_one_sequence(self) -> None:
+        """
+        The old child (retiring after a token renewal) and the new one each
+        ask something: their questions get different ids, so an answer to
+        one never reaches the other.
+        """
+        numbers = itertools.count(1)
+        old, new = Harness(), Harness()
+        old.router = SessionRouter(old.to_child.append, old.standalone.append, numbers=numbers)
+        new.router = SessionRouter(new.to_child.append, new.standalone.append, numbers=numbers)
+        old.child_request(1, "roots/list")
+        new.child_request(1, "roots/list")
+        (asked_old,), (asked_new,) = old.standalone, new.standalone
+        self.assertNotEqual(asked_old["id"], asked_new["id"])
+        self.assertFalse(new.router.client_response({"jsonrpc": "2.0", "id": asked_old["id"]}))
+        self.assertTrue(old.router.client_response({"jsonrpc": "2.0", "id": asked_old["id"]}))
 
     def test_server_request_by_token(self) -> None:
         h = Harness()

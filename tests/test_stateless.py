@@ -347,6 +347,46 @@ class StatelessTests(SessionTestCase):
         self.assertEqual(got["content"], {"type": "text", "text": "four"})
         self.assertEqual(got["role"], "assistant")
 
+    async def test_a_question_nobody_answers_expires(self) -> None:
+        """
+        A client that never comes back: after the parked call's lifetime
+        its question is refused and its call cancelled in the child, so
+        nothing keeps the grant's child busy, and the state is void.
+        """
+        # The lifetime is the broker's constant (120 s); shortened here.
+        self.broker.mcp._stateless._waits._lifetime = 0.3
+        alice = await self.token("alice")
+        _, key, state = await self.ask(alice)
+        (session,) = self.broker.sessions._sessions.values()
+        await wait_until(
+            lambda: session.router.in_flight == 0 and session.router.server_requests_pending == 0,
+            what="the parked call's end",
+        )
+        answer = {"role": "assistant", "content": {"type": "text", "text": "4"}, "model": "m"}
+        late = await self.stateless(alice, self.follow_up(2, state, {key: answer}))
+        self.assert_rpc_error(late, 400, -32602)
+        # The child goes on serving.
+        self.assertIn("pid", await self.whoami(alice, 3))
+
+    async def test_a_client_gone_during_the_warm_start_leaves_no_orphan(self) -> None:
+        """
+        The first request's client goes away while the warm child starts:
+        the start completes all the same and the next request uses it.
+        """
+        self.use_broker(child=["slow-initialize"])
+        alice = await self.token("alice")
+        message = envelope(1, "tools/list")
+        first = self.start("POST", alice, message, headers=routing_headers(message))
+        await wait_until(lambda: len(self.broker.sessions) == 1, what="the warm start")
+        first.cancel()
+        # The client saw its request fail (it went away).
+        self.failureResultOf(first)
+        (session,) = self.broker.sessions._sessions.values()
+        await wait_until(lambda: session.handshake_result is not None, timeout=10)
+        info = await self.whoami(alice, 2)
+        self.assertEqual(info["pid"], session.child.pid)
+        self.assertEqual(len(self.broker.sessions), 1)
+
     async def test_an_unanswered_question_is_asked_again(self) -> None:
         alice = await self.token("alice")
         question, key, state = await self.ask(alice)

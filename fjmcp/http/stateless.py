@@ -100,9 +100,7 @@ class StatelessEndpoint:
         self._users = users
         self._clock = clock
         self._keepalive = keepalive
-        self._waits = InputWaits(
-            clock, lambda session, asked: sessions.client_response(session, refusal_to_child(asked))
-        )
+        self._waits = InputWaits(clock)
 
     async def post(
         self,
@@ -237,12 +235,18 @@ class StatelessEndpoint:
                 request, 400, rpc_error(message["id"], INVALID_PARAMS, f"Invalid params: {problem}")
             )
         self._waits.take(handle)
+        server_info = (session.handshake_result or {}).get("serverInfo")
+        if parked.final is not None:
+            # The call ended meanwhile (its deadline, its child): that is
+            # the answer, and its questions are moot.
+            parked.refuse_all()
+            response = dict(parked.final)
+            response["id"] = message["id"]
+            stamp(message["method"], message, response, server_info)
+            return endpoint.json(request, http_status(response), response)
         for key, answer in responses.items():
             if parked.asked.pop(key, None) is not None:
-                self._sessions.client_response(
-                    session, {"jsonrpc": "2.0", "id": key, "result": answer}
-                )
-        server_info = (session.handshake_result or {}).get("serverInfo")
+                parked.router.client_response({"jsonrpc": "2.0", "id": key, "result": answer})
         if parked.asked:
             # Still unanswered: ask again, under a new handle.
             response = {
@@ -252,11 +256,6 @@ class StatelessEndpoint:
             }
             stamp(message["method"], message, response, server_info)
             return endpoint.json(request, 200, response)
-        if parked.final is not None:
-            response = dict(parked.final)
-            response["id"] = message["id"]
-            stamp(message["method"], message, response, server_info)
-            return endpoint.json(request, http_status(response), response)
         user_id = owner[0]
         if (full := endpoint.full(request, user_id, message)) is not None:
             return full
@@ -291,7 +290,7 @@ class StatelessEndpoint:
         def end() -> None:
             result: dict[str, Any] = {"resultType": "complete"}
             stamp(LISTEN, message, {"result": result}, handshake.get("serverInfo"))
-            result["_meta"][SUBSCRIPTION_ID] = subscription
+            result.setdefault("_meta", {})[SUBSCRIPTION_ID] = subscription
             sse.send({"jsonrpc": "2.0", "id": subscription, "result": result})
             sse.close()
             if not done.called:

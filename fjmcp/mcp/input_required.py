@@ -9,14 +9,13 @@ the broker gave it.
 Between the two the child's call stays pending here, "parked": the
 C{requestState} is an unguessable handle to it, good once, for its owner
 (user and grant) and that same call only, for L{PARK_LIFETIME} seconds;
-then the child's questions are refused to it and its call runs on to its
-end.
+then the child's questions are refused to it and its call is cancelled.
 """
 
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import attrs
@@ -24,6 +23,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 from fjmcp.mcp.router import SessionRouter
 from fjmcp.mcp.session import Session
+from fjmcp.mcp.stateless import refusal_to_child
 
 # Which client capability each question needs.
 CAPABILITY_OF = {
@@ -102,6 +102,14 @@ class Parked:
     def finish(self, response: dict[str, Any]) -> None:
         self.final = response
 
+    def refuse_all(self) -> None:
+        """
+        Refuse to the child every question of its still unanswered.
+        """
+        for question in self.asked.values():
+            self.router.client_response(refusal_to_child(question))
+        self.asked.clear()
+
     def input_required(self, handle: str) -> dict[str, Any]:
         """
         The result that asks the client, under the handle it answers with.
@@ -118,18 +126,11 @@ class Parked:
 
 class InputWaits:
     """
-    The parked calls, by handle.  C{refuse} answers a child's question with
-    an error when nobody will answer it.
+    The parked calls, by handle.
     """
 
-    def __init__(
-        self,
-        clock: IReactorTime,
-        refuse: Callable[[Session, dict[str, Any]], object],
-        lifetime: float = PARK_LIFETIME,
-    ) -> None:
+    def __init__(self, clock: IReactorTime, lifetime: float = PARK_LIFETIME) -> None:
         self._clock = clock
-        self._refuse = refuse
         self._lifetime = lifetime
         self._parked: dict[str, Parked] = {}
 
@@ -153,9 +154,12 @@ class InputWaits:
         return parked
 
     def _expire(self, handle: str) -> None:
+        """
+        Nobody came back: the child's questions are refused and its call
+        cancelled (so nothing of it waits on, nor keeps the session awake).
+        """
         parked = self._parked.pop(handle, None)
         if parked is None:
             return
-        for question in parked.asked.values():
-            self._refuse(parked.session, question)
-        parked.asked.clear()
+        parked.refuse_all()
+        parked.router.abandon(parked)

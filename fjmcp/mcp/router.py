@@ -31,8 +31,9 @@ one broken HTTP response cannot stall the rest of the session.
 
 from __future__ import annotations
 
+import itertools
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol, TypeGuard
 
 import attrs
@@ -182,6 +183,7 @@ class SessionRouter:
         clock: IReactorTime | None = None,
         timeout: float | None = None,
         on_silent: Callable[[], None] = lambda: None,
+        numbers: Iterator[int] | None = None,
     ) -> None:
         self._to_child = to_child
         self._standalone = standalone
@@ -191,7 +193,8 @@ class SessionRouter:
         # When the child last wrote anything.
         self._last_heard = clock.seconds() if clock is not None else 0.0
         self._next_child_id = 1
-        self._next_server_id = 1
+        # Numbers the child's requests (shared by a session's children).
+        self._numbers = numbers if numbers is not None else itertools.count(1)
         # Client requests waiting for the child, by child-side id.
         self._pending: dict[int, _ClientRequest] = {}
         # The child's requests waiting for the client, by broker-side id ...
@@ -281,9 +284,7 @@ class SessionRouter:
             self._on_silent()
 
     def rebind(self, old: ResponseStream, new: ResponseStream, client_id: Any = None) -> None:
-        """
-        What would go to C{old} goes to C{new} (under C{client_id}) from now.
-        """
+        """What would go to C{old} goes to C{new} (under C{client_id}) from now."""
         for request in self._pending.values():
             if request.stream is old:
                 request.stream = new
@@ -421,8 +422,7 @@ class SessionRouter:
 
     def _server_request(self, message: dict[str, Any]) -> None:
         via, out = self._related(message)
-        broker_id = f"{SERVER_REQUEST_PREFIX}{self._next_server_id}"
-        self._next_server_id += 1
+        broker_id = f"{SERVER_REQUEST_PREFIX}{next(self._numbers)}"
         self._server_requests[broker_id] = _ServerRequest(message["id"], via)
         self._server_ids[_id_key(message["id"])] = broker_id
         out = dict(out)

@@ -8,7 +8,8 @@ The session table and each session's life are L{fjmcp.mcp.sessions}'.
 from __future__ import annotations
 
 import collections
-from collections.abc import Callable
+import itertools
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import attrs
@@ -89,6 +90,10 @@ class Session:
     stateless: bool = False
     # The child's answer to the broker's own initialize, for server/discover.
     handshake_result: dict[str, Any] | None = None
+    # Numbers for the ids of the children's requests to the client: one
+    # sequence for all of the session's children, so an answer meant for a
+    # retiring child's question never reaches the new child's.
+    question_numbers: Iterator[int] = attrs.Factory(lambda: itertools.count(1))
 
     def idle_since(self) -> float:
         """

@@ -238,6 +238,7 @@ class SessionChildren:
             clock=self._reactor,
             timeout=self._request_timeout,
             on_silent=on_silent,
+            numbers=session.question_numbers,
         )
         routers.append(router)
         protocol.exited.addCallback(forget_process)

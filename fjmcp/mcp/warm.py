@@ -20,6 +20,7 @@ from typing import Any
 from twisted.internet.defer import Deferred, TimeoutError
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from fjmcp import __version__
 from fjmcp.mcp.session import Session
@@ -101,32 +102,43 @@ class WarmChildren:
             self._sessions.ensure_child(session, forgejo_token, wake=True)
             return session
         waiting = self._starting.get(key)
-        if waiting is not None:
-            mine: Deferred[Session] = Deferred()
-            waiting.append(mine)
-            return await mine
-        self._starting[key] = []
-        try:
-            login = await user_login()
-            session = await self._start(user_id, login, forgejo_token, family_id)
-        except Exception as e:
-            for d in self._starting.pop(key):
-                d.errback(e)
-            raise
-        # Forget the ended ones now and then (grants end, users come back
-        # with new ones).
-        self._warm = {k: s for k, s in self._warm.items() if not s.ended}
-        self._warm[key] = session
+        if waiting is None:
+            # The start belongs to no request: one whose client goes away
+            # meanwhile stops waiting, not the start.
+            waiting = self._starting[key] = []
+            start = Deferred.fromCoroutine(
+                self._start(user_id, user_login, forgejo_token, family_id)
+            )
+            start.addBoth(self._started, key)
+        mine: Deferred[Session] = Deferred()
+        waiting.append(mine)
+        return await mine
+
+    def _started(self, result: Session | Failure, key: tuple[int, str]) -> None:
+        if isinstance(result, Session):
+            # Forget the ended ones now and then (grants end, users come
+            # back with new ones).
+            self._warm = {k: s for k, s in self._warm.items() if not s.ended}
+            self._warm[key] = result
         for d in self._starting.pop(key):
-            d.callback(session)
-        return session
+            if d.called:
+                continue
+            if isinstance(result, Failure):
+                d.errback(result)
+            else:
+                d.callback(result)
 
     async def _start(
-        self, user_id: int, user_login: str, forgejo_token: str, family_id: str
+        self,
+        user_id: int,
+        user_login: Callable[[], Awaitable[str]],
+        forgejo_token: str,
+        family_id: str,
     ) -> Session:
+        login = await user_login()
         session = self._sessions.create(
             user_id,
-            user_login,
+            login,
             STATELESS_CLIENT,
             CHILD_VERSION,
             forgejo_token,
@@ -146,6 +158,9 @@ class WarmChildren:
             raise SpawnError(
                 f"the forgejo-mcp process did not answer initialize within {self._timeout:g} s"
             ) from None
+        except BaseException:
+            self._sessions.end(session, "its start failed", "initialize_failed")
+            raise
         result = response.get("result")
         if not isinstance(result, dict):
             self._sessions.end(session, "its child refused to initialize", "initialize_failed")
@@ -164,7 +179,7 @@ class WarmChildren:
         log.info(
             "stateless session {s} of {login} ({u}) ready, child pid {pid}",
             s=session.id[:8],
-            login=user_login,
+            login=login,
             u=user_id,
             pid=session.child.pid,
         )
@@ -205,4 +220,7 @@ class WarmChildren:
 
     def _ended(self, session: Session) -> None:
         for _, end in list(self._listeners.pop(session.id, ())):
-            end()
+            try:
+                end()
+            except Exception:
+                log.failure("ending a listen stream failed")
