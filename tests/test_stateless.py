@@ -424,11 +424,14 @@ class StatelessTests(SessionTestCase):
         (session,) = self.broker.sessions._sessions.values()
         await wait_until(lambda: session.hibernating, what="hibernation")
         await wait_until(lambda: process_gone(first["pid"]), what="the child's exit")
+        # Discovery needs no child: the handshake is known.
+        discovered = await self.answer(alice, envelope(3, "server/discover"))
+        self.assertEqual(discovered["result"]["supportedVersions"], [VERSION])
+        self.assertTrue(session.hibernating)
+        self.assertEqual(self.broker.sessions.children_running(), 0)
         again = await self.whoami(alice, 2)
         self.assertNotEqual(again["pid"], first["pid"])
         self.assertIs(next(iter(self.broker.sessions._sessions.values())), session)
-        discovered = await self.answer(alice, envelope(3, "server/discover"))
-        self.assertEqual(discovered["result"]["supportedVersions"], [VERSION])
 
     async def test_revoked_grant_ends_its_warm_child(self) -> None:
         self.use_broker(revocation_interval=3600)

@@ -132,10 +132,23 @@ class StatelessEndpoint:
             user = await self._users.get_user(user_id)
             return user.login if user is not None else str(user_id)
 
+        # Waiting for the grant's child counts against the user's open
+        # exchanges too; discover needs no child once the handshake is known.
+        waited: Deferred[None] = Deferred()
+        counted = Deferred.fromCoroutine(endpoint.hold(user_id, waited))
         try:
-            session = await self._warm.session(user_id, login, forgejo_token, family_id)
+            session = await self._warm.session(
+                user_id,
+                login,
+                forgejo_token,
+                family_id,
+                wake=message["method"] != "server/discover",
+            )
         except (SessionLimitError, SpawnError) as e:
             return endpoint.unavailable(request, known_id(message), e)
+        finally:
+            waited.callback(None)
+            await counted
         handshake = session.handshake_result or {}
         method = message["method"]
         if method == LISTEN:

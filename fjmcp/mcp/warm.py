@@ -84,12 +84,14 @@ class WarmChildren:
         user_login: Callable[[], Awaitable[str]],
         forgejo_token: str,
         family_id: str,
+        wake: bool = True,
     ) -> Session:
         """
         The grant's stateless session, with a child holding C{forgejo_token}
         that has answered the broker's initialize (started, woken from
-        hibernation or renewed as needed).  C{user_login} is asked only
-        when a session is started (for its log lines).
+        hibernation or renewed as needed; not woken unless C{wake}).
+        C{user_login} is asked only when a session is started (for its log
+        lines).
 
         @raise fjmcp.mcp.session_children.SessionLimitError: not now (caps).
         @raise SpawnError: no child could be started or it would not
@@ -99,7 +101,7 @@ class WarmChildren:
         session = self._warm.get(key)
         if session is not None and not session.ended:
             session.last_used = self._clock.seconds()
-            self._sessions.ensure_child(session, forgejo_token, wake=True)
+            self._sessions.ensure_child(session, forgejo_token, wake=wake)
             return session
         waiting = self._starting.get(key)
         if waiting is None:
