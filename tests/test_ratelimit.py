@@ -18,7 +18,7 @@ from twisted.web.http_headers import Headers
 from fjmcp.http.ratelimit import Limit, RateLimiter, client_address
 from fjmcp.oauth.clients import ClientRegistry
 from fjmcp.store import Store, migrate_database
-from tests.helpers import http_client, make_config, routes_over, serve
+from tests.helpers import http_client, make_config, routes_over, serve, token_service
 
 LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
 ipv4 = st.ip_addresses(v=4).map(str)
@@ -126,3 +126,35 @@ class HTTPLimitTests(TestCase):
         self.assertEqual(codes, [201, 201, 429])
         self.assertEqual(response.headers.getRawHeaders(b"retry-after"), [b"60"])
         self.assertIn("too many requests", last["error_description"])
+
+    async def test_revocation_is_limited_per_client(self) -> None:
+        """
+        Revocation checks client credentials: guessing them is slowed down
+        like at the token endpoint.
+        """
+        path = Path(self.mktemp()).resolve()
+        config = make_config(str(path), trusted_proxies=())
+        migrate_database(config.db_path)
+        store = Store.open(config.db_path, reactor)
+        self.addCleanup(store.close)
+        app = routes_over(
+            config,
+            reactor,
+            store,
+            clients=ClientRegistry(store),
+            tokens=token_service(store, config, reactor),
+            limiter=RateLimiter(Clock(), {"revoke": Limit(per_minute=1, burst=2)}),
+        )
+        url = serve(self, app.resource())
+        http = http_client()
+        codes = []
+        for _ in range(3):
+            response = await http.post(
+                url + "/oauth/revoke",
+                data={"token": "gta_guess", "client_id": "fjmcp-nobody", "client_secret": "x"},
+            )
+            codes.append(response.code)
+            await response.content()
+        self.assertNotIn(429, codes[:2])
+        self.assertEqual(codes[2], 429)
+        self.assertEqual(response.headers.getRawHeaders(b"retry-after"), [b"60"])

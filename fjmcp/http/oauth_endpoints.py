@@ -1,8 +1,8 @@
 """
 The authorization server's endpoints for programs: metadata discovery,
 dynamic client registration, the token endpoint and revocation.  Any
-origin may call them (CORS); registration and tokens are rate limited per
-client address.  The work is L{fjmcp.oauth}'s.
+origin may call them (CORS); registration, tokens and revocation are rate
+limited per client address (a revocation checks client credentials too).  The work is L{fjmcp.oauth}'s.
 """
 
 from __future__ import annotations
@@ -138,6 +138,7 @@ class OAuthEndpoints:
 
     @app.route("/oauth/revoke", methods=["POST"])
     @cross_origin
+    @rate_limited("revoke")
     async def revoke(self, request: Request) -> bytes:
         status, headers, body = await self._tokens.revoke(
             read_body(request, MAX_TOKEN_BODY), oauth_request_headers(request)

@@ -36,6 +36,8 @@ DEFAULT_LIMITS = {
     "register": Limit(per_minute=20, burst=20),
     "authorize": Limit(per_minute=60, burst=30),
     "token": Limit(per_minute=120, burst=60),
+    # Revocation checks a client's credentials like the token endpoint.
+    "revoke": Limit(per_minute=120, burst=60),
 }
 
 
