@@ -96,6 +96,8 @@ class RedirectURITests(SynchronousTestCase):
         else:
             self.assertNotIn("@", urlsplit(text).netloc)
             self.assertNotIn("@", redirect_host(text))
+            # Look-alike letters never reach the page as such.
+            self.assertTrue(redirect_host(text).isascii() or not urlsplit(text).hostname)
 
     def test_redirect_host(self) -> None:
         for uri, shown in (
@@ -110,6 +112,9 @@ class RedirectURITests(SynchronousTestCase):
             # Registered before user info was refused: only the host shows.
             ("https://claude.ai@evil.example/cb", "evil.example"),
             ("https://claude.ai:x@evil.example:444/cb", "evil.example:444"),
+            # A Cyrillic a (U+0430) in place of the Latin one: shown as browsers do.
+            ("https://\u0430pple.com/cb", "xn--pple-43d.com"),
+            ("https://b\u00fccher.example:8443/cb", "xn--bcher-kva.example:8443"),
         ):
             self.assertEqual(redirect_host(uri), shown, uri)
 

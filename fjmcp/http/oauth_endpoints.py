@@ -2,7 +2,8 @@
 The authorization server's endpoints for programs: metadata discovery,
 dynamic client registration, the token endpoint and revocation.  Any
 origin may call them (CORS); registration, tokens and revocation are rate
-limited per client address (a revocation checks client credentials too).  The work is L{fjmcp.oauth}'s.
+limited per client address (a revocation checks client credentials too).
+The work is L{fjmcp.oauth}'s.
 """
 
 from __future__ import annotations

@@ -169,7 +169,9 @@ def redirect_host(uri: str) -> str:
     the port unless it is the scheme's default.  Never the user info, which
     reads like a host and is not one (clients registered before it was
     refused may still have it).  A URI without a host (a native app's
-    private-use scheme) is shown without its query.
+    private-use scheme) is shown without its query.  A host outside ASCII
+    is shown as its ASCII (punycode) form, as browsers show look-alikes: a
+    Cyrillic a (U+0430) in place of a Latin one must not pass for it.
     """
     try:
         parts = urlsplit(uri)
@@ -179,11 +181,22 @@ def redirect_host(uri: str) -> str:
     host = parts.hostname
     if not host:
         return urlunsplit((parts.scheme, "", parts.path, "", ""))
+    if not host.isascii():
+        host = _ascii_host(host)
     if ":" in host:
         host = f"[{host}]"
     if port is not None and port != _DEFAULT_PORTS.get(parts.scheme.lower()):
         host = f"{host}:{port}"
     return host
+
+
+def _ascii_host(host: str) -> str:
+    try:
+        return host.encode("idna").decode("ascii")
+    except UnicodeError:
+        # Not a name IDNA can spell: every character that is not ASCII
+        # shown as its code point.
+        return host.encode("ascii", "backslashreplace").decode("ascii")
 
 
 def _optional_uri(metadata: Mapping[str, Any], name: str) -> str | None:
