@@ -188,12 +188,12 @@ def routes_over(
     from fjmcp.http.common import RateGuard
     from fjmcp.http.gate import MCPGate
     from fjmcp.http.oauth_endpoints import OAuthEndpoints
-    from fjmcp.http.ratelimit import Limit, RateLimiter
+    from fjmcp.http.ratelimit import DEFAULT_LIMITS, Limit, RateLimiter
     from fjmcp.http.routes import BrokerApp, Health
 
     if limiter is None:
         endless = Limit(per_minute=1e9, burst=10**9)
-        limiter = RateLimiter(clock, {k: endless for k in ("register", "authorize", "token")})
+        limiter = RateLimiter(clock, {k: endless for k in DEFAULT_LIMITS})
     limits = RateGuard(limiter, config.trusted_proxies)
     return BrokerApp(
         Health(store, sessions, clock),
