@@ -68,6 +68,7 @@ sys.path.insert(0, str(ROOT))
 from bench.mcpload import (  # noqa: E402
     CHILD_SCRIPT,
     HOST,
+    PROTOCOL,
     STATELESS,
     DirectSession,
     HTTPSession,
@@ -414,26 +415,18 @@ async def load_once(target: Target, concurrency: int, args: argparse.Namespace) 
     sessions = await target.open(concurrency)
     try:
         children = target.children(sessions)
-        if isinstance(target, StatelessBridge) and args.driver == "wrk":
-            result = await wrk_closed_loop(
-                target.port,
-                target.token,
-                ["-"] * concurrency,
-                args.phase_seconds,
-                args.warmup_seconds,
-                target.pid,
-                protocol=STATELESS,
-            )
-        elif isinstance(target, Bridge) and args.driver == "wrk":
-            ids = [s.session_id for s in sessions if isinstance(s, HTTPSession)]
+        if isinstance(target, Bridge) and args.driver == "wrk":
+            # Stateless clients have no session: a placeholder each.
+            ids = [getattr(s, "session_id", None) for s in sessions]
             assert None not in ids
             result = await wrk_closed_loop(
                 target.port,
                 target.token,
-                [i for i in ids if i is not None],
+                [str(i) for i in ids],
                 args.phase_seconds,
                 args.warmup_seconds,
                 target.pid,
+                protocol=STATELESS if isinstance(target, StatelessBridge) else PROTOCOL,
             )
         else:
             calls: list[Callable[[], Awaitable[None]]] = [s.call for s in sessions]

@@ -323,6 +323,18 @@ class BrokerTestCase(TestCase):
         tokens["client"] = client
         return tokens
 
+    async def revoke_token(self, tokens: dict[str, Any], which: str = "refresh_token") -> None:
+        """
+        The client revokes one of the tokens it holds (from L{login_tokens}) at
+        the broker's revocation endpoint (RFC 7009), which answers 200.
+        """
+        data = {"token": tokens[which], "client_id": tokens["client"]["client_id"]}
+        if which == "refresh_token":
+            data["token_type_hint"] = which
+        response = await self.browser.post(self.broker.url + "/oauth/revoke", data=data)
+        await response.content()
+        self.assertEqual(response.code, 200)
+
     async def mcp_rpc(
         self, token: str, body: dict[str, Any], session_id: str | None = None
     ) -> tuple[int, dict[str, Any], Headers]:

@@ -32,11 +32,12 @@ API this script needs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
 import traceback
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
@@ -175,48 +176,19 @@ async def run(options: argparse.Namespace, summary: dict[str, Any]) -> None:
         event_hooks={"request": [recorder.on_request], "response": [recorder.on_response]},
     )
     try:
-        if options.mode != "session":
-            # The SDK's Client: pinned to a version, or negotiating it (auto).
-            async with (
-                client,
-                Client(
-                    streamable_http_client(options.mcp_url, http_client=client),
-                    mode=options.mode,
-                    cache=None,
-                    sampling_callback=sampling(options.sampling_answer),
-                ) as modern,
-            ):
-                summary["initialize"] = await exercise(
-                    modern, first=True, calls=options.call, interval=options.call_interval
+        async with client, connected(options, client) as session:
+            summary["initialize"] = await exercise(
+                session, first=True, calls=options.call, interval=options.call_interval
+            )
+            if options.again_after is not None:
+                # By now the access token has expired (the test makes them
+                # short-lived): the SDK refreshes it first.
+                before = storage.tokens
+                await anyio.sleep(options.again_after)
+                summary["initialize_again"] = await exercise(
+                    session, first=False, calls=options.call, interval=options.call_interval
                 )
-                if options.again_after is not None:
-                    before = storage.tokens
-                    await anyio.sleep(options.again_after)
-                    summary["initialize_again"] = await exercise(
-                        modern, first=False, calls=options.call, interval=options.call_interval
-                    )
-                    summary["tokens_changed"] = _changed(before, storage.tokens)
-            return
-        async with (
-            client,
-            streamable_http_client(options.mcp_url, http_client=client) as (
-                read_stream,
-                write_stream,
-            ),
-        ):
-            async with ClientSession(read_stream, write_stream) as session:
-                summary["initialize"] = await exercise(
-                    session, first=True, calls=options.call, interval=options.call_interval
-                )
-                if options.again_after is not None:
-                    # By now the access token has expired (the test makes
-                    # them short-lived): the SDK refreshes it first.
-                    before = storage.tokens
-                    await anyio.sleep(options.again_after)
-                    summary["initialize_again"] = await exercise(
-                        session, first=False, calls=options.call, interval=options.call_interval
-                    )
-                    summary["tokens_changed"] = _changed(before, storage.tokens)
+                summary["tokens_changed"] = _changed(before, storage.tokens)
     finally:
         summary["authorization_request"] = browser.authorization_params
         summary["authorization_response"] = browser.returned
@@ -244,6 +216,32 @@ async def run(options: argparse.Namespace, summary: dict[str, Any]) -> None:
                 "scope": tokens.scope,
             }
         )
+
+
+@contextlib.asynccontextmanager
+async def connected(
+    options: argparse.Namespace, client: Any
+) -> AsyncIterator[ClientSession | Client]:
+    """
+    The MCP connection over C{client}: a C{ClientSession} (mode C{session},
+    which the caller initializes), or the SDK's C{Client} pinned to a
+    version or negotiating it (auto), connected when entered.
+    """
+    transport = streamable_http_client(options.mcp_url, http_client=client)
+    if options.mode != "session":
+        async with Client(
+            transport,
+            mode=options.mode,
+            cache=None,
+            sampling_callback=sampling(options.sampling_answer),
+        ) as modern:
+            yield modern
+        return
+    async with (
+        transport as (read_stream, write_stream),
+        ClientSession(read_stream, write_stream) as session,
+    ):
+        yield session
 
 
 def sampling(answer: str | None) -> Any:

@@ -66,12 +66,7 @@ class GateTests(BrokerTestCase):
 
     async def test_revoked_token(self) -> None:
         tokens = await self.login_tokens()
-        response = await self.browser.post(
-            self.broker.url + "/oauth/revoke",
-            data={"token": tokens["access_token"], "client_id": tokens["client"]["client_id"]},
-        )
-        await response.content()
-        self.assertEqual(response.code, 200)
+        await self.revoke_token(tokens, "access_token")
         code, _, headers = await self.post_mcp(tokens["access_token"])
         self.assertEqual(code, 401)
         self.assertIn('error="invalid_token"', self.www_auth(headers))

@@ -95,7 +95,11 @@ class BucketTests(SynchronousTestCase):
 
 
 class HTTPLimitTests(TestCase):
-    async def test_registration_is_limited_per_client(self) -> None:
+    def limited(self, endpoint: str) -> str:
+        """
+        The routes over a real store with C{endpoint} limited to two
+        requests at once per address, none more for a minute; their URL.
+        """
         path = Path(self.mktemp()).resolve()
         config = make_config(str(path), trusted_proxies=())
         migrate_database(config.db_path)
@@ -106,9 +110,13 @@ class HTTPLimitTests(TestCase):
             reactor,
             store,
             clients=ClientRegistry(store),
-            limiter=RateLimiter(Clock(), {"register": Limit(per_minute=1, burst=2)}),
+            tokens=token_service(store, config, reactor),
+            limiter=RateLimiter(Clock(), {endpoint: Limit(per_minute=1, burst=2)}),
         )
-        url = serve(self, app.resource())
+        return serve(self, app.resource())
+
+    async def test_registration_is_limited_per_client(self) -> None:
+        url = self.limited("register")
         http = http_client()
         body = json.dumps({"redirect_uris": ["https://a.example/cb"]}).encode()
         codes = []
@@ -132,20 +140,7 @@ class HTTPLimitTests(TestCase):
         Revocation checks client credentials: guessing them is slowed down
         like at the token endpoint.
         """
-        path = Path(self.mktemp()).resolve()
-        config = make_config(str(path), trusted_proxies=())
-        migrate_database(config.db_path)
-        store = Store.open(config.db_path, reactor)
-        self.addCleanup(store.close)
-        app = routes_over(
-            config,
-            reactor,
-            store,
-            clients=ClientRegistry(store),
-            tokens=token_service(store, config, reactor),
-            limiter=RateLimiter(Clock(), {"revoke": Limit(per_minute=1, burst=2)}),
-        )
-        url = serve(self, app.resource())
+        url = self.limited("revoke")
         http = http_client()
         codes = []
         for _ in range(3):

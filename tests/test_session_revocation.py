@@ -419,16 +419,7 @@ class EndToEndTests(SessionTestCase):
         other = await self.token("bob")
         bobs = await self.open_session(other)
 
-        response = await self.browser.post(
-            self.broker.url + "/oauth/revoke",
-            data={
-                "token": renewed["refresh_token"],
-                "token_type_hint": "refresh_token",
-                "client_id": tokens["client"]["client_id"],
-            },
-        )
-        await response.content()
-        self.assertEqual(response.code, 200)
+        await self.revoke_token(renewed | {"client": tokens["client"]})
         # Ended by the time the revocation was answered.
         self.assertFalse(self.live(session_id))
         await stream.finished(PROMPT)

@@ -231,15 +231,7 @@ class StatelessTests(SessionTestCase):
         tokens = await self.login_tokens("alice")
         stream = await self.listen(tokens["access_token"], 11, toolsListChanged=True)
         await stream.event(lambda e: True)
-        response = await self.browser.post(
-            self.broker.url + "/oauth/revoke",
-            data={
-                "token": tokens["refresh_token"],
-                "token_type_hint": "refresh_token",
-                "client_id": tokens["client"]["client_id"],
-            },
-        )
-        await response.content()
+        await self.revoke_token(tokens)
         await stream.finished()
         last = stream.events[-1]
         self.assertEqual(last["id"], 11)
@@ -440,16 +432,7 @@ class StatelessTests(SessionTestCase):
         first = await self.whoami(alice, 1)
         bob = await self.token("bob")
         bobs = await self.whoami(bob, 2)
-        response = await self.browser.post(
-            self.broker.url + "/oauth/revoke",
-            data={
-                "token": tokens["refresh_token"],
-                "token_type_hint": "refresh_token",
-                "client_id": tokens["client"]["client_id"],
-            },
-        )
-        await response.content()
-        self.assertEqual(response.code, 200)
+        await self.revoke_token(tokens)
         await wait_until(lambda: process_gone(first["pid"]), what="the warm child's end")
         reply = await self.stateless(alice, envelope(3, "tools/list"))
         self.assertEqual(reply.code, 401)

@@ -163,14 +163,21 @@ class StatelessEndpoint:
         owner = (user_id, family_id)
         if method in ASKING and "requestState" in message["params"]:
             return await self._follow_up(request, message, session, owner)
-        routers: list[SessionRouter] = []
-        exchange = self._exchange(request, message, session, owner, routers)
-        router = self._sessions.client_request(session, to_child(message), exchange)
-        routers.append(router)
-        await endpoint.hold(user_id, exchange.done)
+        # The router the call goes to (the session's current child's).
+        router = session.router
+        exchange = self._exchange(request, message, session, owner, router)
+        self._sessions.client_request(session, to_child(message), exchange)
+        await self._held(user_id, exchange, router)
+        return None
+
+    async def _held(self, user_id: int, exchange: StatelessExchange, router: SessionRouter) -> None:
+        """
+        Hold the exchange open against the user's cap until it is answered;
+        a client gone meanwhile has its call cancelled in the child.
+        """
+        await self._endpoint.hold(user_id, exchange.done)
         if exchange.gone:
             router.abandon(exchange)
-        return None
 
     def _exchange(
         self,
@@ -178,10 +185,10 @@ class StatelessEndpoint:
         message: dict[str, Any],
         session: Session,
         owner: tuple[int, str],
-        routers: list[SessionRouter],
+        router: SessionRouter,
     ) -> StatelessExchange:
         """
-        The answer to C{message}, the call the router of C{routers} holds:
+        The answer to C{message}, the call C{router} holds:
         the child's answer stamped, or, when the child asks the client
         something the client can answer, the question (the call parked until
         the client's follow-up).
@@ -194,12 +201,12 @@ class StatelessEndpoint:
             stamp(method, message, response, server_info)
 
         def question(asked: dict[str, Any]) -> None:
-            if not routers or not may_ask(message, capabilities, asked):
-                self._sessions.client_response(session, refusal_to_child(asked))
+            if not may_ask(message, capabilities, asked):
+                router.client_response(refusal_to_child(asked))
                 return
-            parked = Parked(owner, session, routers[0], message)
+            parked = Parked(owner, session, router, message)
             parked.message(asked)
-            routers[0].rebind(exchange, parked)
+            router.rebind(exchange, parked)
             handle = self._waits.park(parked)
             exchange.finish(
                 {"jsonrpc": "2.0", "id": message["id"], "result": parked.input_required(handle)}
@@ -231,15 +238,12 @@ class StatelessEndpoint:
             return endpoint.json(
                 request,
                 400,
-                {
-                    "jsonrpc": "2.0",
-                    "id": message["id"],
-                    "error": {
-                        "code": INVALID_PARAMS,
-                        "message": "Invalid or expired requestState",
-                        "data": {"reason": "invalid_request_state"},
-                    },
-                },
+                rpc_error(
+                    message["id"],
+                    INVALID_PARAMS,
+                    "Invalid or expired requestState",
+                    {"reason": "invalid_request_state"},
+                ),
             )
         responses = params.get("inputResponses", {})
         problem = responses_problem(responses)
@@ -272,11 +276,9 @@ class StatelessEndpoint:
         user_id = owner[0]
         if (full := endpoint.full(request, user_id, message)) is not None:
             return full
-        exchange = self._exchange(request, message, session, owner, [parked.router])
+        exchange = self._exchange(request, message, session, owner, parked.router)
         parked.router.rebind(parked, exchange, message["id"])
-        await endpoint.hold(user_id, exchange.done)
-        if exchange.gone:
-            parked.router.abandon(exchange)
+        await self._held(user_id, exchange, parked.router)
         return None
 
     async def _listen(

@@ -109,32 +109,29 @@ class MCPEndpoint:
         resumed now.
         """
         id = known_id(message)
-        version = request.getHeader(b"mcp-protocol-version")
-        if (
-            version is not None
-            and version.decode("latin-1") not in SUPPORTED_VERSIONS
-            and request.method in (b"GET", b"DELETE")
-        ):
-            # A stateless client has no stream to open and no session to end.
-            request.setHeader(b"Allow", b"POST")
-            return None, self.json(
-                request,
-                405,
-                rpc_error(
-                    id,
-                    INVALID_REQUEST,
-                    f"Method Not Allowed: MCP-Protocol-Version "
-                    f"{version.decode('latin-1')!r} has no GET stream or DELETE",
-                ),
-            )
-        if version is not None and version.decode("latin-1") not in SUPPORTED_VERSIONS:
+        raw_version = request.getHeader(b"mcp-protocol-version")
+        version = raw_version.decode("latin-1") if raw_version is not None else None
+        if version is not None and version not in SUPPORTED_VERSIONS:
+            if request.method in (b"GET", b"DELETE"):
+                # A stateless client has no stream to open and no session to end.
+                request.setHeader(b"Allow", b"POST")
+                return None, self.json(
+                    request,
+                    405,
+                    rpc_error(
+                        id,
+                        INVALID_REQUEST,
+                        f"Method Not Allowed: MCP-Protocol-Version {version!r} "
+                        "has no GET stream or DELETE",
+                    ),
+                )
             return None, self.json(
                 request,
                 400,
                 rpc_error(
                     id,
                     INVALID_REQUEST,
-                    f"Bad Request: unsupported MCP-Protocol-Version {version.decode('latin-1')!r}"
+                    f"Bad Request: unsupported MCP-Protocol-Version {version!r}"
                     f" (supported: {', '.join(SUPPORTED_VERSIONS)})",
                 ),
             )

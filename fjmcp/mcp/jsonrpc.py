@@ -54,8 +54,11 @@ def known_id(message: Any) -> str | int | None:
     return None
 
 
-def error(id: str | int | None, code: int, message: str) -> dict[str, Any]:
-    return {"jsonrpc": JSONRPC, "id": id, "error": {"code": code, "message": message}}
+def error(id: str | int | None, code: int, message: str, data: Any = None) -> dict[str, Any]:
+    body: dict[str, Any] = {"code": code, "message": message}
+    if data is not None:
+        body["data"] = data
+    return {"jsonrpc": JSONRPC, "id": id, "error": body}
 
 
 @attrs.frozen

@@ -39,6 +39,7 @@ from fjmcp.mcp.jsonrpc import (
     classify,
     known_id,
 )
+from fjmcp.mcp.jsonrpc import error as rpc_error
 
 STATELESS_VERSIONS = ("2026-07-28",)
 # The versions of the handshake era, each chosen by initialize.
@@ -144,10 +145,7 @@ class Refusal:
 
 
 def _refuse(status: int, message: Any, code: int, text: str, data: Any = None) -> Refusal:
-    error: dict[str, Any] = {"code": code, "message": text}
-    if data is not None:
-        error["data"] = data
-    return Refusal(status, {"jsonrpc": "2.0", "id": known_id(message), "error": error})
+    return Refusal(status, rpc_error(known_id(message), code, text, data))
 
 
 def decode_header_value(value: str) -> str | None:
@@ -400,12 +398,9 @@ def refusal_to_child(server_request: Mapping[str, Any]) -> dict[str, Any]:
     The broker's answer to a child's request to a stateless client (which
     it does not relay), so the child's work goes on instead of waiting.
     """
-    return {
-        "jsonrpc": "2.0",
-        "id": server_request.get("id"),
-        "error": {
-            "code": METHOD_NOT_FOUND,
-            "message": "the client (MCP 2026-07-28, through fjmcp) cannot be asked "
-            f"for {server_request.get('method')!r}",
-        },
-    }
+    return rpc_error(
+        server_request.get("id"),
+        METHOD_NOT_FOUND,
+        f"the client (MCP 2026-07-28, through fjmcp) cannot be asked for "
+        f"{server_request.get('method')!r}",
+    )
