@@ -58,6 +58,7 @@ from fjmcp.oauth.grants import REVOCATION_INTERVAL, BearerCache, GrantEnds
 from fjmcp.oauth.signin import ForgejoSignIn
 from fjmcp.oauth.tokens import TokenService
 from fjmcp.store import Store, StoreError, migrate_database
+from fjmcp.store.engines import Location, PostgreSQLLocation, SQLiteLocation
 
 if TYPE_CHECKING:
     from fjmcp.interfaces import IBrokerReactor
@@ -85,6 +86,16 @@ class Options(_ConfigOptions):
             # twistd only takes a factory by name, hence the hand-over.
             prepare_twistd_observer(self.config, parent.get("logfile"))
             parent["logger"] = "fjmcp.logs.twistd_observer"
+
+
+def store_location(config: Config) -> Location:
+    """
+    The database the configuration names: PostgreSQL when --database is
+    set, else SQLite in the data directory.
+    """
+    if config.database:
+        return PostgreSQLLocation(config.database, config.database_password)
+    return SQLiteLocation(config.db_path)
 
 
 class StoreService(Service):
@@ -197,11 +208,12 @@ def makeService(options: Options, reactor: IBrokerReactor | None = None) -> Mult
     config: Config | None = options.config
     assert config is not None
     try:
-        version = migrate_database(config.db_path)
+        version = migrate_database(store_location(config))
     except (StoreError, OSError, Exception) as e:
         # A database we cannot open or upgrade is an operator problem, not a
         # crash: say what and where, then refuse to start.
-        sys.stderr.write(f"fjmcp: cannot use the database {config.db_path}: {e}\n")
+        where = store_location(config).describe()
+        sys.stderr.write(f"fjmcp: cannot use the database {where}: {e}\n")
         raise SystemExit(1) from None
     top = build_service(config, reactor, schema_version=version)
     # The process's own concerns: in makeService, not in the broker that
@@ -269,7 +281,7 @@ def build_broker(config: Config, reactor: IBrokerReactor, seams: Seams = Seams()
     tests alike.  Nothing runs until C{service} starts.
     """
     top = InOrder()
-    store = Store.open(config.db_path, reactor)
+    store = Store.open(store_location(config), reactor)
     # Order matters: MultiService stops children in reverse, so listeners
     # close first, then children end, then the pool closes.
     StoreService(store).setServiceParent(top)
@@ -446,5 +458,5 @@ def log_start(config: Config, schema_version: int) -> None:
         forgejo=config.forgejo_url,
         public=config.public_url,
         schema=schema_version,
-        data=str(config.data_dir),
+        data=store_location(config).describe(),
     )

@@ -1,7 +1,8 @@
 """
 C{fjmcp-admin}: the operator's command for the broker's live database.
 
-    fjmcp-admin [--data-dir DIR] [--secret-key-file FILE] [--json] COMMAND ...
+    fjmcp-admin [--data-dir DIR | --database URL [--database-password-file FILE]]
+                [--secret-key-file FILE] [--json] COMMAND ...
 
     clients list | clients show CLIENT_ID | clients delete CLIENT_ID
     grants list [--user LOGIN_OR_ID] [--client CLIENT_ID] [--all]
@@ -10,11 +11,12 @@ C{fjmcp-admin}: the operator's command for the broker's live database.
     backup DEST
     rotate-key [--retire-old]
 
-It runs beside the daemon, on the same database file, in its own process:
-synchronous, with its own SQLite connection configured as the daemon's
-(WAL, the same busy timeout, C{BEGIN IMMEDIATE} for every write), so the two
-wait for each other instead of failing.  It runs the store's own methods
-(L{fjmcp.cli.sync_store}), so there is one copy of every statement.  It never migrates:
+It runs beside the daemon, on the same database, in its own process:
+synchronous, with its own connection configured as the daemon's (SQLite:
+WAL, the same busy timeout, C{BEGIN IMMEDIATE} for every write; PostgreSQL:
+the daemons' row locks), so the two wait for each other instead of failing.
+It runs the store's own methods (L{fjmcp.cli.sync_store}), so there is one
+copy of every statement.  It never migrates:
 a database at another schema version than this fjmcp knows is refused,
 because the daemon that owns it may be older or newer than this command.
 
@@ -57,6 +59,9 @@ from fjmcp.cli.commands import (
 from fjmcp.cli.output import PROG, AdminError, Result
 from fjmcp.cli.rotation import rotate_key
 from fjmcp.cli.sync_store import SyncStore, open_store
+from fjmcp.config.build import read_database_password
+from fjmcp.config.values import parse_database_url
+from fjmcp.store.engines import PostgreSQLLocation
 
 
 class _Parser(argparse.ArgumentParser):
@@ -79,6 +84,20 @@ def _global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
         default=default(os.environ.get("FJMCP_DATA_DIR") or "fjmcp-data"),
         help="the daemon's data directory, holding broker.db "
         "[env FJMCP_DATA_DIR, default: fjmcp-data]",
+    )
+    parser.add_argument(
+        "--database",
+        metavar="URL",
+        default=default(os.environ.get("FJMCP_DATABASE") or ""),
+        help="the daemons' PostgreSQL database, postgresql://USER@HOST:PORT/DBNAME "
+        "(empty: SQLite in --data-dir) [env FJMCP_DATABASE]",
+    )
+    parser.add_argument(
+        "--database-password-file",
+        metavar="FILE",
+        default=default(os.environ.get("FJMCP_DATABASE_PASSWORD_FILE") or None),
+        help="file holding the PostgreSQL password [env FJMCP_DATABASE_PASSWORD_FILE, "
+        "default: $CREDENTIALS_DIRECTORY/database-password if there]",
     )
     parser.add_argument(
         "--secret-key-file",
@@ -173,7 +192,7 @@ def run(argv: Sequence[str]) -> tuple[int, Result | None, str | None]:
         return e.status, None, str(e)
     store: SyncStore | None = None
     try:
-        store = open_store(Path(args.data_dir))
+        store = open_store(Path(args.data_dir), _database(args))
         return 0, args.run(store, args), None
     except AdminError as e:
         return e.status, None, str(e)
@@ -182,6 +201,27 @@ def run(argv: Sequence[str]) -> tuple[int, Result | None, str | None]:
     finally:
         if store is not None:
             store.close()
+
+
+def _database(args: argparse.Namespace) -> PostgreSQLLocation | None:
+    """
+    The PostgreSQL database the options name, or None for SQLite.
+
+    @raise AdminError: (status 2) a bad URL or an unreadable password file.
+    """
+    try:
+        url = parse_database_url(args.database)
+    except ValueError as e:
+        raise AdminError(f"--database: {e}", 2) from None
+    if not url:
+        return None
+    problems: list[str] = []
+    password = read_database_password(
+        args.database_password_file, "--database-password-file", os.environ, problems
+    )
+    if problems:
+        raise AdminError("; ".join(problems), 2)
+    return PostgreSQLLocation(url, password)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -162,6 +162,7 @@ def _rotate(store: SyncStore, path: Path, keys: tuple[bytes, ...]) -> Result:
     def write(txn: Txn) -> None:
         # Under the database's write lock: a second rotate-key waits here
         # instead of both writing the file from the same old contents.
+        txn.lock("rotate-key")
         current = _read_keys(path)
         ring.append((key, *current))
         _write_keys(path, ring[0])

@@ -19,6 +19,7 @@ from typing import Any
 from fjmcp.config.options import DEFAULT_LISTEN, ENV_PREFIX, OPTIONS, OTHER_VARIABLES
 from fjmcp.config.settings import Config, ConfigError
 from fjmcp.config.values import (
+    parse_database_url,
     parse_duration,
     parse_duration_or_off,
     parse_forgejo_url,
@@ -201,6 +202,17 @@ def build_config(
     else:
         binary = os.path.abspath(found)
 
+    database = parse("database", parse_database_url) or ""
+    database_password = read_database_password(
+        raw["database-password-file"], origin["database-password-file"], environ, problems
+    )
+    if database_password is not None and not database:
+        if raw["database-password-file"]:
+            warnings.append(
+                f"{origin['database-password-file']}: ignored, --database is empty (SQLite)"
+            )
+        database_password = None
+
     data_dir = Path(raw["data-dir"] or "")
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -252,5 +264,37 @@ def build_config(
         access_token_lifetime=access_lifetime,
         refresh_token_lifetime=refresh_lifetime,
         refresh_grace_period=grace,
+        database=database,
+        database_password=database_password,
         warnings=tuple(warnings),
     )
+
+
+# The systemd credential (LoadCredential=database-password:FILE) read when
+# no --database-password-file is given.
+DATABASE_CREDENTIAL = "database-password"
+
+
+def read_database_password(
+    path: str | None, where: str, environ: Mapping[str, str], problems: list[str]
+) -> str | None:
+    """
+    The PostgreSQL password from its file, or from the service's systemd
+    credential; None when neither is there (libpq then tries its own ways:
+    a ~/.pgpass, peer or certificate authentication).
+    """
+    if path is None:
+        directory = environ.get("CREDENTIALS_DIRECTORY", "")
+        if not directory or not os.path.isfile(os.path.join(directory, DATABASE_CREDENTIAL)):
+            return None
+        path = os.path.join(directory, DATABASE_CREDENTIAL)
+        where = f"$CREDENTIALS_DIRECTORY/{DATABASE_CREDENTIAL}"
+    try:
+        text = Path(path).read_text().rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as e:
+        problems.append(f"{where}: cannot read {path}: {getattr(e, 'strerror', None) or e}")
+        return None
+    if not text:
+        problems.append(f"{where}: {path} is empty")
+        return None
+    return text

@@ -49,6 +49,17 @@ OPTIONS: tuple[Option, ...] = (
     Option("forgejo-mcp", "Path or name (on PATH) of the forgejo-mcp binary.", "forgejo-mcp"),
     Option("data-dir", "Directory for broker.db and its -wal/-shm files.", "fjmcp-data"),
     Option(
+        "database",
+        "Empty: SQLite (broker.db in --data-dir). Or postgresql://USER@HOST:PORT/DBNAME, "
+        "one database shared by several broker nodes (docs/deploy-cluster.md).",
+        "",
+    ),
+    Option(
+        "database-password-file",
+        "File holding the PostgreSQL password (default: the systemd credential "
+        "database-password in $CREDENTIALS_DIRECTORY, if there is one).",
+    ),
+    Option(
         "secret-key-file",
         "File with the base64 32-byte key that encrypts upstream tokens at rest "
         "(one key per line after a rotation, the first one current). Required.",

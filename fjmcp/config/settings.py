@@ -79,6 +79,10 @@ class Config:
     max_children: int = 100
     max_children_per_user: int = 5
     session_hibernate_after: float = 120.0
+    # Empty: SQLite at db_path.  Else a postgresql:// URL (no password in it)
+    # and the password read from its file.
+    database: str = ""
+    database_password: str | None = attrs.field(default=None, repr=False)
 
     @property
     def db_path(self) -> Path:
@@ -93,6 +97,8 @@ class Config:
         Every configured secret, in the forms it could appear in a log line.
         """
         found = [self.forgejo_client_secret]
+        if self.database_password:
+            found.append(self.database_password)
         for key in self.secret_keys or (self.secret_key,):
             found += [
                 base64.b64encode(key).decode(),

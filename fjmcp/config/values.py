@@ -145,6 +145,48 @@ def parse_log_format(text: str) -> str:
     return value
 
 
+def parse_database_url(text: str) -> str:
+    """
+    C{--database}: empty for SQLite in the data directory, or a
+    C{postgresql://USER@HOST[:PORT]/DBNAME} URL without a password (query
+    parameters such as C{sslmode} pass on to libpq).
+    """
+    text = text.strip()
+    if not text:
+        return ""
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - raises on a port that is no number
+    except ValueError as e:
+        raise ValueError(f"not a postgresql:// URL ({e})") from None
+    if parts.scheme not in ("postgresql", "postgres"):
+        raise ValueError(
+            "must be empty (SQLite in --data-dir) or postgresql://USER@HOST:PORT/DBNAME,"
+            f" not {parts.scheme + ':' if parts.scheme else 'a URL without a scheme'}"
+        )
+    if parts.password is not None:
+        # Not even echoed back: the message may end up in a log.
+        raise ValueError(
+            "has a password in it: put the password in --database-password-file (or the"
+            " systemd credential database-password) instead, so it shows in no process"
+            " list or log"
+        )
+    missing = [
+        what
+        for what, value in (
+            ("user", parts.username),
+            ("host", parts.hostname),
+            ("database", parts.path.strip("/")),
+        )
+        if not value
+    ]
+    if missing:
+        raise ValueError(
+            f"{text} names no {' and no '.join(missing)} (postgresql://USER@HOST:PORT/DBNAME)"
+        )
+    return text
+
+
 def parse_secret_key(data: bytes) -> bytes:
     """
     The current key of a key file: one or more lines of 32 random bytes,

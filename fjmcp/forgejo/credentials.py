@@ -6,13 +6,17 @@ before depends on the lifetime Forgejo gave it, see L{refresh_margin}).
 Forgejo invalidates every older refresh token of a user on each issue, so a
 user's credential is refreshed by one request at a time: concurrent callers
 for the same user wait for the refresh already under way instead of starting
-their own (which would invalidate each other).
+their own (which would invalidate each other).  In this process they share
+one Deferred; across processes (broker nodes on one database) the one that
+renews holds a claim in the store (L{fjmcp.store.CredentialStore.
+claim_upstream_refresh}) and the others wait for the credential it stores.
 """
 
 from __future__ import annotations
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -23,6 +27,7 @@ from fjmcp.forgejo.client import (
     UpstreamError,
     UpstreamRejectedError,
     UpstreamTokens,
+    UpstreamUnavailableError,
 )
 from fjmcp.secrets.crypto import DecryptionError, SecretBox
 from fjmcp.store import SealedCredential, Store, UpstreamUser
@@ -40,6 +45,13 @@ REFRESH_FRACTION = 0.25
 # asked again (which also notices a credential removed by the admin command).
 CACHE_SECONDS = 5.0
 CACHE_SIZE = 10_000
+# How long a claim on renewing a user's token lasts: longer than a renewal
+# takes (Forgejo's answer within the client's 10 s deadline, then a store
+# write).  Should its holder die meanwhile, the claim lapses and another
+# process renews.
+CLAIM_SECONDS = 30.0
+# How often a process waiting for another's renewal reads the store again.
+CLAIM_POLL = 0.1
 
 log = Logger()
 
@@ -176,15 +188,51 @@ class UpstreamCredentials:
         )
         return token
 
+    async def _claimed(self, forgejo_user_id: int) -> tuple[SealedCredential, str | None]:
+        """
+        The user's credential once this process holds the claim on renewing
+        it (and the token to use instead, when another process renewed it
+        meanwhile).
+        """
+        give_up = self._clock.seconds() + 2 * CLAIM_SECONDS
+        while True:
+            # Read again each time: a renewal that finished meanwhile has
+            # replaced the row, and its old refresh token is dead.
+            cred, token = await self._stored(forgejo_user_id)
+            if token is not None:
+                return cred, token
+            if cred.refresh_token_enc is None:
+                raise LoginRequiredError("the Forgejo credential expired and has no refresh token")
+            now = self._clock.seconds()
+            if await self._store.claim_upstream_refresh(
+                forgejo_user_id, cred.generation, now + CLAIM_SECONDS
+            ):
+                return cred, None
+            if now > give_up:
+                raise UpstreamUnavailableError(
+                    "another broker process is renewing the user's Forgejo token and has not"
+                    " finished"
+                )
+            await deferLater(self._clock, CLAIM_POLL, lambda: None)
+
     async def _refresh(self, forgejo_user_id: int) -> str:
-        # Read again: a refresh that finished while our caller was reading
-        # has already replaced the row, and its old refresh token is dead.
-        cred, token = await self._stored(forgejo_user_id)
+        cred, token = await self._claimed(forgejo_user_id)
         if token is not None:
             return token
+        try:
+            return await self._renew(cred)
+        except BaseException:
+            # Let the next caller try at once rather than wait out the claim.
+            try:
+                await self._store.release_upstream_refresh(forgejo_user_id, cred.generation)
+            except Exception:
+                log.failure("could not release the claim on renewing a Forgejo token")
+            raise
+
+    async def _renew(self, cred: SealedCredential) -> str:
+        forgejo_user_id = cred.forgejo_user_id
         refresh_enc = cred.refresh_token_enc
-        if refresh_enc is None:
-            raise LoginRequiredError("the Forgejo credential expired and has no refresh token")
+        assert refresh_enc is not None
         try:
             refresh_token = self._box.open(
                 refresh_enc, credential_context(forgejo_user_id, "refresh")

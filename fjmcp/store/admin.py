@@ -10,7 +10,6 @@ there is one copy of each statement.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Collection
 
 import attrs
@@ -122,7 +121,7 @@ class AdminStore(Database):
         def q(txn: Txn) -> UpstreamUser | None:
             txn.execute(
                 "SELECT forgejo_user_id, login, full_name FROM users"
-                " WHERE login = ? COLLATE NOCASE ORDER BY login = ? DESC LIMIT 1",
+                " WHERE lower(login) = lower(?) ORDER BY login = ? DESC LIMIT 1",
                 (login_or_id, login_or_id),
             )
             row = txn.fetchone()
@@ -142,21 +141,15 @@ class AdminStore(Database):
         """
         Users' logins and clients' names, for a listing of grants.
         """
-        users = json.dumps(sorted(set(user_ids)))
-        clients = json.dumps(sorted(set(client_ids)))
+        users = sorted(set(user_ids))
+        clients = sorted(set(client_ids))
 
         def q(txn: Txn) -> tuple[dict[int, str], dict[str, str | None]]:
-            txn.execute(
-                "SELECT forgejo_user_id, login FROM users"
-                " WHERE forgejo_user_id IN (SELECT value FROM json_each(?))",
-                (users,),
-            )
+            among, ids = txn.engine.member("forgejo_user_id", users)
+            txn.execute(f"SELECT forgejo_user_id, login FROM users WHERE {among}", (ids,))
             logins = {int(row[0]): row[1] for row in txn.fetchall()}
-            txn.execute(
-                "SELECT client_id, client_name FROM clients"
-                " WHERE client_id IN (SELECT value FROM json_each(?))",
-                (clients,),
-            )
+            among, ids = txn.engine.member("client_id", clients)
+            txn.execute(f"SELECT client_id, client_name FROM clients WHERE {among}", (ids,))
             return logins, {row[0]: row[1] for row in txn.fetchall()}
 
         return self._read("names", q)

@@ -212,22 +212,24 @@ class AuthorizationStore(Database):
         def q(txn: Txn) -> list[ConnectionRecord]:
             txn.execute(
                 "WITH mine AS ("
-                "  SELECT client_id FROM consents WHERE forgejo_user_id = :u"
+                "  SELECT client_id FROM consents WHERE forgejo_user_id = ?"
                 "  UNION SELECT client_id FROM token_families"
-                "    WHERE forgejo_user_id = :u AND revoked_at IS NULL),"
+                "    WHERE forgejo_user_id = ? AND revoked_at IS NULL),"
                 " grants AS ("
                 "  SELECT client_id, MIN(created_at) AS first, MAX(last_used_at) AS last,"
-                "    SUM(revoked_at IS NULL) AS live"
-                "  FROM token_families WHERE forgejo_user_id = :u GROUP BY client_id)"
+                "    SUM(CASE WHEN revoked_at IS NULL THEN 1 ELSE 0 END) AS live"
+                "  FROM token_families WHERE forgejo_user_id = ? GROUP BY client_id)"
                 " SELECT c.client_id, c.kind, c.client_name, c.redirect_uris,"
                 "  COALESCE(k.granted_at, g.first),"
-                "  MAX(COALESCE(k.last_used_at, 0), COALESCE(g.last, 0)),"
+                # The later of the two (SQLite's MAX(a, b) is GREATEST elsewhere).
+                "  CASE WHEN COALESCE(k.last_used_at, 0) > COALESCE(g.last, 0)"
+                "   THEN k.last_used_at ELSE COALESCE(g.last, 0) END,"
                 "  COALESCE(g.live, 0), k.granted_at IS NOT NULL"
                 " FROM mine m JOIN clients c ON c.client_id = m.client_id"
-                " LEFT JOIN consents k ON k.client_id = c.client_id AND k.forgejo_user_id = :u"
+                " LEFT JOIN consents k ON k.client_id = c.client_id AND k.forgejo_user_id = ?"
                 " LEFT JOIN grants g ON g.client_id = c.client_id"
                 " ORDER BY 6 DESC, c.client_id",
-                {"u": forgejo_user_id},
+                (forgejo_user_id,) * 4,
             )
             return [
                 ConnectionRecord(

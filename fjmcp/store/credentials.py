@@ -1,5 +1,6 @@
 """
-Forgejo users and their one upstream credential each (sealed tokens).
+Forgejo users and their one upstream credential each (sealed tokens), and
+the claim on renewing it that one process at a time holds.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ class CredentialStore(Database):
                 " expires_at = excluded.expires_at, scope = excluded.scope,"
                 " lifetime = excluded.lifetime,"
                 " generation = upstream_credentials.generation + 1,"
-                " updated_at = excluded.updated_at"
+                " updated_at = excluded.updated_at, refresh_claimed_until = NULL"
                 " RETURNING generation",
                 (
                     user.forgejo_user_id,
@@ -90,6 +91,42 @@ class CredentialStore(Database):
             return int(txn.fetchone()[0])
 
         return self._write("replace_upstream_credential", q)
+
+    def claim_upstream_refresh(
+        self, forgejo_user_id: int, generation: int, until: float
+    ) -> Deferred[bool]:
+        """
+        Claim the renewal of the user's credential at C{generation} until
+        C{until}: True for exactly one caller (on any node) while the claim
+        holds; False when the credential has moved on or another claim is
+        live.  Storing the renewed credential ends the claim.
+        """
+        now = self._now()
+
+        def q(txn: Txn) -> bool:
+            txn.execute(
+                "UPDATE upstream_credentials SET refresh_claimed_until = ?"
+                " WHERE forgejo_user_id = ? AND generation = ?"
+                " AND (refresh_claimed_until IS NULL OR refresh_claimed_until <= ?)",
+                (until, forgejo_user_id, generation, now),
+            )
+            return txn.rowcount == 1
+
+        return self._write("claim_upstream_refresh", q)
+
+    def release_upstream_refresh(self, forgejo_user_id: int, generation: int) -> Deferred[None]:
+        """
+        Give up a claim whose renewal failed, so another caller may try.
+        """
+
+        def q(txn: Txn) -> None:
+            txn.execute(
+                "UPDATE upstream_credentials SET refresh_claimed_until = NULL"
+                " WHERE forgejo_user_id = ? AND generation = ?",
+                (forgejo_user_id, generation),
+            )
+
+        return self._write("release_upstream_refresh", q)
 
     def get_upstream_credential(self, forgejo_user_id: int) -> Deferred[SealedCredential | None]:
         def q(txn: Txn) -> SealedCredential | None:

@@ -1,13 +1,15 @@
 """
 The database underneath the store: the connection pool, transactions and
-schema migrations.
+schema migrations, on either engine (L{fjmcp.store.engines}).
 
-The store package owns every SQL statement.  One C{adbapi.ConnectionPool} with a
-single connection runs all work off the reactor thread; every transaction has
-a name (for logs and errors); writers take the lock up front with
-C{BEGIN IMMEDIATE}, so two processes on the same file (the daemon and the
-admin command) wait for each other instead of failing on a lock upgrade.
-The schema is versioned by the files in L{fjmcp.store.migrations}.
+The store package owns every SQL statement.  An C{adbapi.ConnectionPool}
+runs all work off the reactor thread (SQLite: one connection; PostgreSQL: a
+few); every transaction has a name (for logs and errors).  On SQLite writers
+take the lock up front with C{BEGIN IMMEDIATE}, so two processes on the same
+file (the daemon and the admin command) wait for each other instead of
+failing on a lock upgrade; on PostgreSQL they lock the rows they change.
+The schema is versioned by the files in L{fjmcp.store.migrations}, one
+folder per engine with the same version numbers.
 """
 
 from __future__ import annotations
@@ -27,6 +29,15 @@ from twisted.internet.interfaces import IReactorCore, IReactorTime
 from twisted.logger import Logger
 
 from fjmcp import metrics
+from fjmcp.store.engines import (
+    POSTGRES_POOL_SIZE,
+    SQLITE,
+    Engine,
+    Location,
+    PostgreSQLLocation,
+    SQLiteLocation,
+    lock_key,
+)
 
 if TYPE_CHECKING:
     from fjmcp.interfaces import IBrokerReactor
@@ -84,15 +95,22 @@ class Txn:
     not be collected by hand by every caller.
     """
 
-    __slots__ = ("_after", "_cursor", "events")
+    __slots__ = ("_after", "_cursor", "engine", "events")
 
-    def __init__(self, cursor: Cursor, events: StoreEvents) -> None:
+    def __init__(self, cursor: Cursor, events: StoreEvents, engine: Engine = SQLITE) -> None:
         self._cursor = cursor
         self._after: list[tuple[Callable[..., object], tuple[object, ...]]] = []
         self.events = events
+        self.engine = engine
 
     def execute(self, sql: str, params: Sequence[object] | Mapping[str, object] = ()) -> None:
-        self._cursor.execute(sql, params)
+        self._cursor.execute(self.engine.sql(sql), params)
+
+    def lock(self, name: str) -> None:
+        """
+        See L{Engine.lock}.
+        """
+        self.engine.lock(self, name)
 
     def fetchone(self) -> Any:
         return self._cursor.fetchone()
@@ -135,9 +153,13 @@ class Migration:
     sql: str
 
 
-def known_migrations() -> list[Migration]:
+def known_migrations(engine: Engine = SQLITE) -> list[Migration]:
+    """
+    The engine's migrations, in order; both engines have the same numbers
+    and names, so a schema version means the same tables on either.
+    """
     migrations = []
-    for entry in resources.files("fjmcp.store.migrations").iterdir():
+    for entry in resources.files("fjmcp.store.migrations").joinpath(engine.name).iterdir():
         match = _MIGRATION_NAME.match(entry.name)
         if match:
             migrations.append(
@@ -164,14 +186,31 @@ def configure_connection(conn: sqlite3.Connection) -> None:
     conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
 
 
-def make_pool(path: Path, reactor: IReactorCore | None = None) -> adbapi.ConnectionPool:
+def as_location(where: Path | Location) -> Location:
+    return SQLiteLocation(where) if isinstance(where, Path) else where
+
+
+def make_pool(where: Path | Location, reactor: IReactorCore | None = None) -> adbapi.ConnectionPool:
     """
-    The one place a pool is built.  One connection: SQLite serialises writers
-    anyway, and a single connection keeps reads consistent with our writes.
+    The one place a pool is built.  SQLite: one connection (SQLite serialises
+    writers anyway, and a single connection keeps reads consistent with our
+    writes).  PostgreSQL: a few, reconnected when the server went away.
     """
     kwargs: dict[str, Any] = {}
     if reactor is not None:
         kwargs["cp_reactor"] = reactor
+    location = as_location(where)
+    if isinstance(location, PostgreSQLLocation):
+        return adbapi.ConnectionPool(
+            "psycopg",
+            cp_min=1,
+            cp_max=POSTGRES_POOL_SIZE,
+            cp_reconnect=True,
+            cp_noisy=False,
+            **location.connect_kwargs(),
+            **kwargs,
+        )
+    path = location.path
     return adbapi.ConnectionPool(
         "sqlite3",
         str(path),
@@ -187,30 +226,43 @@ def make_pool(path: Path, reactor: IReactorCore | None = None) -> adbapi.Connect
     )
 
 
-def apply_migrations(
-    cursor: Any, path: Path | None, now: float, migrations: list[Migration] | None = None
-) -> int:
-    """
-    Bring the schema up to date, one transaction per migration, and refuse a
-    database written by a newer fjmcp.  C{cursor} is a DB-API cursor on a
-    connection in autocommit mode.  Returns the schema version.
-    """
-    if migrations is None:
-        migrations = known_migrations()
+def _pending(
+    cursor: Any, where: str, migrations: list[Migration], real: str
+) -> tuple[int, int, list[Migration]]:
     cursor.execute(
         "CREATE TABLE IF NOT EXISTS schema_migrations ("
-        " version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL NOT NULL)"
+        f" version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at {real} NOT NULL)"
     )
     cursor.execute("SELECT COALESCE(MAX(version), 0) FROM schema_migrations")
     current = int(cursor.fetchone()[0])
     latest = migrations[-1].version if migrations else 0
     if current > latest:
         raise SchemaTooNewError(
-            f"{path or 'the database'} has schema version {current}, but this fjmcp "
+            f"{where} has schema version {current}, but this fjmcp "
             f"only knows up to {latest}: run the newer fjmcp that wrote it, or restore "
             "a backup"
         )
-    pending = [m for m in migrations if m.version > current]
+    return current, latest, [m for m in migrations if m.version > current]
+
+
+def apply_migrations(
+    cursor: Any,
+    path: Path | Location | None,
+    now: float,
+    migrations: list[Migration] | None = None,
+) -> int:
+    """
+    Bring the schema up to date, one transaction per migration, and refuse a
+    database written by a newer fjmcp.  C{cursor} is a DB-API cursor on a
+    connection in autocommit mode.  Returns the schema version.
+    """
+    if isinstance(path, PostgreSQLLocation):
+        return _apply_postgres_migrations(cursor, path, now, migrations)
+    if isinstance(path, SQLiteLocation):
+        path = path.path
+    if migrations is None:
+        migrations = known_migrations()
+    current, latest, pending = _pending(cursor, str(path or "the database"), migrations, "REAL")
     if pending and current > 0 and path is not None:
         _backup_before_upgrade(cursor.connection, path, current)
     for m in pending:
@@ -232,6 +284,42 @@ def apply_migrations(
     return latest
 
 
+# Nodes starting together take turns: the first applies what is pending,
+# the others then find nothing to do.
+_MIGRATION_LOCK = "migrate"
+
+
+def _apply_postgres_migrations(
+    cursor: Any, location: PostgreSQLLocation, now: float, migrations: list[Migration] | None
+) -> int:
+    if migrations is None:
+        migrations = known_migrations(location.engine)
+    cursor.execute("SELECT pg_advisory_lock(%s)", (lock_key(_MIGRATION_LOCK),))
+    try:
+        current, latest, pending = _pending(
+            cursor, location.describe(), migrations, "DOUBLE PRECISION"
+        )
+        if pending and current > 0:
+            log.info(
+                "upgrading the PostgreSQL schema from version {current}; there is no automatic"
+                " backup on PostgreSQL (see docs/deploy-cluster.md)",
+                current=current,
+            )
+        for m in pending:
+            log.info("applying schema migration {version} ({name})", version=m.version, name=m.name)
+            conn = cursor.connection
+            with conn.transaction():
+                # No parameters: psycopg sends the file as one simple query,
+                # several statements allowed.
+                cursor.execute(m.sql.encode())
+                cursor.execute(
+                    "INSERT INTO schema_migrations VALUES (%s, %s, %s)", (m.version, m.name, now)
+                )
+        return latest
+    finally:
+        cursor.execute("SELECT pg_advisory_unlock(%s)", (lock_key(_MIGRATION_LOCK),))
+
+
 def _backup_before_upgrade(conn: sqlite3.Connection, path: Path, version: int) -> None:
     target = path.with_name(f"{path.name}.v{version}.bak")
     dest = sqlite3.connect(str(target))
@@ -242,16 +330,40 @@ def _backup_before_upgrade(conn: sqlite3.Connection, path: Path, version: int) -
     log.info("backed up the database to {target} before upgrading", target=str(target))
 
 
-def migrate_database(path: Path, now: float | None = None) -> int:
+def connect_postgres(location: PostgreSQLLocation) -> Any:
     """
-    Open (creating if needed) and migrate the database at C{path}
+    One plain connection (autocommit) to a PostgreSQL location.
+
+    @raise StoreError: it cannot be reached or refused us, saying which.
+    """
+    import psycopg
+
+    try:
+        return psycopg.connect(**location.connect_kwargs())
+    except psycopg.Error as e:
+        # libpq's message names host, port and user but never the password.
+        raise StoreError(f"cannot connect to {location.describe()}: {e}".strip()) from None
+
+
+def migrate_database(where: Path | Location, now: float | None = None) -> int:
+    """
+    Open (creating if needed, for SQLite) and migrate the database
     synchronously.  For start-up only, before the reactor runs: a daemon that
     cannot use its database should refuse to start, not half-start.
     """
+    location = as_location(where)
+    now = time.time() if now is None else now
+    if isinstance(location, PostgreSQLLocation):
+        pg = connect_postgres(location)
+        try:
+            return apply_migrations(pg.cursor(), location, now)
+        finally:
+            pg.close()
+    path = location.path
     conn = sqlite3.connect(str(path), isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
     try:
         configure_connection(conn)
-        return apply_migrations(conn.cursor(), path, time.time() if now is None else now)
+        return apply_migrations(conn.cursor(), path, now)
     finally:
         conn.close()
 
@@ -266,16 +378,19 @@ class Database:
         self,
         pool: adbapi.ConnectionPool,
         clock: IReactorTime,
-        path: Path | None = None,
+        path: Path | Location | None = None,
     ) -> None:
         self._pool = pool
         self._clock = clock
-        self.path = path
+        self.location = None if path is None else as_location(path)
+        # The SQLite file, for what only SQLite has (backups, its -wal).
+        self.path = self.location.path if isinstance(self.location, SQLiteLocation) else None
+        self.engine = SQLITE if self.location is None else self.location.engine
         self.events = StoreEvents()
 
     @classmethod
-    def open(cls: type[D], path: Path, reactor: IBrokerReactor) -> D:
-        return cls(make_pool(path, reactor), reactor, path)
+    def open(cls: type[D], where: Path | Location, reactor: IBrokerReactor) -> D:
+        return cls(make_pool(where, reactor), reactor, where)
 
     def close(self) -> None:
         if self._pool.running or self._pool.startID:
@@ -286,14 +401,14 @@ class Database:
 
     def _read(self, desc: str, fn: Callable[[Txn], T]) -> Deferred[T]:
         def interaction(txn: Txn) -> T:
-            txn.execute("BEGIN")
+            txn.execute(self.engine.begin_read)
             return fn(txn)
 
         return self._run(desc, interaction)
 
     def _write(self, desc: str, fn: Callable[[Txn], T]) -> Deferred[T]:
         def interaction(txn: Txn) -> T:
-            txn.execute("BEGIN IMMEDIATE")
+            txn.execute(self.engine.begin_write)
             return fn(txn)
 
         return self._run(desc, interaction)
@@ -302,7 +417,7 @@ class Database:
         # desc names the transaction for whoever reads a traceback and for
         # metrics; no per-call log event: it costs every request.
         def interaction(cursor: Cursor) -> tuple[T, Txn]:
-            txn = Txn(cursor, self.events)
+            txn = Txn(cursor, self.events, self.engine)
             return fn(txn), txn
 
         def committed(done: tuple[T, Txn]) -> T:
@@ -327,7 +442,7 @@ class Database:
         Bring the schema up to date through the pool; see L{apply_migrations}.
         """
         return self._interact(
-            "migrate", lambda cursor: apply_migrations(cursor, self.path, self._now())
+            "migrate", lambda cursor: apply_migrations(cursor, self.location, self._now())
         )
 
     def schema_version(self) -> Deferred[int]:

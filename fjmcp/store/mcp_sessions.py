@@ -50,8 +50,13 @@ class MCPSessionStore(Database):
 
         def q(txn: Txn) -> None:
             txn.execute(
-                f"INSERT OR REPLACE INTO mcp_sessions (session_hash, {_COLUMNS})"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT INTO mcp_sessions (session_hash, {_COLUMNS})"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (session_hash) DO UPDATE SET"
+                " forgejo_user_id = excluded.forgejo_user_id,"
+                " user_login = excluded.user_login, client_id = excluded.client_id,"
+                " family_id = excluded.family_id, protocol_version = excluded.protocol_version,"
+                " initialize = excluded.initialize, created_at = excluded.created_at,"
+                " last_used_at = excluded.last_used_at",
                 (
                     session_hash,
                     session.user_id,

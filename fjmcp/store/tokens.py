@@ -152,12 +152,17 @@ class TokenTransaction:
             return None
         return ClientRecord(row[0], row[1], row[2], json.loads(row[3]), row[4], row[5])
 
+    # The code and refresh token lookups lock their rows (and the family's)
+    # on PostgreSQL: two nodes redeeming one code or rotating one refresh
+    # token take turns, and the second sees what the first did, as behind
+    # SQLite's single writer.
+
     def authorization_code(self, code_hash: bytes) -> AuthorizationCodeRecord | None:
         self._txn.execute(
             f"SELECT {_FAMILY_COLUMNS}, c.redirect_uri, c.code_challenge,"
             " c.code_challenge_method, c.created_at, c.expires_at, c.used_at"
             " FROM authorization_codes c JOIN token_families f ON f.family_id = c.family_id"
-            " WHERE c.code_hash = ?",
+            f" WHERE c.code_hash = ?{self._txn.engine.row_lock}",
             (code_hash,),
         )
         row = self._txn.fetchone()
@@ -180,7 +185,7 @@ class TokenTransaction:
         self._txn.execute(
             f"SELECT {_FAMILY_COLUMNS}, r.created_at, r.expires_at, r.rotated_at, r.revoked_at"
             " FROM refresh_tokens r JOIN token_families f ON f.family_id = r.family_id"
-            " WHERE r.token_hash = ?",
+            f" WHERE r.token_hash = ?{self._txn.engine.row_lock}",
             (token_hash,),
         )
         row = self._txn.fetchone()
@@ -299,10 +304,10 @@ class TokenStore(Database):
         self, desc: str, now: float, fn: Callable[[TokenTransaction], T]
     ) -> Deferred[T]:
         """
-        Run C{fn} in one write transaction (C{BEGIN IMMEDIATE}): everything it
-        does commits together when it returns, and nothing does when it
-        raises.  C{fn} runs in the pool's thread: it must not touch the
-        reactor or wait on anything.
+        Run C{fn} in one write transaction: everything it does commits
+        together when it returns, and nothing does when it raises; a code or
+        refresh token it reads stays locked until then.  C{fn} runs in the
+        pool's thread: it must not touch the reactor or wait on anything.
         """
         return self._write(desc, lambda txn: fn(TokenTransaction(txn, now)))
 
@@ -416,17 +421,17 @@ class TokenStore(Database):
         Of C{family_ids}, those that are revoked or no longer exist, in one
         query (the broker asks every few seconds about the grants behind
         its live sessions and cached bearer checks).  The ids go in as one
-        JSON array, so there is no limit on how many.
+        parameter, so there is no limit on how many.
         """
         wanted = sorted(set(family_ids))
 
         def q(txn: Txn) -> set[str]:
             if not wanted:
                 return set()
+            among, ids = txn.engine.member("family_id", wanted)
             txn.execute(
-                "SELECT family_id FROM token_families"
-                " WHERE family_id IN (SELECT value FROM json_each(?)) AND revoked_at IS NULL",
-                (json.dumps(wanted),),
+                f"SELECT family_id FROM token_families WHERE {among} AND revoked_at IS NULL",
+                (ids,),
             )
             live = {row[0] for row in txn.fetchall()}
             return set(wanted) - live
