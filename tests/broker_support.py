@@ -26,11 +26,12 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 
 from fjmcp.app.tap import Broker as Broker_
-from fjmcp.app.tap import Seams, build_broker
+from fjmcp.app.tap import Seams, build_broker, store_location
 from fjmcp.oauth.grants import REVOCATION_INTERVAL
 from fjmcp.secrets.crypto import new_pkce_pair
 from fjmcp.store import migrate_database
 from tests.helpers import listen, make_config
+from tests.store_engines import database_overrides
 
 _log = Logger()
 SCRIPTED_CHILD = str(Path(__file__).resolve().parent / "scripted_child.py")
@@ -162,7 +163,7 @@ class Broker:
             forgejo_client_id="fjmcp-broker",
             forgejo_client_secret="gto_brokersecret",
             cimd_allow_loopback=True,
-            **{"listen": (), **config},
+            **{"listen": (), **database_overrides(test), **config},
         )
         self.forge.add_app(
             "fjmcp",
@@ -183,7 +184,7 @@ class Broker:
         was taken before the broker existed because its URL is part of the
         configuration.
         """
-        migrate_database(self.config.db_path)
+        migrate_database(store_location(self.config))
         self.parts = build_broker(
             self.config,
             reactor,

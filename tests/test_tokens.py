@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
 
+import attrs
 from twisted.internet import reactor, task
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -26,8 +27,10 @@ from fjmcp.oauth.tokens import (
     parse_form,
 )
 from fjmcp.secrets.crypto import new_pkce_pair, token_hash
-from fjmcp.store import Store, UpstreamUser, migrate_database
+from fjmcp.store import Store, UpstreamUser
 from tests.helpers import http_client, make_config, routes_over, serve, token_service
+from tests.store_engines import OnPostgreSQL, database_overrides, migrated
+from tests.store_engines import dump as database_dump
 
 FORM = "application/x-www-form-urlencoded"
 REDIRECT = "http://127.0.0.1:33418/callback"
@@ -55,9 +58,10 @@ class TokenTestBase(TestCase):
             access_token_lifetime=3600.0,
             refresh_token_lifetime=30 * 86400.0,
             refresh_grace_period=self.grace,
+            **database_overrides(self),
         )
-        migrate_database(self.config.db_path)
-        self.store = Store.open(self.config.db_path, reactor)
+        self.location = migrated(self.config)
+        self.store = Store.open(self.location, reactor)
         self.addCleanup(self.store.close)
         self.clock = task.Clock()
         self.clock.advance(START)
@@ -425,7 +429,7 @@ class CodeExchangeTests(TokenTestBase):
         client = await self.register()
         body = await self.login(client)
         self.store.close()
-        dump = self.config.db_path.read_bytes()
+        dump = database_dump(self.location)
         for name in ("access_token", "refresh_token"):
             self.assertNotIn(body[name].encode(), dump)
         self.assertIsNotNone(token_hash(body["access_token"]))
@@ -1044,6 +1048,87 @@ class ConcurrencyTests(TokenTestBase):
             status, _, _ = await self.refresh(client, body["refresh_token"])
             self.assertEqual(status, 200)
 
+    async def test_concurrent_refreshes_across_nodes(self) -> None:
+        """
+        The same twenty refreshes spread over three broker nodes (each its
+        own store and pool on the one database): every one succeeds within
+        the grace window, and exactly one family is left, live.
+        """
+        client = await self.register()
+        first = await self.login(client)
+        nodes = [self.tokens]
+        for _ in range(2):
+            store = Store.open(self.location, reactor)
+            self.addCleanup(store.close)
+            nodes.append(token_service(store, self.config, self.clock))
+        form = urlencode(
+            {
+                "grant_type": "refresh_token",
+                "refresh_token": first["refresh_token"],
+                "client_id": client["client_id"],
+            }
+        ).encode()
+        results = await gatherResults(
+            [
+                Deferred.fromCoroutine(nodes[i % 3].token_response(form, {"Content-Type": FORM}))
+                for i in range(20)
+            ]
+        )
+        self.assertEqual([status for status, _, _ in results], [200] * 20)
+        live = await self.store.list_families(forgejo_user_id=USER)
+        self.assertEqual(len(live), 1)
+        self.assertEqual(len(await self.store.list_families(USER, include_revoked=True)), 1)
+        # Every new refresh token is good on every node.
+        for i, (_, _, body) in enumerate(results[:3]):
+            status, _, _ = await nodes[(i + 1) % 3].token_response(
+                urlencode(
+                    {
+                        "grant_type": "refresh_token",
+                        "refresh_token": body["refresh_token"],
+                        "client_id": client["client_id"],
+                    }
+                ).encode(),
+                {"Content-Type": FORM},
+            )
+            self.assertEqual(status, 200)
+
+    async def test_replays_across_nodes_without_grace(self) -> None:
+        """
+        With no grace window, the same refresh token sent to three nodes at
+        once is used exactly once: the others are replays, which revoke the
+        family (the winner's new tokens too), as one after the other on one
+        node would.  Without row locks on PostgreSQL, every node would read
+        the token unused and issue.
+        """
+        # A window that has closed even for a token rotated this instant (the
+        # clock stands still).
+        config = attrs.evolve(self.config, refresh_grace_period=-1.0)
+        client = await self.register()
+        first = await self.login(client)
+        nodes = []
+        for _ in range(3):
+            store = Store.open(self.location, reactor)
+            self.addCleanup(store.close)
+            nodes.append(token_service(store, config, self.clock))
+        form = urlencode(
+            {
+                "grant_type": "refresh_token",
+                "refresh_token": first["refresh_token"],
+                "client_id": client["client_id"],
+            }
+        ).encode()
+        results = await gatherResults(
+            [
+                Deferred.fromCoroutine(nodes[i % 3].token_response(form, {"Content-Type": FORM}))
+                for i in range(6)
+            ]
+        )
+        statuses = sorted(status for status, _, _ in results)
+        self.assertEqual(statuses, [200] + [400] * 5, results)
+        winner = next(body for status, _, body in results if status == 200)
+        await self.assert_invalid(winner["access_token"], "revoked")
+        self.assertEqual(await self.store.list_families(forgejo_user_id=USER), [])
+
     async def test_concurrent_refreshes_over_http(self) -> None:
         client = await self.register("client_secret_basic")
         first = await self.login(client)
@@ -1078,7 +1163,7 @@ class ConcurrencyTests(TokenTestBase):
         Two stores (two connections, as the daemon and an admin command
         would have) on one file: the database, not the pool, decides.
         """
-        other_store = Store.open(self.config.db_path, reactor)
+        other_store = Store.open(self.location, reactor)
         self.addCleanup(other_store.close)
         other = token_service(other_store, self.config, self.clock)
         client = await self.register()
@@ -1113,7 +1198,7 @@ class RestartTests(TokenTestBase):
         first = await self.login(client)
         code, verifier = await self.new_code(client)
         self.store.close()
-        store = Store.open(self.config.db_path, reactor)
+        store = Store.open(self.location, reactor)
         self.addCleanup(store.close)
         tokens = token_service(store, self.config, self.clock)
         grant = await tokens.check_bearer("Bearer " + first["access_token"])
@@ -1187,3 +1272,34 @@ class DefensivePathTests(TokenTestBase):
         self.assertNotIn("disk on fire", json.dumps(result[1]))
         await self.assert_error(await self.revoke(client, "x"), 500, "server_error")
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 2)
+
+
+# The same token endpoint tests on PostgreSQL (tests/store_engines.py).
+
+
+class CodeExchangeOnPostgreSQL(OnPostgreSQL, CodeExchangeTests):
+    pass
+
+
+class RefreshOnPostgreSQL(OnPostgreSQL, RefreshTests):
+    pass
+
+
+class RevocationOnPostgreSQL(OnPostgreSQL, RevocationTests):
+    pass
+
+
+class BearerOnPostgreSQL(OnPostgreSQL, BearerTests):
+    pass
+
+
+class AdminOnPostgreSQL(OnPostgreSQL, AdminTests):
+    pass
+
+
+class ConcurrencyOnPostgreSQL(OnPostgreSQL, ConcurrencyTests):
+    pass
+
+
+class RestartOnPostgreSQL(OnPostgreSQL, RestartTests):
+    pass
