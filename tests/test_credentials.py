@@ -6,8 +6,7 @@ renewed once per user however many requests need them at the same moment.
 from __future__ import annotations
 
 import os
-import sqlite3
-from pathlib import Path
+from typing import TypeVar
 
 from fjmcp_dev.standin.model import Forge, seed
 from fjmcp_dev.standin.web import StandinForgejo
@@ -16,12 +15,14 @@ from hypothesis import strategies as st
 from treq.client import HTTPClient
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, LoopingCall
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from fjmcp.forgejo.client import ForgejoClient, ForgejoUser, UpstreamTokens
 from fjmcp.forgejo.credentials import (
+    CLAIM_POLL,
+    CLAIM_SECONDS,
     REFRESH_MARGIN,
     LoginRequiredError,
     UpstreamCredentials,
@@ -30,6 +31,10 @@ from fjmcp.forgejo.credentials import (
 from fjmcp.secrets.crypto import SecretBox
 from fjmcp.store import Store, migrate_database
 from tests.helpers import serve
+from tests.store_engines import OnPostgreSQL, fresh_location
+from tests.store_engines import dump as database_dump
+
+T = TypeVar("T")
 
 
 class CredentialTests(TestCase):
@@ -41,11 +46,9 @@ class CredentialTests(TestCase):
             client_id="broker", client_secret="gto_secret",
         )  # fmt: skip
         url = serve(self, StandinForgejo(self.forge, "http://placeholder").resource())
-        path = Path(self.mktemp()).resolve()
-        path.mkdir()
-        migrate_database(path / "broker.db")
-        self.db = path / "broker.db"
-        self.store = Store.open(self.db, reactor)
+        self.location = fresh_location(self)
+        migrate_database(self.location)
+        self.store = Store.open(self.location, reactor)
         self.addCleanup(self.store.close)
         self.clock = Clock()
         self.clock.advance(1_000_000)
@@ -129,12 +132,10 @@ class CredentialTests(TestCase):
 
     async def test_sealed_at_rest(self) -> None:
         tokens = await self.login()
-        conn = sqlite3.connect(self.db)
-        dump = "\n".join(conn.iterdump())
-        conn.close()
-        self.assertNotIn(tokens.access_token, dump)
+        dump = database_dump(self.location)
+        self.assertNotIn(tokens.access_token.encode(), dump)
         assert tokens.refresh_token is not None
-        self.assertNotIn(tokens.refresh_token, dump)
+        self.assertNotIn(tokens.refresh_token.encode(), dump)
 
     async def test_near_expiry_is_renewed_and_stored(self) -> None:
         old = await self.login(expires_in=100)
@@ -162,6 +163,64 @@ class CredentialTests(TestCase):
         self.assertEqual(self.refreshes, 1)
         self.assertEqual(len(set(tokens)), 1)
         self.assertIsNotNone(self.forge.user_for_access_token(tokens[0]))
+
+    def node(self) -> UpstreamCredentials:
+        """
+        Another broker node on the same database: its own pool, its own
+        in-process single flight, the same Forgejo.
+        """
+        store = Store.open(self.location, reactor)
+        self.addCleanup(store.close)
+        return UpstreamCredentials(store, SecretBox(self.key), self.upstream, self.clock)
+
+    async def ticking(self, work: Deferred[T]) -> T:
+        """
+        C{work}'s result, the fake clock moving on meanwhile as a real one
+        would (processes waiting on another's renewal look again on a timer).
+        """
+        tick = LoopingCall(self.clock.advance, CLAIM_POLL)
+        tick.clock = reactor
+        tick.start(0.005, now=False)
+        try:
+            return await work
+        finally:
+            tick.stop()
+
+    async def test_one_renewal_across_nodes(self) -> None:
+        """
+        Ten requests needing a renewal at once, spread over three nodes:
+        exactly one renewal reaches Forgejo (the store's claim), and every
+        node hands out the token it brought.
+        """
+        await self.login(expires_in=10)
+        nodes = [self.credentials, self.node(), self.node()]
+        tokens = await self.ticking(
+            gatherResults([Deferred.fromCoroutine(nodes[i % 3].access_token(1)) for i in range(10)])
+        )
+        self.assertEqual(self.refreshes, 1)
+        self.assertEqual(len(set(tokens)), 1)
+        self.assertIsNotNone(self.forge.user_for_access_token(tokens[0]))
+        cred = await self.store.get_upstream_credential(1)
+        assert cred is not None
+        self.assertEqual(cred.generation, 2)
+
+    async def test_claim_of_a_dead_node_lapses(self) -> None:
+        """
+        A node that claimed the renewal and died: the others wait for its
+        claim to lapse, then one of them renews.
+        """
+        await self.login(expires_in=10)
+        cred = await self.store.get_upstream_credential(1)
+        assert cred is not None
+        claimed = await self.store.claim_upstream_refresh(
+            1, cred.generation, self.clock.seconds(), self.clock.seconds() + CLAIM_SECONDS
+        )
+        self.assertTrue(claimed)
+        start = self.clock.seconds()
+        token = await self.ticking(Deferred.fromCoroutine(self.node().access_token(1)))
+        self.assertGreaterEqual(self.clock.seconds() - start, CLAIM_SECONDS)
+        self.assertEqual(self.refreshes, 1)
+        self.assertIsNotNone(self.forge.user_for_access_token(token))
 
     async def test_users_are_independent(self) -> None:
         await self.login("alice", expires_in=10)
@@ -217,3 +276,7 @@ class RefreshMarginTests(SynchronousTestCase):
         # A credential stored before lifetimes were (schema 1): as before.
         self.assertEqual(refresh_margin(None), REFRESH_MARGIN)
         self.assertEqual(refresh_margin(120), 30)
+
+
+class CredentialsOnPostgreSQL(OnPostgreSQL, CredentialTests):
+    pass

@@ -205,7 +205,7 @@ class UpstreamCredentials:
                 raise LoginRequiredError("the Forgejo credential expired and has no refresh token")
             now = self._clock.seconds()
             if await self._store.claim_upstream_refresh(
-                forgejo_user_id, cred.generation, now + CLAIM_SECONDS
+                forgejo_user_id, cred.generation, now, now + CLAIM_SECONDS
             ):
                 return cred, None
             if now > give_up:

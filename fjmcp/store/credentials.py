@@ -93,15 +93,15 @@ class CredentialStore(Database):
         return self._write("replace_upstream_credential", q)
 
     def claim_upstream_refresh(
-        self, forgejo_user_id: int, generation: int, until: float
+        self, forgejo_user_id: int, generation: int, now: float, until: float
     ) -> Deferred[bool]:
         """
-        Claim the renewal of the user's credential at C{generation} until
-        C{until}: True for exactly one caller (on any node) while the claim
-        holds; False when the credential has moved on or another claim is
-        live.  Storing the renewed credential ends the claim.
+        Claim the renewal of the user's credential at C{generation} from
+        C{now} until C{until} (both by the claimant's clock, which every
+        claimant shares): True for exactly one caller (on any node) while
+        the claim holds; False when the credential has moved on or another
+        claim is live.  Storing the renewed credential ends the claim.
         """
-        now = self._now()
 
         def q(txn: Txn) -> bool:
             txn.execute(
