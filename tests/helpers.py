@@ -18,6 +18,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.task import deferLater
 from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
@@ -60,6 +61,13 @@ def serve(test: TestCase, resource: Any) -> str:
     its base URL.
     """
     return listen(test, resource)[1]
+
+
+def sleep(seconds: float) -> Deferred[None]:
+    """
+    Fires after C{seconds} of the real reactor's time.
+    """
+    return deferLater(reactor, seconds, lambda: None)
 
 
 def make_config(tmp: str, public_url: str = "https://mcp.example.org", **overrides: Any) -> Config:

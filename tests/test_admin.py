@@ -17,9 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from twisted.internet import reactor
-from twisted.internet.defer import Deferred, ensureDeferred
-from twisted.internet.task import deferLater
+from twisted.internet.defer import ensureDeferred
 from twisted.internet.utils import getProcessOutputAndValue
 
 import tests.broker_support as broker_support
@@ -30,14 +28,10 @@ from fjmcp.secrets.keyring import CHECK_INTERVAL, read_key_file, write_key_file
 from fjmcp.store import UpstreamUser, known_migrations
 from fjmcp.store.database import BUSY_TIMEOUT_MS
 from tests.broker_support import Broker, BrokerTestCase, browser, location, query
-from tests.helpers import wait_until
+from tests.helpers import sleep, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
-
-
-def sleep(seconds: float) -> Deferred[None]:
-    return deferLater(reactor, seconds, lambda: None)
 
 
 class AdminTestCase(BrokerTestCase):

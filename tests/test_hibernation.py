@@ -9,10 +9,12 @@ never does.  Over real HTTP, with the scripted child.
 from __future__ import annotations
 
 import json
-import sqlite3
 from typing import Any
 
-from tests.helpers import process_gone, wait_until
+from fjmcp.app.tap import store_location
+from tests.helpers import process_gone, sleep, wait_until
+from tests.store_engines import OnPostgreSQL, query
+from tests.store_engines import dump as database_dump
 from tests.test_sessions import (
     SessionTestCase,
     initialize,
@@ -221,11 +223,37 @@ class ResumeTests(SessionTestCase):
         alice = await self.token("alice")
         session_id = await self.open_session(alice)
         await self.whoami(alice, session_id)
-        conn = sqlite3.connect(self.broker.config.db_path)
-        try:
-            (count,) = conn.execute("SELECT COUNT(*) FROM mcp_sessions").fetchone()
-            dump = "\n".join(conn.iterdump())
-        finally:
-            conn.close()
+        location = store_location(self.broker.config)
+        [(count,)] = query(location, "SELECT COUNT(*) FROM mcp_sessions")
         self.assertEqual(count, 1)
-        self.assertNotIn(session_id, dump)
+        self.assertNotIn(session_id.encode(), database_dump(location))
+
+    async def test_a_busy_session_stays_kept(self) -> None:
+        """
+        Every process on the database forgets the kept sessions idle longer
+        than the idle timeout, wherever they run: a session in use keeps its
+        record fresh, so neither another node nor this one after a restart
+        forgets it while it is busy.  (The record said when the session
+        started, until it hibernated or the broker stopped.)
+        """
+        self.use_broker(session_idle_timeout=2.0)
+        alice = await self.token("alice")
+        session_id = await self.open_session(alice)
+        location = store_location(self.broker.config)
+        for _ in range(6):
+            await self.whoami(alice, session_id)
+            await sleep(0.5)
+            self.broker.sessions.reap()
+        # Three seconds in, the session never idle for long: still kept.
+        await sleep(0.2)
+        [(count,)] = query(location, "SELECT COUNT(*) FROM mcp_sessions")
+        self.assertEqual(count, 1)
+        await self.broker.restart()
+        info = await self.whoami(alice, session_id)
+        self.assertIn("pid", info)
+
+
+class ResumeOnPostgreSQL(OnPostgreSQL, ResumeTests):
+    """
+    Kept sessions in PostgreSQL: resumed by a broker that never saw them.
+    """

@@ -86,6 +86,7 @@ class SessionKeeper:
             created_at=self._clock.seconds(),
             last_used_at=session.last_used,
         )
+        session.stored_use = session.last_used
         return self._background(
             "keep a session",
             lambda: self._records.save_mcp_session(  # type: ignore[union-attr]
@@ -97,6 +98,7 @@ class SessionKeeper:
         """
         Note when the session was last used, and with which grant.
         """
+        session.stored_use = session.idle_since()
         return self._background(
             "update a session",
             lambda: self._records.touch_mcp_session(  # type: ignore[union-attr]

@@ -94,6 +94,9 @@ class Session:
     # sequence for all of the session's children, so an answer meant for a
     # retiring child's question never reaches the new child's.
     question_numbers: Iterator[int] = attrs.Factory(lambda: itertools.count(1))
+    # The last use the store's record of the session knows of (see
+    # L{fjmcp.mcp.keeper.SessionKeeper.touched}).
+    stored_use: float = 0.0
 
     def idle_since(self) -> float:
         """

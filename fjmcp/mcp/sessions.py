@@ -41,6 +41,8 @@ from fjmcp.mcp.session_children import (
 from fjmcp.secrets.crypto import token_hash
 
 REAP_INTERVAL = 30.0
+# How stale the store's record of a session in use may get.
+TOUCH_EVERY = 300.0
 # Claude gives a tool call 300 s; no request waits longer by default, and a
 # retiring child gets no longer either.
 REQUEST_TIMEOUT = 300.0
@@ -380,6 +382,15 @@ class SessionManager(SessionChildren, Service):
         now = self._reactor.seconds()
         cutoff = now - self._idle_timeout
         unused_cutoff = now - self._unused_timeout
+        # Every process on the database forgets the kept sessions idle past
+        # the cutoff, whoever holds them: the records of sessions in use
+        # here must say so well before (or another broker node, or this one
+        # after a restart, would forget a busy session).
+        touch_before = now - min(TOUCH_EVERY, self._idle_timeout / 4)
+        for session in list(self._sessions.values()):
+            kept = session.initialize is not None and not session.stateless
+            if kept and session.stored_use < min(touch_before, session.idle_since()):
+                self._keeper.touched(session)
         self._keeper.forget_idle(cutoff)
         for session in list(self._sessions.values()):
             if session.router.in_flight:
