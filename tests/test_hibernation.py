@@ -11,7 +11,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from twisted.internet import reactor
+
 from fjmcp.app.tap import store_location
+from fjmcp.secrets.crypto import token_hash
 from tests.helpers import process_gone, sleep, wait_until
 from tests.store_engines import OnPostgreSQL, query
 from tests.store_engines import dump as database_dump
@@ -227,6 +230,33 @@ class ResumeTests(SessionTestCase):
         [(count,)] = query(location, "SELECT COUNT(*) FROM mcp_sessions")
         self.assertEqual(count, 1)
         self.assertNotIn(session_id.encode(), database_dump(location))
+
+    async def test_a_session_another_node_took_over_stays_kept(self) -> None:
+        """
+        A client's initialize reaches one node and its next requests another
+        (Caddy picks the node by the session id the first one made up): the
+        second resumes the session and writes that use; the first, letting
+        its unused copy go, leaves the record to the second.  Without a use
+        elsewhere, letting go forgets the record as before.
+        """
+        self.use_broker(session_unused_timeout=0.3)
+        alice = await self.token("alice")
+        moved = await self.open_session(alice)
+        stayed = await self.open_session(alice)
+        location = store_location(self.broker.config)
+        # What the other node's resume writes.
+        await self.broker.store.touch_mcp_session(
+            token_hash(moved), reactor.seconds() + 1, self.session_object(moved).family_id
+        )
+        await sleep(0.4)
+        self.broker.sessions.reap()
+        self.assertFalse(self.live(moved) or self.live(stayed))
+        await wait_until(
+            lambda: len(query(location, "SELECT session_hash FROM mcp_sessions")) == 1,
+            what="the unused session's record forgotten",
+        )
+        [(kept,)] = query(location, "SELECT session_hash FROM mcp_sessions")
+        self.assertEqual(bytes(kept), token_hash(moved))
 
     async def test_a_busy_session_stays_kept(self) -> None:
         """

@@ -39,7 +39,9 @@ class SessionRecords(Protocol):
         self, session_hash: bytes, last_used_at: float, family_id: str
     ) -> Deferred[None]: ...
 
-    def forget_mcp_session(self, session_hash: bytes) -> Deferred[bool]: ...
+    def forget_mcp_session(
+        self, session_hash: bytes, unless_used_after: float | None = None
+    ) -> Deferred[bool]: ...
 
     def forget_idle_mcp_sessions(self, used_before: float) -> Deferred[int]: ...
 
@@ -108,6 +110,20 @@ class SessionKeeper:
 
     def forgotten(self, session: Session) -> Deferred[Any]:
         return self.forget_id(session.id)
+
+    def abandoned(self, session: Session) -> Deferred[Any]:
+        """
+        This process let go of a session nobody ended (idle, unused, or
+        evicted for a newer one): forget its record unless another process
+        has used the session since (a client's requests move to another
+        broker node, which resumes the session and writes its use).
+        """
+        return self._background(
+            "forget a session",
+            lambda: self._records.forget_mcp_session(  # type: ignore[union-attr]
+                token_hash(session.id), session.stored_use
+            ),
+        )
 
     def forget_id(self, session_id: str) -> Deferred[Any]:
         return self._background(

@@ -43,6 +43,10 @@ from fjmcp.secrets.crypto import token_hash
 REAP_INTERVAL = 30.0
 # How stale the store's record of a session in use may get.
 TOUCH_EVERY = 300.0
+# Why this process may let go of a session that another broker node serves
+# now (see L{fjmcp.mcp.keeper.SessionKeeper.abandoned}); every other end
+# (the client's DELETE, a revoked grant) ends it everywhere.
+LET_GO = frozenset({"idle", "unused", "evicted"})
 # Claude gives a tool call 300 s; no request waits longer by default, and a
 # retiring child gets no longer either.
 REQUEST_TIMEOUT = 300.0
@@ -300,6 +304,9 @@ class SessionManager(SessionChildren, Service):
         )
         session.used = True
         self._handshake(session, session.child)
+        # Resuming is a use: a node that let the session go meanwhile (the
+        # client's requests now come here) then leaves its record alone.
+        self._keeper.touched(session)
         metrics.session_woken()
         log.info(
             "session {s} of {login} ({u}) resumed from the store, child pid {pid}",
@@ -359,7 +366,9 @@ class SessionManager(SessionChildren, Service):
         session.ended = True
         if self._sessions.get(session.id) is session:
             del self._sessions[session.id]
-            if reason != "shutdown":
+            if reason in LET_GO:
+                self._keeper.abandoned(session)
+            elif reason != "shutdown":
                 self._keeper.forgotten(session)
         session.router.fail_all(CHILD_GONE, why)
         for child, router in session.retiring:

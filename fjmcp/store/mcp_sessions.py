@@ -100,9 +100,23 @@ class MCPSessionStore(Database):
 
         return self._write("touch_mcp_session", q)
 
-    def forget_mcp_session(self, session_hash: bytes) -> Deferred[bool]:
+    def forget_mcp_session(
+        self, session_hash: bytes, unless_used_after: float | None = None
+    ) -> Deferred[bool]:
+        """
+        Forget a kept session; with C{unless_used_after}, only if its record
+        says it was not used after then (another broker node that resumed
+        it has written a later use, and keeps it).
+        """
+
         def q(txn: Txn) -> bool:
-            txn.execute("DELETE FROM mcp_sessions WHERE session_hash = ?", (session_hash,))
+            if unless_used_after is None:
+                txn.execute("DELETE FROM mcp_sessions WHERE session_hash = ?", (session_hash,))
+            else:
+                txn.execute(
+                    "DELETE FROM mcp_sessions WHERE session_hash = ? AND last_used_at <= ?",
+                    (session_hash, unless_used_after),
+                )
             return txn.rowcount == 1
 
         return self._write("forget_mcp_session", q)
