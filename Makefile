@@ -8,7 +8,7 @@ FORGEJO_MCP_VERSION := $(shell cat deploy/forgejo-mcp.version)
 FORGEJO_MCP_MODULE := codeberg.org/goern/forgejo-mcp/v2
 TRIAL_JOBS ?= 2
 
-.PHONY: all venv forgejo-mcp forgejo-mcp-newest node-deps conformance-deps caddy check lint test demo bench wrk clean
+.PHONY: all venv forgejo-mcp forgejo-mcp-newest node-deps conformance-deps caddy postgresql check lint test demo bench wrk clean
 
 all: check
 
@@ -98,6 +98,17 @@ caddy:
 		&& apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq caddy) \
 		|| echo "WARNING: could not install caddy: tests/test_caddy.py will skip (or fail under CI)" >&2
 
+# PostgreSQL's server programs (Debian's postgresql package) for the store
+# tests on PostgreSQL: each test process starts a throwaway cluster of its own
+# as an unprivileged user (tests/postgres_support.py); the package's own
+# cluster is not used.  Without root the install fails softly and those tests
+# skip (or fail under CI=true).
+postgresql:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || (echo "installing Debian's postgresql package" \
+		"for the PostgreSQL store tests (system-wide)" \
+		&& apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql) \
+		|| echo "WARNING: could not install postgresql: the PostgreSQL tests will skip (or fail under CI)" >&2
+
 # podman, the base images made with debootstrap and Debian 13's quadlet, for
 # tests/test_podman_{image,quadlet,systemd}.py (tests/podman_support.py; all
 # cached between runs on one machine).  As root it installs Debian's podman,
@@ -112,7 +123,7 @@ lint: venv
 	$(VENV)/bin/ruff format --check fjmcp dev tests bench twisted
 	$(VENV)/bin/mypy
 
-test: venv forgejo-mcp forgejo-mcp-newest node-deps conformance-deps caddy
+test: venv forgejo-mcp forgejo-mcp-newest node-deps conformance-deps caddy postgresql
 	PATH="$(BIN):$$PATH" $(VENV)/bin/trial -j$(TRIAL_JOBS) tests
 
 check: lint test
