@@ -9,7 +9,6 @@ forgotten, so its tokens are refused at once.
 
 from __future__ import annotations
 
-import sqlite3
 import sys
 from collections.abc import Collection
 from typing import Any, cast
@@ -17,19 +16,20 @@ from typing import Any, cast
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock, deferLater
-from twisted.internet.threads import deferToThread
 from twisted.logger import ILogObserver, LogLevel, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 import fjmcp.oauth.grants
+from fjmcp.app.tap import store_location
+from fjmcp.config import Config
 from fjmcp.mcp.children import ChildSupervisor
 from fjmcp.mcp.sessions import SessionManager
 from fjmcp.oauth.grants import BEARER_CACHE_SECONDS, AccessGrant, BearerCache, GrantEnds
-from fjmcp.store import Store, UpstreamUser, migrate_database
-from fjmcp.store.database import StoreEvents, Txn
-from fjmcp.store.tokens import _revoke_family_txn
+from fjmcp.store import Store, UpstreamUser
+from fjmcp.store.database import StoreEvents
 from tests.broker_support import REDIRECT, SCRIPTED_CHILD
 from tests.helpers import Answer, make_config, wait_until
+from tests.store_engines import OnPostgreSQL, database_overrides, migrated
 from tests.test_sessions import (
     PROMPT,
     SessionTestCase,
@@ -223,9 +223,8 @@ async def new_family(store: Store, user_id: int = 1) -> str:
 
 class StoreTests(TestCase):
     def setUp(self) -> None:
-        config = make_config(self.mktemp())
-        migrate_database(config.db_path)
-        self.store = Store.open(config.db_path, reactor)
+        config = make_config(self.mktemp(), **database_overrides(self))
+        self.store = Store.open(migrated(config), reactor)
         self.addCleanup(self.store.close)
 
     async def family(self, user_id: int = 1) -> str:
@@ -281,9 +280,8 @@ class AfterCommitTests(TestCase):
     """
 
     def setUp(self) -> None:
-        config = make_config(self.mktemp())
-        migrate_database(config.db_path)
-        self.store = Store.open(config.db_path, reactor)
+        config = make_config(self.mktemp(), **database_overrides(self))
+        self.store = Store.open(migrated(config), reactor)
         self.addCleanup(self.store.close)
         self.heard: list[tuple[str, str]] = []
         self.store.events.grant_revoked.connect(lambda f, why: self.heard.append((f, why)))
@@ -309,33 +307,17 @@ class AfterCommitTests(TestCase):
         self.assertEqual(await self.store.revoked_families([family]), set())
 
 
-def revoke_elsewhere(db_path: Any, user_id: int) -> Deferred[int]:
+async def revoke_elsewhere(config: Config, user_id: int) -> int:
     """
-    Revoke a user's grants the way another process (fjmcp-admin) does: its
-    own connection to the database file, nothing of this process involved.
+    Revoke a user's grants the way another process (fjmcp-admin, another
+    broker node) does: its own pool on the database, its own events, nothing
+    of this broker involved.
     """
-
-    def work() -> int:
-        conn = sqlite3.connect(str(db_path), isolation_level=None, timeout=10)
-        try:
-            cursor = conn.cursor()
-            cursor.execute("BEGIN IMMEDIATE")
-            cursor.execute(
-                "SELECT family_id FROM token_families"
-                " WHERE forgejo_user_id = ? AND revoked_at IS NULL",
-                (user_id,),
-            )
-            ids = [row[0] for row in cursor.fetchall()]
-            for family_id in ids:
-                _revoke_family_txn(
-                    Txn(cursor, StoreEvents()), family_id, "revoked by the admin", 1.0
-                )
-            cursor.execute("COMMIT")
-            return len(ids)
-        finally:
-            conn.close()
-
-    return deferToThread(work)
+    store = Store.open(store_location(config), reactor)
+    try:
+        return await store.revoke_families("revoked by the admin", forgejo_user_id=user_id)
+    finally:
+        store.close()
 
 
 class EndToEndTests(SessionTestCase):
@@ -363,7 +345,7 @@ class EndToEndTests(SessionTestCase):
         # Alice's token is checked (and cached) just before the revocation.
         await self.rpc(alice, second, request(4, "tools/list"))
 
-        self.assertEqual(await revoke_elsewhere(self.broker.config.db_path, 1), 1)
+        self.assertEqual(await revoke_elsewhere(self.broker.config, 1), 1)
 
         await stream.finished(PROMPT)
         for child in children:
@@ -388,7 +370,7 @@ class EndToEndTests(SessionTestCase):
         alice = await self.token("alice")
         # Authenticated (and cached), then refused for having no session.
         self.assertEqual((await self.post(alice, request(1, "tools/list"))).code, 400)
-        await revoke_elsewhere(self.broker.config.db_path, 1)
+        await revoke_elsewhere(self.broker.config, 1)
         await wait_until(lambda: not self.broker.bearers.families())
         self.assertEqual((await self.post(alice, initialize())).code, 401)
 
@@ -464,3 +446,18 @@ class EndToEndTests(SessionTestCase):
         await deferLater(reactor, 1.0, lambda: None)
         self.assertTrue(self.live(session_id))
         await self.rpc(new["access_token"], session_id, request(3, "tools/list"))
+
+
+# The same on PostgreSQL: there the other process is another broker node.
+
+
+class StoreOnPostgreSQL(OnPostgreSQL, StoreTests):
+    pass
+
+
+class AfterCommitOnPostgreSQL(OnPostgreSQL, AfterCommitTests):
+    pass
+
+
+class EndToEndOnPostgreSQL(OnPostgreSQL, EndToEndTests):
+    pass
