@@ -88,7 +88,7 @@ def dump(location: Location) -> bytes:
     return b"\n".join(out)
 
 
-def query(location: Location, sql: str, params: tuple[object, ...] = ()) -> list[tuple[Any, ...]]:
+def rows(location: Location, sql: str, params: tuple[object, ...] = ()) -> list[tuple[Any, ...]]:
     """
     The rows of one statement (in SQLite's spelling) on either engine, on a
     connection of its own.

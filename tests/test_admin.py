@@ -21,14 +21,15 @@ from twisted.internet.defer import ensureDeferred
 from twisted.internet.utils import getProcessOutputAndValue
 
 import tests.broker_support as broker_support
+from fjmcp.app.tap import store_location
 from fjmcp.cli import admin
 from fjmcp.oauth.grants import REVOCATION_INTERVAL
 from fjmcp.secrets.crypto import key_id
 from fjmcp.secrets.keyring import CHECK_INTERVAL, read_key_file, write_key_file
 from fjmcp.store import UpstreamUser, known_migrations
-from fjmcp.store.database import BUSY_TIMEOUT_MS
 from tests.broker_support import Broker, BrokerTestCase, browser, location, query
 from tests.helpers import sleep, wait_until
+from tests.store_engines import OnPostgreSQL, rows
 
 ROOT = Path(__file__).resolve().parent.parent
 ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
@@ -56,7 +57,14 @@ class AdminTestCase(BrokerTestCase):
         self.verifier, self.challenge = broker_support.new_pkce_pair()
 
     def base_args(self) -> list[str]:
-        return ["--data-dir", str(self.broker.data), "--secret-key-file", str(self.key_file)]
+        args = ["--data-dir", str(self.broker.data), "--secret-key-file", str(self.key_file)]
+        config = self.broker.config
+        if config.database:
+            password = Path(self.mktemp()).resolve()
+            password.write_text(config.database_password or "")
+            password.chmod(0o600)
+            args += ["--database", config.database, "--database-password-file", str(password)]
+        return args
 
     async def cli(self, *argv: str) -> tuple[int, str, str]:
         """
@@ -136,10 +144,11 @@ class AdminTestCase(BrokerTestCase):
         found = self.broker.forge.user_for_access_token(forgejo_token)
         return found[0].login if found else None
 
-    def db(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(str(self.broker.config.db_path), timeout=BUSY_TIMEOUT_MS / 1000)
-        self.addCleanup(conn.close)
-        return conn
+    def query(self, sql: str, params: tuple[object, ...] = ()) -> list[tuple[Any, ...]]:
+        """
+        One statement on the broker's database, on a connection of its own.
+        """
+        return rows(store_location(self.broker.config), sql, params)
 
 
 class RevokeTests(AdminTestCase):
@@ -220,9 +229,7 @@ class KeyRotationTests(AdminTestCase):
             self.assertEqual(self.forgejo_login_of(who["token"]), login)
 
     def stored_key_ids(self) -> set[str]:
-        rows = self.db().execute(
-            "SELECT access_token_enc, refresh_token_enc FROM upstream_credentials"
-        )
+        rows = self.query("SELECT access_token_enc, refresh_token_enc FROM upstream_credentials")
         ids = set()
         for access, refresh in rows:
             for value in (access, refresh):
@@ -331,7 +338,7 @@ class BackupTests(AdminTestCase):
             await store.replace_upstream_credential(
                 UpstreamUser(10_000 + n, f"user{n}", ""), os.urandom(600), None, 1e10, "s"
             )
-        before = self.db().execute("SELECT COUNT(*) FROM login_sessions").fetchone()[0]
+        [(before,)] = self.query("SELECT COUNT(*) FROM login_sessions")
 
         written = 0
         running = True
@@ -369,7 +376,7 @@ class BackupTests(AdminTestCase):
         self.assertEqual(conn.execute("PRAGMA integrity_check").fetchall(), [("ok",)])
         self.assertEqual(conn.execute("PRAGMA foreign_key_check").fetchall(), [])
         sessions = conn.execute("SELECT COUNT(*) FROM login_sessions").fetchone()[0]
-        after = self.db().execute("SELECT COUNT(*) FROM login_sessions").fetchone()[0]
+        [(after,)] = self.query("SELECT COUNT(*) FROM login_sessions")
         self.assertTrue(before <= sessions <= after, (before, sessions, after))
         self.assertEqual(result["rows"]["login_sessions"], sessions)
         users = conn.execute("SELECT COUNT(*) FROM users").fetchone()[0]
@@ -509,18 +516,16 @@ class CommandTests(AdminTestCase):
         store = self.broker.store
         await store.create_login_session(b"x" * 32, alice_id, time.time() - 10)
         await store.create_login_session(b"y" * 32, alice_id, time.time() + 3600)
-        conn = self.db()
-        with conn:
-            # An access token that expired two days ago (kept one day).
-            conn.execute("UPDATE access_tokens SET expires_at = ?", (time.time() - 2 * 86400,))
+        # An access token that expired two days ago (kept one day).
+        self.query("UPDATE access_tokens SET expires_at = ?", (time.time() - 2 * 86400,))
         result = await self.cli_json("purge")
         self.assertEqual(set(result), {"purged"})
         self.assertGreaterEqual(result["purged"]["logins"], 1)
         self.assertGreaterEqual(result["purged"]["tokens"], 1)
-        left = conn.execute("SELECT session_hash FROM login_sessions").fetchall()
-        self.assertNotIn((b"x" * 32,), left)
-        self.assertIn((b"y" * 32,), left)
-        self.assertEqual(conn.execute("SELECT COUNT(*) FROM access_tokens").fetchone()[0], 0)
+        left = [bytes(h) for (h,) in self.query("SELECT session_hash FROM login_sessions")]
+        self.assertNotIn(b"x" * 32, left)
+        self.assertIn(b"y" * 32, left)
+        self.assertEqual(self.query("SELECT COUNT(*) FROM access_tokens"), [(0,)])
         code, out, _ = self.run_here("purge")
         self.assertEqual(code, 0)
         self.assertEqual(out, "purged 0 expired login(s) and 0 expired code(s) and token(s)\n")
@@ -544,10 +549,13 @@ class CommandTests(AdminTestCase):
         self.assertEqual(code, 2)
         self.assertIn("is not a usable fjmcp database", json.loads(out)["error"])
 
-        # A database from a newer fjmcp is refused, not touched.
-        conn = self.db()
-        with conn:
-            conn.execute("INSERT INTO schema_migrations VALUES (99, 'future', 0)")
+        await self.newer_schema_is_refused()
+
+    async def newer_schema_is_refused(self) -> None:
+        """
+        A database from a newer fjmcp is refused, not touched.
+        """
+        self.query("INSERT INTO schema_migrations VALUES (99, 'future', 0)")
         code, _, err = await self.cli("clients", "list")
         self.assertEqual(code, 2)
         self.assertIn("has schema version 99", err)
@@ -562,3 +570,38 @@ class CommandTests(AdminTestCase):
         code, out, _ = self.run_here("clients", "list", "--json")
         self.assertEqual(code, 0)
         self.assertEqual(json.loads(out), {"clients": []})
+
+
+# fjmcp-admin against the nodes' PostgreSQL database.
+
+
+class RevokeOnPostgreSQL(OnPostgreSQL, RevokeTests):
+    pass
+
+
+class KeyRotationOnPostgreSQL(OnPostgreSQL, KeyRotationTests):
+    pass
+
+
+class CommandOnPostgreSQL(OnPostgreSQL, CommandTests):
+    async def test_unusable_databases(self) -> None:
+        config = self.broker.config
+        wrong = Path(self.mktemp()).resolve()
+        wrong.write_text("not-the-password")
+        code, out, err = await self.cli(
+            "--database", config.database, "--database-password-file", str(wrong), "clients", "list"
+        )
+        self.assertEqual((code, out), (2, ""))
+        self.assertEqual(len(err.splitlines()), 1)
+        self.assertIn("password authentication failed", err)
+        self.assertNotIn("not-the-password", err)
+        code, _, err = await self.cli("--database", "postgresql://:pw@host/db", "clients", "list")
+        self.assertEqual(code, 2)
+        self.assertIn("password in it", err)
+        self.assertNotIn(":pw@", err)
+        await self.newer_schema_is_refused()
+
+    async def test_backup_points_to_the_engines_tools(self) -> None:
+        code, out, err = await self.cli("backup", self.mktemp())
+        self.assertEqual((code, out), (2, ""))
+        self.assertIn("pg_dump", err)

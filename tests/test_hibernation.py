@@ -16,7 +16,7 @@ from twisted.internet import reactor
 from fjmcp.app.tap import store_location
 from fjmcp.secrets.crypto import token_hash
 from tests.helpers import process_gone, sleep, wait_until
-from tests.store_engines import OnPostgreSQL, query
+from tests.store_engines import OnPostgreSQL, rows
 from tests.store_engines import dump as database_dump
 from tests.test_sessions import (
     SessionTestCase,
@@ -227,7 +227,7 @@ class ResumeTests(SessionTestCase):
         session_id = await self.open_session(alice)
         await self.whoami(alice, session_id)
         location = store_location(self.broker.config)
-        [(count,)] = query(location, "SELECT COUNT(*) FROM mcp_sessions")
+        [(count,)] = rows(location, "SELECT COUNT(*) FROM mcp_sessions")
         self.assertEqual(count, 1)
         self.assertNotIn(session_id.encode(), database_dump(location))
 
@@ -252,10 +252,10 @@ class ResumeTests(SessionTestCase):
         self.broker.sessions.reap()
         self.assertFalse(self.live(moved) or self.live(stayed))
         await wait_until(
-            lambda: len(query(location, "SELECT session_hash FROM mcp_sessions")) == 1,
+            lambda: len(rows(location, "SELECT session_hash FROM mcp_sessions")) == 1,
             what="the unused session's record forgotten",
         )
-        [(kept,)] = query(location, "SELECT session_hash FROM mcp_sessions")
+        [(kept,)] = rows(location, "SELECT session_hash FROM mcp_sessions")
         self.assertEqual(bytes(kept), token_hash(moved))
 
     async def test_a_busy_session_stays_kept(self) -> None:
@@ -276,7 +276,7 @@ class ResumeTests(SessionTestCase):
             self.broker.sessions.reap()
         # Three seconds in, the session never idle for long: still kept.
         await sleep(0.2)
-        [(count,)] = query(location, "SELECT COUNT(*) FROM mcp_sessions")
+        [(count,)] = rows(location, "SELECT COUNT(*) FROM mcp_sessions")
         self.assertEqual(count, 1)
         await self.broker.restart()
         info = await self.whoami(alice, session_id)

@@ -25,7 +25,7 @@ from fjmcp.store import (
 )
 from fjmcp.store.engines import POSTGRESQL, SQLITE, PostgreSQLLocation, SQLiteLocation
 from tests.postgres_support import postgres_database, postgres_missing
-from tests.store_engines import OnPostgreSQL, fresh_location, query
+from tests.store_engines import OnPostgreSQL, fresh_location, rows
 
 CLIENT_METADATA = {
     "redirect_uris": ["https://a.example/cb"],
@@ -69,7 +69,7 @@ class MigrationParityTests(TestCase):
         location = PostgreSQLLocation(db.url, db.password)
         migrate_database(location)
         on_postgres: dict[str, list[str]] = {}
-        for table, column in query(
+        for table, column in rows(
             location,
             "SELECT table_name, column_name FROM information_schema.columns"
             " WHERE table_schema = 'public' ORDER BY table_name, ordinal_position",
@@ -100,12 +100,12 @@ class PostgresMigrationTests(TestCase):
         with ctx.Pool(4) as pool:
             versions = pool.starmap(_migrate_in_a_process, [(self.db.url, self.db.password)] * 4)
         self.assertEqual(versions, [latest] * 4)
-        applied = query(self.location, "SELECT version FROM schema_migrations ORDER BY version")
+        applied = rows(self.location, "SELECT version FROM schema_migrations ORDER BY version")
         self.assertEqual([v for (v,) in applied], list(range(1, latest + 1)))
 
     def test_refuses_a_newer_schema(self) -> None:
         migrate_database(self.location)
-        query(self.location, "INSERT INTO schema_migrations VALUES (999, 'future', 0)")
+        rows(self.location, "INSERT INTO schema_migrations VALUES (999, 'future', 0)")
         with self.assertRaises(SchemaTooNewError) as caught:
             migrate_database(self.location)
         self.assertIn("999", str(caught.exception))

@@ -194,6 +194,8 @@ def backup(store: SyncStore, args: argparse.Namespace) -> Result:
     written under a temporary name, checked, and only then linked to DEST,
     so DEST never names a half-written or unchecked file.
     """
+    # On PostgreSQL this says to use the engine's own tools, before DEST is looked at.
+    connection = store.connection
     dest = Path(args.dest)
     if dest.is_dir():
         stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
@@ -211,7 +213,7 @@ def backup(store: SyncStore, args: argparse.Namespace) -> Result:
     try:
         copy = sqlite3.connect(str(tmp), isolation_level=None)
         try:
-            store.connection.backup(copy)
+            connection.backup(copy)
             # A single self-contained file (no -wal beside it); the daemon
             # puts it back in WAL mode when it opens it.
             copy.execute("PRAGMA journal_mode=DELETE")
