@@ -7,7 +7,6 @@ callback, and the code handed to the client.
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlencode
@@ -16,9 +15,12 @@ from twisted.trial.unittest import TestCase
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 
+from fjmcp.app.tap import store_location
 from fjmcp.secrets.crypto import new_pkce_pair
 from tests.broker_support import REDIRECT, Broker, BrokerTestCase, browser, location, query
 from tests.helpers import listen
+from tests.store_engines import OnPostgreSQL, rows
+from tests.store_engines import dump as database_dump
 
 
 def client_metadata(redirect_uris: list[str], **extra: Any) -> dict[str, Any]:
@@ -96,13 +98,11 @@ class FlowTests(BrokerTestCase):
         # One upstream credential for alice, sealed at rest.
         cred = await self.broker.store.get_upstream_credential(1)
         assert cred is not None
-        conn = sqlite3.connect(self.broker.config.db_path)
-        dump = "\n".join(conn.iterdump())
-        conn.close()
-        self.assertNotIn(back["code"], dump)
+        dump = database_dump(store_location(self.broker.config))
+        self.assertNotIn(back["code"].encode(), dump)
         token = await self.broker.credentials.access_token(1)
         self.assertEqual(self.broker.forge.user_for_access_token(token)[0].login, "alice")  # type: ignore[index]
-        self.assertNotIn(token, dump)
+        self.assertNotIn(token.encode(), dump)
 
     async def test_returning_user_skips_consent(self) -> None:
         client = await self.broker.register()
@@ -133,13 +133,11 @@ class FlowTests(BrokerTestCase):
         client = await self.broker.register()
         _, body = await self.consent(client["client_id"])
         upstream = location(await self.approve(body))
-        conn = sqlite3.connect(self.broker.config.db_path)
-        with conn:
-            conn.execute(
-                "UPDATE forgejo_logins SET verifier_enc = ?",
-                (b"\x02" + bytes(8) + bytes(12) + bytes(32),),
-            )
-        conn.close()
+        rows(
+            store_location(self.broker.config),
+            "UPDATE forgejo_logins SET verifier_enc = ?",
+            (b"\x02" + bytes(8) + bytes(12) + bytes(32),),
+        )
         response = await self.browser.get(
             upstream, headers=Headers({b"X-Standin-Login": [b"alice"]})
         )
@@ -436,3 +434,10 @@ class MetadataDocumentTests(TestCase):
         self.assertEqual(response.code, 400, body)
         self.assertIn("user info", body)
         self.assertIsNone(await broker.store.get_client(client_id))
+
+
+class FlowOnPostgreSQL(OnPostgreSQL, FlowTests):
+    """
+    Consent, the Forgejo round trip and the code exchange with every login
+    in flight in PostgreSQL (any node may finish it).
+    """

@@ -13,7 +13,6 @@ happened as JSON, and the store says what the broker made of it.
 from __future__ import annotations
 
 import json
-import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +23,10 @@ from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
+from fjmcp.app.tap import store_location
 from tests.broker_support import REDIRECT, Broker, run_sdk_client
 from tests.helpers import self_signed
+from tests.store_engines import OnPostgreSQL, rows
 
 SCRIPT = str(Path(__file__).with_name("sdk_oauth_client.py"))
 SCRIPT_TIMEOUT = 60
@@ -295,9 +296,14 @@ class SDKClientTests(TestCase):
         self.check_flow(summary, client_id, "none")
         await self.check_broker(client_id, "cimd", "none")
         self.assertGreaterEqual(document.hits, 1)
-        conn = sqlite3.connect(self.broker.config.db_path)
-        try:
-            kinds = conn.execute("SELECT kind, count(*) FROM clients GROUP BY kind").fetchall()
-        finally:
-            conn.close()
+        kinds = rows(
+            store_location(self.broker.config), "SELECT kind, count(*) FROM clients GROUP BY kind"
+        )
         self.assertEqual(kinds, [("cimd", 1)])
+
+
+class SDKClientOnPostgreSQL(OnPostgreSQL, SDKClientTests):
+    """
+    The SDK's whole flow (registration or metadata document, login,
+    refresh, MCP) with the broker's state in PostgreSQL.
+    """
