@@ -30,7 +30,10 @@ from fjmcp.oauth.clients import ClientRegistry
 from fjmcp.oauth.tokens import InvalidTokenError
 from fjmcp.secrets.crypto import new_pkce_pair
 from fjmcp.store import Store, UpstreamUser, make_pool, migrate_database
+from fjmcp.store.engines import Location, PostgreSQLLocation, SQLiteLocation
 from tests.helpers import make_config, token_service
+from tests.postgres_support import postgres_database
+from tests.store_engines import OnPostgreSQL, rows
 
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 REDIRECT = "http://127.0.0.1:9/cb"
@@ -70,10 +73,10 @@ class InlineThreadPool:
         pass
 
 
-def inline_store(path: Path, clock: InlineReactor) -> Store:
-    pool = make_pool(path, clock)  # type: ignore[arg-type]
+def inline_store(where: Path | Location, clock: InlineReactor) -> Store:
+    pool = make_pool(where, clock)  # type: ignore[arg-type]
     pool.threadpool = InlineThreadPool()  # type: ignore[assignment]
-    return Store(pool, clock, path)
+    return Store(pool, clock, where)
 
 
 def now_(d: Deferred[Any]) -> Any:
@@ -103,6 +106,10 @@ class ModelAccess:
 
 
 class TokenFamilyMachine(RuleBasedStateMachine):
+    # A PostgreSQL database to run on (emptied for every example), or None
+    # for a new SQLite file each time.
+    postgres: PostgreSQLLocation | None = None
+
     def __init__(self) -> None:
         super().__init__()
         self.tmp = Path(tempfile.mkdtemp(prefix="fjmcp-model-"))
@@ -112,10 +119,14 @@ class TokenFamilyMachine(RuleBasedStateMachine):
             refresh_token_lifetime=REFRESH_LIFETIME,
             refresh_grace_period=GRACE,
         )
-        migrate_database(self.config.db_path)
+        where: Location = SQLiteLocation(self.config.db_path)
+        if self.postgres is not None:
+            where = self.postgres
+            rows(where, "DROP SCHEMA public CASCADE; CREATE SCHEMA public")
+        migrate_database(where)
         self.clock = InlineReactor()
         self.clock.advance(1000)
-        self.store = inline_store(self.config.db_path, self.clock)
+        self.store = inline_store(where, self.clock)
         self.service = token_service(self.store, self.config, self.clock)
         client = now_(
             Deferred.fromCoroutine(
@@ -255,6 +266,33 @@ class TokenFamilyModelTests(_MachineTestCase):
 
     def test_family_rules(self) -> None:
         # trial collects test_* methods; hypothesis names its test runTest.
+        self.runTest()
+
+
+class PostgresTokenFamilyMachine(TokenFamilyMachine):
+    pass
+
+
+class TokenFamilyModelOnPostgreSQL(OnPostgreSQL, PostgresTokenFamilyMachine.TestCase):  # type: ignore[misc, name-defined]
+    """
+    The same model with the store on PostgreSQL (one database, emptied for
+    each example).
+    """
+
+    settings = settings(max_examples=40, stateful_step_count=30, deadline=None)
+
+    def mktemp(self) -> str:
+        # What postgres_database asks of a trial test case (this is a
+        # unittest one): a new path for its password file's directory.
+        directory = tempfile.mkdtemp(prefix="fjmcp-model-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        return directory + "/db"
+
+    def setUp(self) -> None:
+        db = postgres_database(self)  # type: ignore[arg-type]
+        PostgresTokenFamilyMachine.postgres = PostgreSQLLocation(db.url, db.password)
+
+    def test_family_rules(self) -> None:
         self.runTest()
 
 
