@@ -273,7 +273,10 @@ class PostgresTokenFamilyMachine(TokenFamilyMachine):
     pass
 
 
-class TokenFamilyModelOnPostgreSQL(OnPostgreSQL, PostgresTokenFamilyMachine.TestCase):  # type: ignore[misc, name-defined]
+_PostgresMachineTestCase: Any = PostgresTokenFamilyMachine.TestCase
+
+
+class TokenFamilyModelOnPostgreSQL(OnPostgreSQL, _PostgresMachineTestCase):
     """
     The same model with the store on PostgreSQL (one database, emptied for
     each example).
@@ -289,7 +292,7 @@ class TokenFamilyModelOnPostgreSQL(OnPostgreSQL, PostgresTokenFamilyMachine.Test
         return directory + "/db"
 
     def setUp(self) -> None:
-        db = postgres_database(self)  # type: ignore[arg-type]
+        db = postgres_database(self)
         PostgresTokenFamilyMachine.postgres = PostgreSQLLocation(db.url, db.password)
 
     def test_family_rules(self) -> None:
