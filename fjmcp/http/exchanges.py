@@ -2,9 +2,10 @@
 How an answer travels on `/mcp`: plain JSON, or Server-Sent Events with
 periodic keep-alive comments and backpressure onto the child (a client that
 reads slowly pauses reading from the child's stdout).  L{PostExchange}
-answers one client request, L{BatchExchange} a 2025-03-26 batch; a
-session's GET stream is an L{_SSE} stream of its own, opened by
-L{fjmcp.http.streamable}, which owns what the messages mean.
+answers one client request (L{HeldAnswer} once something else is done),
+L{BatchExchange} a 2025-03-26 batch; a session's GET stream is an L{_SSE}
+stream of its own, opened by L{fjmcp.http.streamable}, which owns what the
+messages mean.
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.server import Request
 from zope.interface import implementer
 
@@ -22,6 +25,10 @@ from fjmcp import safejson
 from fjmcp.mcp.children import Child
 
 KEEPALIVE = 15.0
+# Longest a L{HeldAnswer} holds its response.
+HOLD_LIMIT = 5.0
+
+log = Logger()
 
 
 def accepted(request: Request) -> bytes:
@@ -180,6 +187,53 @@ class PostExchange:
         finally:
             # Whatever went wrong writing it, the exchange is over.
             self.done.callback(None)
+
+
+class HeldAnswer:
+    """
+    A L{PostExchange} whose response goes out only once C{before}, which
+    sees it first, is done (L{HOLD_LIMIT} seconds at most); interim
+    messages go at once.  What C{before} does happens even when the wait is
+    given up.  A client already gone gets nothing, and C{before} is not
+    asked.
+    """
+
+    def __init__(
+        self,
+        exchange: PostExchange,
+        before: Callable[[dict[str, Any]], Deferred[Any]],
+        clock: IReactorTime,
+    ) -> None:
+        self._exchange = exchange
+        self._before = before
+        self._clock = clock
+
+    def message(self, message: dict[str, Any]) -> None:
+        self._exchange.message(message)
+
+    def finish(self, response: dict[str, Any]) -> None:
+        if self._exchange.closed:
+            self._exchange.finish(response)
+            return
+
+        def late(failure: Failure) -> None:
+            log.warn(
+                "answering a request before what had to come first: {error}",
+                error=failure.getErrorMessage(),
+            )
+
+        # A Deferred of its own, so that giving up waiting cancels nothing.
+        waiting: Deferred[None] = Deferred()
+
+        def done(result: object) -> object:
+            if not waiting.called:
+                waiting.callback(None)
+            return result
+
+        maybeDeferred(self._before, response).addBoth(done).addErrback(late)
+        waiting.addTimeout(HOLD_LIMIT, self._clock)
+        waiting.addErrback(late)
+        waiting.addBoth(lambda _: self._exchange.finish(response))
 
 
 class BatchExchange:

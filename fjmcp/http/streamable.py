@@ -16,13 +16,20 @@ from __future__ import annotations
 import collections
 from typing import Any
 
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.server import Request
 
 from fjmcp import safejson
-from fjmcp.http.exchanges import _SSE, KEEPALIVE, BatchExchange, PostExchange, accepted
+from fjmcp.http.exchanges import (
+    _SSE,
+    KEEPALIVE,
+    BatchExchange,
+    HeldAnswer,
+    PostExchange,
+    accepted,
+)
 from fjmcp.http.stateless import StatelessEndpoint
 from fjmcp.mcp.jsonrpc import (
     INTERNAL_ERROR,
@@ -318,22 +325,22 @@ class MCPEndpoint:
         asked = params.get("protocolVersion") if isinstance(params, dict) else None
         holder: list[Session] = []
 
-        def on_response(response: dict[str, Any], req: Request) -> None:
+        def on_response(response: dict[str, Any]) -> Deferred[Any]:
             if "result" not in response:
                 # The child refused, died or did not answer in time: no
                 # session for the client (nor its id, unless a stream
                 # already carried the headers).
-                if not req.startedWriting:
-                    req.responseHeaders.removeHeader(SESSION_HEADER)
+                if not request.startedWriting:
+                    request.responseHeaders.removeHeader(SESSION_HEADER)
                 if holder and not holder[0].ended:
                     self._sessions.end(holder[0], "initialize failed", "initialize_failed")
-                return
+                return succeed(None)
             result = response["result"]
             if isinstance(result, dict) and result.get("protocolVersion") in SUPPORTED_VERSIONS:
                 holder[0].protocol_version = result["protocolVersion"]
-            self._sessions.initialized(holder[0])
+            return self._sessions.initialized(holder[0])
 
-        exchange = PostExchange(request, self._clock, self._keepalive, on_response)
+        exchange = PostExchange(request, self._clock, self._keepalive)
         try:
             session = self._sessions.create(
                 user_id,
@@ -350,7 +357,13 @@ class MCPEndpoint:
         # Now, not with the result: a child that logs while it initializes
         # turns the answer into a stream, whose headers go out first.
         request.setHeader(SESSION_HEADER, session.id.encode())
-        self._sessions.client_request(session, message, exchange)
+        # Answered once the session is in the store: with several nodes on
+        # one database, the client's next request may reach another node,
+        # which resumes the session from there (answered before, that
+        # request could find nothing and get 404).
+        self._sessions.client_request(
+            session, message, HeldAnswer(exchange, on_response, self._clock)
+        )
         await self.hold(user_id, exchange.done)
         if exchange.gone and not session.ended:
             # The client never learnt this session's id: nobody can use it.

@@ -261,11 +261,12 @@ class SessionManager(SessionChildren, Service):
         self._sessions[session_id] = session
         return session
 
-    def initialized(self, session: Session) -> None:
+    def initialized(self, session: Session) -> Deferred[Any]:
         """
         The session's initialize succeeded: keep it beyond this process.
+        Fires once the store has it (or failed to keep it, which is logged).
         """
-        self._keeper.saved(session)
+        return self._keeper.saved(session)
 
     async def find(
         self,
