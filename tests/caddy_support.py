@@ -5,7 +5,8 @@ loopback port, automatic HTTPS off), its upstream (the test broker), the
 admin endpoint (off, so tests can run side by side) and the grace period of
 its stop (short: a test's last stream need not be waited for); every other
 directive is the shipped one.  Used by tests/test_caddy.py and
-tests/test_conformance.py.
+tests/test_conformance.py; L{run_caddy_config} runs any adapted Caddyfile
+(tests/cluster_support.py: the multi-node one).
 """
 
 from __future__ import annotations
@@ -28,6 +29,12 @@ UPSTREAM = "reverse_proxy 127.0.0.1:8080"
 # The site that answers every other host name (421).
 CATCH_ALL = "http:// {"
 START_TIMEOUT = 15.0
+# The global options put before an adapted Caddyfile: plain HTTP, no admin
+# endpoint (tests run side by side), and a short grace_period: a stopping
+# Caddy waits for its open requests, and a stream the broker keeps open (a
+# GET stream, an SSE answer) would hold it there until stop() kills it five
+# seconds later.
+TEST_GLOBALS = "{\n\tauto_https off\n\tadmin off\n\tgrace_period 100ms\n}\n\n"
 
 
 def caddy_missing() -> str | None:
@@ -49,6 +56,15 @@ def free_port() -> int:
         return port
 
 
+def loopback_sites(shipped: str, port: int) -> str:
+    """
+    A shipped Caddyfile's two sites (the public host, and any other host
+    name) on plain HTTP at 127.0.0.1:C{port}.
+    """
+    adapted = shipped.replace(SITE, f"http://127.0.0.1:{port} {{\n\tbind 127.0.0.1")
+    return adapted.replace(CATCH_ALL, f"http://:{port} {{\n\tbind 127.0.0.1")
+
+
 def loopback_caddyfile(
     shipped: str, port: int, upstream_port: int, header_up: Sequence[tuple[str, str]] = ()
 ) -> str:
@@ -60,14 +76,10 @@ def loopback_caddyfile(
     for needle in (SITE, UPSTREAM + " {", CATCH_ALL):
         if shipped.count(needle) != 1:
             raise AssertionError(f"the shipped Caddyfile no longer has exactly one {needle!r}")
-    adapted = shipped.replace(SITE, f"http://127.0.0.1:{port} {{\n\tbind 127.0.0.1")
-    adapted = adapted.replace(CATCH_ALL, f"http://:{port} {{\n\tbind 127.0.0.1")
+    adapted = loopback_sites(shipped, port)
     extra = "".join(f'\n\t\theader_up {name} "{value}"' for name, value in header_up)
     adapted = adapted.replace(UPSTREAM + " {", f"reverse_proxy 127.0.0.1:{upstream_port} {{{extra}")
-    # grace_period: a stopping Caddy waits for its open requests, and a
-    # stream the broker keeps open (a GET stream, an SSE answer) would hold
-    # it there until stop() kills it five seconds later.
-    return "{\n\tauto_https off\n\tadmin off\n\tgrace_period 100ms\n}\n\n" + adapted
+    return TEST_GLOBALS + adapted
 
 
 async def run_caddy(
@@ -78,10 +90,23 @@ async def run_caddy(
     test ends, and return once it listens.  The returned function stops it
     sooner (e.g. to start another one on the same port).
     """
+    config = loopback_caddyfile(CADDYFILE.read_text(), port, upstream_port, header_up)
+    stop, _ = await run_caddy_config(test, port, config)
+    return stop
+
+
+async def run_caddy_config(
+    test: TestCase, port: int, config_text: str
+) -> tuple[Callable[[], None], Path]:
+    """
+    Run Caddy with the Caddyfile C{config_text}, which listens on
+    127.0.0.1:C{port}, until the test ends, and return once it listens: a
+    function that stops it sooner, and the file its output goes to.
+    """
     home = Path(test.mktemp()).resolve()
     home.mkdir(parents=True)
     config = home / "Caddyfile"
-    config.write_text(loopback_caddyfile(CADDYFILE.read_text(), port, upstream_port, header_up))
+    config.write_text(config_text)
     env = dict(
         os.environ,
         HOME=str(home),
@@ -120,4 +145,4 @@ async def run_caddy(
         return True
 
     await wait_until(listening, START_TIMEOUT, "caddy listening")
-    return stop
+    return stop, home / "caddy.log"
