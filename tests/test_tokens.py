@@ -18,12 +18,14 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.http_headers import Headers
 
+from fjmcp.config import Config
 from fjmcp.http.gate import www_authenticate
 from fjmcp.oauth.clients import ClientRegistry
 from fjmcp.oauth.tokens import (
     AccessGrant,
     InvalidTokenError,
     MissingTokenError,
+    TokenService,
     parse_form,
 )
 from fjmcp.secrets.crypto import new_pkce_pair, token_hash
@@ -1048,6 +1050,43 @@ class ConcurrencyTests(TokenTestBase):
             status, _, _ = await self.refresh(client, body["refresh_token"])
             self.assertEqual(status, 200)
 
+    def nodes(self, count: int, config: Config | None = None) -> list[TokenService]:
+        """
+        Token services of C{count} more broker nodes: each its own store
+        and pool on the one database.
+        """
+        services = []
+        for _ in range(count):
+            store = Store.open(self.location, reactor)
+            self.addCleanup(store.close)
+            services.append(token_service(store, config or self.config, self.clock))
+        return services
+
+    async def refresh_on(
+        self, nodes: list[TokenService], client: dict[str, Any], tokens: list[str]
+    ) -> list[tuple[int, Any, Any]]:
+        """
+        Refreshes with C{tokens}, all at once, the i-th on node i modulo
+        their number.
+        """
+        return await gatherResults(
+            [
+                Deferred.fromCoroutine(
+                    nodes[i % len(nodes)].token_response(
+                        urlencode(
+                            {
+                                "grant_type": "refresh_token",
+                                "refresh_token": token,
+                                "client_id": client["client_id"],
+                            }
+                        ).encode(),
+                        {"Content-Type": FORM},
+                    )
+                )
+                for i, token in enumerate(tokens)
+            ]
+        )
+
     async def test_concurrent_refreshes_across_nodes(self) -> None:
         """
         The same twenty refreshes spread over three broker nodes (each its
@@ -1056,41 +1095,17 @@ class ConcurrencyTests(TokenTestBase):
         """
         client = await self.register()
         first = await self.login(client)
-        nodes = [self.tokens]
-        for _ in range(2):
-            store = Store.open(self.location, reactor)
-            self.addCleanup(store.close)
-            nodes.append(token_service(store, self.config, self.clock))
-        form = urlencode(
-            {
-                "grant_type": "refresh_token",
-                "refresh_token": first["refresh_token"],
-                "client_id": client["client_id"],
-            }
-        ).encode()
-        results = await gatherResults(
-            [
-                Deferred.fromCoroutine(nodes[i % 3].token_response(form, {"Content-Type": FORM}))
-                for i in range(20)
-            ]
-        )
+        nodes = [self.tokens, *self.nodes(2)]
+        results = await self.refresh_on(nodes, client, [first["refresh_token"]] * 20)
         self.assertEqual([status for status, _, _ in results], [200] * 20)
         live = await self.store.list_families(forgejo_user_id=USER)
         self.assertEqual(len(live), 1)
         self.assertEqual(len(await self.store.list_families(USER, include_revoked=True)), 1)
-        # Every new refresh token is good on every node.
-        for i, (_, _, body) in enumerate(results[:3]):
-            status, _, _ = await nodes[(i + 1) % 3].token_response(
-                urlencode(
-                    {
-                        "grant_type": "refresh_token",
-                        "refresh_token": body["refresh_token"],
-                        "client_id": client["client_id"],
-                    }
-                ).encode(),
-                {"Content-Type": FORM},
-            )
-            self.assertEqual(status, 200)
+        # Every new refresh token is good, on another node than its own.
+        again = await self.refresh_on(
+            nodes[1:] + nodes[:1], client, [body["refresh_token"] for _, _, body in results[:3]]
+        )
+        self.assertEqual([status for status, _, _ in again], [200] * 3)
 
     async def test_replays_across_nodes_without_grace(self) -> None:
         """
@@ -1100,29 +1115,12 @@ class ConcurrencyTests(TokenTestBase):
         node would.  Without row locks on PostgreSQL, every node would read
         the token unused and issue.
         """
-        # A window that has closed even for a token rotated this instant (the
-        # clock stands still).
-        config = attrs.evolve(self.config, refresh_grace_period=-1.0)
         client = await self.register()
         first = await self.login(client)
-        nodes = []
-        for _ in range(3):
-            store = Store.open(self.location, reactor)
-            self.addCleanup(store.close)
-            nodes.append(token_service(store, config, self.clock))
-        form = urlencode(
-            {
-                "grant_type": "refresh_token",
-                "refresh_token": first["refresh_token"],
-                "client_id": client["client_id"],
-            }
-        ).encode()
-        results = await gatherResults(
-            [
-                Deferred.fromCoroutine(nodes[i % 3].token_response(form, {"Content-Type": FORM}))
-                for i in range(6)
-            ]
-        )
+        # A window that has closed even for a token rotated this instant (the
+        # clock stands still).
+        nodes = self.nodes(3, attrs.evolve(self.config, refresh_grace_period=-1.0))
+        results = await self.refresh_on(nodes, client, [first["refresh_token"]] * 6)
         statuses = sorted(status for status, _, _ in results)
         self.assertEqual(statuses, [200] + [400] * 5, results)
         winner = next(body for status, _, body in results if status == 200)
