@@ -24,17 +24,15 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import attrs
-from twisted.internet import reactor
-from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from tests.caddy_support import TEST_GLOBALS, free_port, loopback_sites, run_caddy_config
-from tests.helpers import http_client
+from tests.helpers import http_client, sleep
 from tests.postgres_support import PostgresDatabase, postgres_database
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,8 +75,27 @@ def _tail(path: Path, lines: int) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-async def sleep(seconds: float) -> None:
-    await deferLater(reactor, seconds, lambda: None)
+async def _healthy(
+    url: str, failed: Callable[[str], str], alive: Callable[[], None] = lambda: None
+) -> None:
+    """
+    Until C{url}/healthz answers 200; C{alive} raises when waiting is
+    pointless, C{failed} makes the message of a deadline passed.
+    """
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        alive()
+        try:
+            response = await http_client().get(url + "/healthz")
+            answer = f"{response.code}: {(await response.content())!r}"
+        except Exception as e:
+            answer = f"no answer ({e!r})"
+        else:
+            if response.code == 200:
+                return
+        if time.monotonic() > deadline:
+            raise AssertionError(failed(answer))
+        await sleep(0.1)
 
 
 class Process:
@@ -270,42 +287,25 @@ class Cluster:
         """
         Until the node answers /healthz with 200 (its database too).
         """
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
+
+        def alive() -> None:
             if not node.process.running():
                 raise AssertionError(
                     f"{node.name} exited ({node.process.proc.returncode}):\n"
                     f"{node.process.text()}\n{_tail(node.log, 60)}"
                 )
-            try:
-                response = await http_client().get(node.url + "/healthz")
-                answer = f"{response.code}: {(await response.content())!r}"
-            except Exception as e:
-                answer = f"no answer ({e!r})"
-            else:
-                if response.code == 200:
-                    return
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{node.name}'s /healthz: {answer}\n{_tail(node.log, 60)}")
-            await sleep(0.1)
+
+        await _healthy(
+            node.url,
+            lambda answer: f"{node.name}'s /healthz: {answer}\n{_tail(node.log, 60)}",
+            alive,
+        )
 
     async def _wait_through_caddy(self) -> None:
         """
         Until /healthz answers 200 through Caddy.
         """
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            try:
-                response = await http_client().get(self.url + "/healthz")
-                answer = f"{response.code}: {(await response.content())!r}"
-            except Exception as e:
-                answer = f"no answer ({e!r})"
-            else:
-                if response.code == 200:
-                    return
-            if time.monotonic() > deadline:
-                raise AssertionError(f"/healthz through Caddy: {answer}\n{self.tails()}")
-            await sleep(0.1)
+        await _healthy(self.url, lambda answer: f"/healthz through Caddy: {answer}\n{self.tails()}")
 
     def tails(self, lines: int = 40) -> str:
         """

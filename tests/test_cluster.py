@@ -30,7 +30,8 @@ from twisted.logger import Logger
 from twisted.trial.unittest import SkipTest, TestCase
 
 from tests.caddy_support import caddy_missing
-from tests.cluster_support import Cluster, Node, Process, json_lines, sleep
+from tests.cluster_support import Cluster, Node, Process, json_lines
+from tests.helpers import sleep
 from tests.postgres_support import postgres_missing
 from tests.test_forgejo_mcp import find_forgejo_mcp
 from tests.test_sdk_oauth import SDK_MISSING
