@@ -8,7 +8,7 @@ FORGEJO_MCP_VERSION := $(shell cat deploy/forgejo-mcp.version)
 FORGEJO_MCP_MODULE := codeberg.org/goern/forgejo-mcp/v2
 TRIAL_JOBS ?= 2
 
-.PHONY: all venv forgejo-mcp forgejo-mcp-newest node-deps conformance-deps caddy postgresql check lint test demo bench wrk clean
+.PHONY: all venv forgejo-mcp forgejo-mcp-newest node-deps conformance-deps caddy postgresql check lint test demo bench bench-store wrk clean
 
 all: check
 
@@ -151,6 +151,14 @@ wrk:
 
 bench: $(VENV)/.bench-installed $(if $(findstring driver=python,$(BENCH_ARGS)),,wrk)
 	$(VENV)/bin/python bench/bench_peers.py $(BENCH_ARGS)
+
+# The store on SQLite and on PostgreSQL (docs/benchmarks.md, "SQLite and
+# PostgreSQL"): refresh-token grants/s and /mcp req/s of one broker node on
+# each, driven by wrk; PostgreSQL is a throwaway cluster the script starts
+# (tests/postgres_support.py) when its programs are installed, else SQLite
+# only.  Options go in BENCH_ARGS, e.g. make bench-store BENCH_ARGS="--rounds 1".
+bench-store: $(VENV)/.bench-installed wrk
+	$(VENV)/bin/python bench/bench_store.py $(BENCH_ARGS)
 
 # The container image (Containerfile; docs/deploy-podman.md), built with
 # podman or docker, whichever is installed (CONTAINER_ENGINE=... to choose).
