@@ -15,7 +15,8 @@ again with the same session id and tokens, without a new initialize
 
 With C{--handoff NODE_URL...} it does something else after signing in:
 it opens sessions on one node directly and uses each at once on another
-(see L{handoff}).
+(see L{handoff}).  With C{--stateless N} it makes N stateless (MCP
+2026-07-28) tool calls through the public URL instead (see L{stateless}).
 
 On stdout, one JSON line per call as it ends (C{call}: number, C{start} and
 C{end} wall-clock times, C{ok}, C{error}, C{timed_out}, the session id's
@@ -219,6 +220,9 @@ async def run(options: argparse.Namespace, summary: dict[str, Any]) -> None:
     if options.handoff:
         await handoff(options, summary)
         return
+    if options.stateless:
+        await stateless(options, summary)
+        return
     storage = MemoryStorage()
     browser = Browser(options.login, options.redirect_uri, "approve")
     mcp_path = urlsplit(options.mcp_url).path
@@ -290,15 +294,13 @@ async def run(options: argparse.Namespace, summary: dict[str, Any]) -> None:
 
 
 HANDOFF_VERSION = "2025-11-25"
+STATELESS_VERSION = "2026-07-28"
 
 
-async def handoff(options: argparse.Namespace, summary: dict[str, Any]) -> None:
+async def signed_in_headers(options: argparse.Namespace) -> dict[str, str]:
     """
-    Sign in (an SDK session through the public URL), then, round after
-    round, open a session on one node directly and at once use it on the
-    next one: C{notifications/initialized} and C{tools/list} there, which
-    must find it (the store has it before the initialize is answered),
-    then C{DELETE}.  The statuses of each round go in the summary.
+    Sign in (an SDK session through the public URL); the headers of a
+    request with the access token it got.
     """
     storage = MemoryStorage()
     browser = Browser(options.login, options.redirect_uri, "approve")
@@ -312,11 +314,70 @@ async def handoff(options: argparse.Namespace, summary: dict[str, Any]) -> None:
         await session.initialize()
     if storage.tokens is None:
         raise RuntimeError("signed in without tokens")
-    headers = {
+    return {
         "authorization": f"Bearer {storage.tokens.access_token}",
         "accept": "application/json, text/event-stream",
         "content-type": "application/json",
     }
+
+
+async def stateless(options: argparse.Namespace, summary: dict[str, Any]) -> None:
+    """
+    Sign in, then make C{--stateless} tool calls as a stateless (MCP
+    2026-07-28) client through the public URL, a few at a time: no session
+    id, the version and name in headers and the C{_meta} envelope.  The
+    statuses, and whether each answer is a tool result, go in the summary.
+    """
+    headers = {
+        **await signed_in_headers(options),
+        "mcp-protocol-version": STATELESS_VERSION,
+        "mcp-method": "tools/call",
+        "mcp-name": options.tool,
+    }
+    calls: list[dict[str, Any]] = []
+    summary["stateless_calls"] = calls
+
+    async def call(client: httpx.AsyncClient, n: int) -> None:
+        answer = await client.post(
+            options.mcp_url,
+            headers=headers,
+            json={
+                "jsonrpc": "2.0",
+                "id": n,
+                "method": "tools/call",
+                "params": {
+                    "name": options.tool,
+                    "arguments": json.loads(options.arguments),
+                    "_meta": {
+                        "io.modelcontextprotocol/protocolVersion": STATELESS_VERSION,
+                        "io.modelcontextprotocol/clientCapabilities": {},
+                        "io.modelcontextprotocol/clientInfo": {
+                            "name": "cluster stateless",
+                            "version": "1",
+                        },
+                    },
+                },
+            },
+        )
+        body = answer.json() if answer.status_code == 200 else {}
+        calls.append({"status": answer.status_code, "result": "result" in body})
+
+    async with httpx.AsyncClient(timeout=options.call_timeout) as client:
+        for first in range(0, options.stateless, 4):
+            async with anyio.create_task_group() as group:
+                for n in range(first, min(first + 4, options.stateless)):
+                    group.start_soon(call, client, n + 1)
+
+
+async def handoff(options: argparse.Namespace, summary: dict[str, Any]) -> None:
+    """
+    Sign in (an SDK session through the public URL), then, round after
+    round, open a session on one node directly and at once use it on the
+    next one: C{notifications/initialized} and C{tools/list} there, which
+    must find it (the store has it before the initialize is answered),
+    then C{DELETE}.  The statuses of each round go in the summary.
+    """
+    headers = await signed_in_headers(options)
     path = urlsplit(options.mcp_url).path
     nodes = options.handoff
     rounds: list[dict[str, Any]] = []
@@ -374,6 +435,13 @@ def main(argv: list[str] | None = None) -> int:
         " on the next",
     )
     parser.add_argument("--rounds", type=int, default=15, help="handoff rounds")
+    parser.add_argument(
+        "--stateless",
+        type=int,
+        default=0,
+        metavar="N",
+        help="instead of the load: N stateless (2026-07-28) tool calls through the public URL",
+    )
     parser.add_argument("--redirect-uri", default="http://127.0.0.1:9/callback")
     parser.add_argument("--tool", default="get_my_user_info")
     parser.add_argument("--arguments", default="{}", help="the tool's arguments, JSON")
@@ -382,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=180.0, help="seconds for the whole run")
     parser.add_argument("--verbose", action="store_true", help="SDK debug logging on stderr")
     options = parser.parse_args(argv)
-    if not options.handoff and not options.stop_file:
+    if not options.handoff and not options.stateless and not options.stop_file:
         parser.error("--stop-file is needed for the load")
     return run_script("cluster_client", run, options)
 

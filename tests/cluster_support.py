@@ -37,7 +37,7 @@ from tests.postgres_support import PostgresDatabase, postgres_database
 
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER_CADDYFILE = ROOT / "deploy" / "caddy" / "Caddyfile.cluster"
-# The shipped file's one upstream line (its comment asks to keep it so).
+# The shipped file's upstream lines (its comment asks to keep them so).
 UPSTREAMS = "reverse_proxy 127.0.0.1:8081 127.0.0.1:8082 127.0.0.1:8083 {"
 TWISTD = str(Path(sys.executable).parent / "twistd")
 STANDIN_ANNOUNCEMENT = "forgejo-standin listening on "
@@ -55,9 +55,10 @@ def cluster_caddyfile(shipped: str, port: int, upstream_ports: Sequence[int]) ->
     TLS changed, plus the tests' global options (no admin endpoint, a short
     grace period).
     """
-    if shipped.count(UPSTREAMS) != 1:
+    # One by session id, one for the rest (by bearer token).
+    if shipped.count(UPSTREAMS) != 2:
         raise AssertionError(
-            f"the shipped Caddyfile.cluster no longer has exactly one {UPSTREAMS!r}"
+            f"the shipped Caddyfile.cluster no longer has exactly two {UPSTREAMS!r}"
         )
     adapted = loopback_sites(shipped, port)
     upstreams = " ".join(f"127.0.0.1:{p}" for p in upstream_ports)

@@ -58,6 +58,7 @@ CALLS_AFTER = 10
 # Sessions opened on one node and used at once on the next: enough that a
 # race lost a third of the time (or less) shows.
 HANDOFF_ROUNDS = 30
+STATELESS_CALLS = 24
 
 
 @attrs.define
@@ -348,3 +349,30 @@ class FailoverTests(TestCase):
                 f"{len(wrong)} of {len(summary['rounds'])} rounds went wrong: {wrong}\n"
                 + self.report(cluster, [client])
             )
+
+    async def test_a_stateless_client_stays_on_one_node(self) -> None:
+        """
+        A stateless (MCP 2026-07-28) client's calls carry no session id:
+        Caddy hashes their bearer token instead, so every call of one grant
+        reaches one node and one warm forgejo-mcp child serves them all
+        (sent to random nodes, each node would start a child of its own, and
+        the follow-up of a call parked for input_required would miss it two
+        times in three).
+        """
+        cluster = Cluster(self, self.forgejo_mcp)
+        await cluster.start()
+        client = self.start_client(cluster, "alice", "--stateless", str(STATELESS_CALLS))
+        summary = await self.run_to_end(cluster, client, 90)
+        calls = summary["stateless_calls"]
+        self.assertEqual(
+            calls,
+            [{"status": 200, "result": True}] * STATELESS_CALLS,
+            self.report(cluster, [client]),
+        )
+        warm = [
+            node.name
+            for node in cluster.nodes
+            for line in node.log.read_text(errors="replace").splitlines()
+            if "stateless session" in line and "ready" in line
+        ]
+        self.assertEqual(len(warm), 1, f"warm children started: {warm}")
