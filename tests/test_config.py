@@ -256,6 +256,46 @@ class ParseTests(SynchronousTestCase):
         assert elsewhere is not None
         self.assertIn("chmod 600", " ".join(elsewhere.warnings))
 
+    def test_database(self) -> None:
+        """
+        --database names a PostgreSQL database without its password, which
+        comes from its file or the service's systemd credential and counts
+        as a secret; every mistake in it is reported, the password never.
+        """
+        directory = Path(self.mktemp())
+        directory.mkdir()
+        (directory / "database-password").write_text("pg-secret\n")
+        url = "postgresql://fjmcp@db.example.org:5432/fjmcp?sslmode=require"
+        config = self.parse(
+            [*good_argv(self.files, self.data_dir), f"--database={url}"],
+            {"CREDENTIALS_DIRECTORY": str(directory)},
+        ).config
+        assert config is not None
+        self.assertEqual((config.database, config.database_password), (url, "pg-secret"))
+        self.assertIn("pg-secret", config.secrets())
+        self.assertNotIn("pg-secret", repr(config))
+        for bad, expected in [
+            ("postgresql://fjmcp:pg-secret@db/fjmcp", "password in it"),
+            ("postgresql://fjmcp@db/fjmcp?password=pg-secret", "password in it"),
+            ("mysql://fjmcp@db/fjmcp", "must be empty"),
+            ("postgresql://db/", "no user and no database"),
+            ("postgresql://fjmcp@db:port/x", "not a postgresql:// URL"),
+        ]:
+            with self.assertRaises(ConfigError) as cm:
+                self.parse([*good_argv(self.files, self.data_dir), f"--database={bad}"])
+            self.assertIn(expected, str(cm.exception), bad)
+            self.assertNotIn("pg-secret", str(cm.exception))
+        missing = str(directory / "nope")
+        with self.assertRaises(ConfigError) as cm:
+            self.parse(
+                [
+                    *good_argv(self.files, self.data_dir),
+                    f"--database={url}",
+                    f"--database-password-file={missing}",
+                ]
+            )
+        self.assertIn(f"cannot read {missing}", str(cm.exception))
+
     def test_secret_and_secret_file_conflict(self) -> None:
         with self.assertRaises(ConfigError) as cm:
             self.parse([*good_argv(self.files, self.data_dir), "--forgejo-client-secret=x"])

@@ -220,7 +220,10 @@ class StoreContract(TestCase):
         self.assertFalse(await self.store.claim_upstream_refresh(1, 1, 129.0, 160.0))
         # Lapsed: claimable again.
         self.assertTrue(await self.store.claim_upstream_refresh(1, 1, 130.0, 160.0))
-        await self.store.release_upstream_refresh(1, 1)
+        # The lapsed claim's holder releases nothing of the live one.
+        await self.store.release_upstream_refresh(1, 1, 130.0)
+        self.assertFalse(await self.store.claim_upstream_refresh(1, 1, 131.0, 161.0))
+        await self.store.release_upstream_refresh(1, 1, 160.0)
         self.assertTrue(await self.store.claim_upstream_refresh(1, 1, 131.0, 161.0))
         generation = await self.store.replace_upstream_credential(
             UpstreamUser(1, "Alice"), b"a2", b"r2", 1e12, "s"
@@ -228,6 +231,34 @@ class StoreContract(TestCase):
         self.assertEqual(generation, 2)
         self.assertFalse(await self.store.claim_upstream_refresh(1, 1, 132.0, 162.0))
         self.assertTrue(await self.store.claim_upstream_refresh(1, 2, 132.0, 162.0))
+
+    async def test_approval_races(self) -> None:
+        """
+        Two approvals and a denial of one pending authorization at once
+        (a double submit, another tab): exactly one of them happens, and
+        none fails (on PostgreSQL each waits for the other's row lock and
+        then sees what it did).
+        """
+        await self.users_and_client()
+        browser = b"b" * 32
+        for i in range(8):
+            consent = bytes([i]) * 32
+            await self.store.create_pending_authorization(
+                consent, browser, "c1", "https://a.example/cb", None, "x" * 43, "S256",
+                "s", "r", 1e12,
+            )  # fmt: skip
+            results = await gatherResults(
+                [
+                    self.store.approve_pending_authorization(
+                        consent, browser, bytes([i, 1]) * 16, b"v", 1e12
+                    ),
+                    self.store.deny_pending_authorization(consent, browser),
+                    self.store.approve_pending_authorization(
+                        consent, browser, bytes([i, 2]) * 16, b"v", 1e12
+                    ),
+                ]
+            )
+            self.assertEqual(sum(r is not None for r in results), 1, results)
 
     async def test_purge(self) -> None:
         await self.users_and_client()

@@ -1107,6 +1107,27 @@ class ConcurrencyTests(TokenTestBase):
         )
         self.assertEqual([status for status, _, _ in again], [200] * 3)
 
+    async def test_refresh_while_its_family_is_revoked(self) -> None:
+        """
+        A refresh on one node racing the revocation of its grant on
+        another: the refresh gets its tokens or invalid_grant, never a
+        server error (on PostgreSQL the two took the family's and the
+        token's row locks in opposite orders, and one died in a deadlock).
+        """
+        client = await self.register()
+        [other] = self.nodes(1)
+        statuses = []
+        for _ in range(10):
+            tokens = await self.login(client)
+            grant = await self.tokens.check_bearer("Bearer " + tokens["access_token"])
+            refreshing = Deferred.fromCoroutine(
+                self.refresh_on([other], client, [tokens["refresh_token"]])
+            )
+            await self.store.revoke_family(grant.family_id, "test")
+            refreshed = await refreshing
+            statuses += [status for status, _, _ in refreshed]
+        self.assertLessEqual(set(statuses), {200, 400}, statuses)
+
     async def test_replays_across_nodes_without_grace(self) -> None:
         """
         With no grace window, the same refresh token sent to three nodes at

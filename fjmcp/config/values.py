@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from twisted.logger import LogLevel
 
@@ -164,7 +164,7 @@ def parse_database_url(text: str) -> str:
             "must be empty (SQLite in --data-dir) or postgresql://USER@HOST:PORT/DBNAME,"
             f" not {parts.scheme + ':' if parts.scheme else 'a URL without a scheme'}"
         )
-    if parts.password is not None:
+    if parts.password is not None or "password" in parse_qs(parts.query):
         # Not even echoed back: the message may end up in a log.
         raise ValueError(
             "has a password in it: put the password in --database-password-file (or the"

@@ -52,6 +52,8 @@ CACHE_SIZE = 10_000
 CLAIM_SECONDS = 30.0
 # How often a process waiting for another's renewal reads the store again.
 CLAIM_POLL = 0.1
+# Tries at storing a renewed token (Forgejo has invalidated the old one).
+SAVE_ATTEMPTS = 3
 
 log = Logger()
 
@@ -188,11 +190,11 @@ class UpstreamCredentials:
         )
         return token
 
-    async def _claimed(self, forgejo_user_id: int) -> tuple[SealedCredential, str | None]:
+    async def _claimed(self, forgejo_user_id: int) -> tuple[SealedCredential, str | None, float]:
         """
         The user's credential once this process holds the claim on renewing
-        it (and the token to use instead, when another process renewed it
-        meanwhile).
+        it, and until when (or the token to use instead, when another
+        process renewed it meanwhile).
         """
         give_up = self._clock.seconds() + 2 * CLAIM_SECONDS
         while True:
@@ -200,14 +202,15 @@ class UpstreamCredentials:
             # replaced the row, and its old refresh token is dead.
             cred, token = await self._stored(forgejo_user_id)
             if token is not None:
-                return cred, token
+                return cred, token, 0.0
             if cred.refresh_token_enc is None:
                 raise LoginRequiredError("the Forgejo credential expired and has no refresh token")
             now = self._clock.seconds()
+            until = now + CLAIM_SECONDS
             if await self._store.claim_upstream_refresh(
-                forgejo_user_id, cred.generation, now, now + CLAIM_SECONDS
+                forgejo_user_id, cred.generation, now, until
             ):
-                return cred, None
+                return cred, None, until
             if now > give_up:
                 raise UpstreamUnavailableError(
                     "another broker process is renewing the user's Forgejo token and has not"
@@ -216,7 +219,7 @@ class UpstreamCredentials:
             await deferLater(self._clock, CLAIM_POLL, lambda: None)
 
     async def _refresh(self, forgejo_user_id: int) -> str:
-        cred, token = await self._claimed(forgejo_user_id)
+        cred, token, until = await self._claimed(forgejo_user_id)
         if token is not None:
             return token
         try:
@@ -224,7 +227,7 @@ class UpstreamCredentials:
         except BaseException:
             # Let the next caller try at once rather than wait out the claim.
             try:
-                await self._store.release_upstream_refresh(forgejo_user_id, cred.generation)
+                await self._store.release_upstream_refresh(forgejo_user_id, cred.generation, until)
             except Exception:
                 log.failure("could not release the claim on renewing a Forgejo token")
             raise
@@ -246,6 +249,11 @@ class UpstreamCredentials:
                 "rejected" if isinstance(e, UpstreamRejectedError) else "unavailable"
             )
             if isinstance(e, UpstreamRejectedError):
+                # Another process renewed after all (its claim lapsed
+                # before it stored the result): its token is good.
+                _, token = await self._stored(forgejo_user_id)
+                if token is not None:
+                    return token
                 log.info(
                     "Forgejo refused to renew the token of user {user}: {error}",
                     user=forgejo_user_id,
@@ -256,7 +264,18 @@ class UpstreamCredentials:
         metrics.upstream_refresh("ok")
         user = await self._store.get_user(forgejo_user_id)
         assert user is not None
-        await self.save(ForgejoUser(user.forgejo_user_id, user.login, user.full_name), tokens)
+        forgejo_user = ForgejoUser(user.forgejo_user_id, user.login, user.full_name)
+        # Forgejo has invalidated the stored refresh token: the new one must
+        # be kept, or the user signs in again.
+        for attempt in range(SAVE_ATTEMPTS):
+            try:
+                await self.save(forgejo_user, tokens)
+                break
+            except Exception:
+                if attempt == SAVE_ATTEMPTS - 1:
+                    raise
+                log.failure("could not store a renewed Forgejo token; trying again")
+                await deferLater(self._clock, CLAIM_POLL * 5, lambda: None)
         log.info("renewed the Forgejo token of user {user}", user=forgejo_user_id)
         return tokens.access_token
 

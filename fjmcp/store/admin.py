@@ -165,13 +165,15 @@ class AdminStore(Database):
         the user id, "access" or "refresh", and the sealed value; it runs
         in the transaction, so it must be quick and must not wait.  The
         credential's generation is left alone: the token inside is the same.
+        The rows are locked until the batch commits (on PostgreSQL), so a
+        renewal that commits meanwhile waits instead of being overwritten.
         """
 
         def q(txn: Txn) -> ResealBatch:
             txn.execute(
                 "SELECT forgejo_user_id, access_token_enc, refresh_token_enc"
                 " FROM upstream_credentials WHERE forgejo_user_id > ?"
-                " ORDER BY forgejo_user_id LIMIT ?",
+                f" ORDER BY forgejo_user_id LIMIT ?{txn.engine.row_lock}",
                 (after, limit),
             )
             rows = txn.fetchall()
@@ -202,7 +204,8 @@ class AdminStore(Database):
 
         def q(txn: Txn) -> ResealBatch:
             txn.execute(
-                "SELECT id, verifier_enc FROM forgejo_logins WHERE id > ? ORDER BY id LIMIT ?",
+                "SELECT id, verifier_enc FROM forgejo_logins WHERE id > ? ORDER BY id LIMIT ?"
+                f"{txn.engine.row_lock}",
                 (after, limit),
             )
             rows = txn.fetchall()

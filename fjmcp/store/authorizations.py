@@ -70,6 +70,19 @@ class Disconnected:
     family_ids: tuple[str, ...]
 
 
+def lock_pending(txn: Txn, consent_hash: bytes) -> None:
+    """
+    On PostgreSQL, wait for any other transaction on this pending
+    authorization (an approval, a denial) to end: the statement after this
+    one then sees what it did, as behind SQLite's single writer.
+    """
+    txn.execute(
+        f"SELECT id FROM pending_authorizations WHERE consent_hash = ?{txn.engine.row_lock}",
+        (consent_hash,),
+    )
+    txn.fetchall()
+
+
 class AuthorizationStore(Database):
     def create_pending_authorization(
         self,
@@ -119,6 +132,7 @@ class AuthorizationStore(Database):
         now = self._now()
 
         def q(txn: Txn) -> PendingAuthorization | None:
+            lock_pending(txn, consent_hash)
             txn.execute(
                 "DELETE FROM pending_authorizations WHERE consent_hash = ? AND browser_hash = ?"
                 " AND NOT EXISTS (SELECT 1 FROM forgejo_logins"

@@ -114,16 +114,20 @@ class CredentialStore(Database):
 
         return self._write("claim_upstream_refresh", q)
 
-    def release_upstream_refresh(self, forgejo_user_id: int, generation: int) -> Deferred[None]:
+    def release_upstream_refresh(
+        self, forgejo_user_id: int, generation: int, until: float
+    ) -> Deferred[None]:
         """
-        Give up a claim whose renewal failed, so another caller may try.
+        Give up a claim (the one made until C{until}) whose renewal failed,
+        so another caller may try; a newer claim of another, made after
+        this one lapsed, stays.
         """
 
         def q(txn: Txn) -> None:
             txn.execute(
                 "UPDATE upstream_credentials SET refresh_claimed_until = NULL"
-                " WHERE forgejo_user_id = ? AND generation = ?",
-                (forgejo_user_id, generation),
+                " WHERE forgejo_user_id = ? AND generation = ? AND refresh_claimed_until = ?",
+                (forgejo_user_id, generation, until),
             )
 
         return self._write("release_upstream_refresh", q)

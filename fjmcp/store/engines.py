@@ -149,6 +149,15 @@ class PostgreSQLLocation:
             "application_name": "fjmcp",
             "options": f"-c statement_timeout={POSTGRES_STATEMENT_TIMEOUT_MS}"
             f" -c lock_timeout={POSTGRES_STATEMENT_TIMEOUT_MS}",
+            # The server's timeouts do nothing when the server is gone
+            # without closing the connection (a host lost, a network
+            # partition): the kernel notices a dead peer within ~25 s
+            # instead of ~15 min, and the pool's thread is free again.
+            "keepalives": 1,
+            "keepalives_idle": 10,
+            "keepalives_interval": 5,
+            "keepalives_count": 3,
+            "tcp_user_timeout": 20_000,
         }
         if self.password is not None:
             kwargs["password"] = self.password

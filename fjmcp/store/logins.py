@@ -14,7 +14,7 @@ from __future__ import annotations
 import attrs
 from twisted.internet.defer import Deferred
 
-from fjmcp.store.authorizations import PENDING_COLUMNS, PendingAuthorization
+from fjmcp.store.authorizations import PENDING_COLUMNS, PendingAuthorization, lock_pending
 from fjmcp.store.database import Database, Txn
 
 PURPOSES = ("authorize", "connections")
@@ -70,6 +70,7 @@ class LoginStore(Database):
         now = self._now()
 
         def q(txn: Txn) -> PendingAuthorization | None:
+            lock_pending(txn, consent_hash)
             txn.execute(
                 "UPDATE pending_authorizations SET expires_at = ?"
                 " WHERE consent_hash = ? AND browser_hash = ? AND expires_at > ?"

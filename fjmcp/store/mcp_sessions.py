@@ -92,10 +92,17 @@ class MCPSessionStore(Database):
     def touch_mcp_session(
         self, session_hash: bytes, last_used_at: float, family_id: str
     ) -> Deferred[None]:
+        """
+        Note a later use of a kept session, and its grant; never an earlier
+        one (a node stopping may write what it last saw of a session that
+        another node has used since).
+        """
+
         def q(txn: Txn) -> None:
             txn.execute(
-                "UPDATE mcp_sessions SET last_used_at = ?, family_id = ? WHERE session_hash = ?",
-                (last_used_at, family_id, session_hash),
+                "UPDATE mcp_sessions SET last_used_at = ?, family_id = ?"
+                " WHERE session_hash = ? AND last_used_at <= ?",
+                (last_used_at, family_id, session_hash, last_used_at),
             )
 
         return self._write("touch_mcp_session", q)

@@ -155,9 +155,20 @@ class TokenTransaction:
     # The code and refresh token lookups lock their rows (and the family's)
     # on PostgreSQL: two nodes redeeming one code or rotating one refresh
     # token take turns, and the second sees what the first did, as behind
-    # SQLite's single writer.
+    # SQLite's single writer.  The family first: revoking a family locks it
+    # and then its tokens, and locks taken in one order never deadlock.
+
+    def _lock_family_of(self, table: str, column: str, digest: bytes) -> None:
+        if self._txn.engine.row_lock:
+            self._txn.execute(
+                "SELECT 1 FROM token_families WHERE family_id ="
+                f" (SELECT family_id FROM {table} WHERE {column} = ?){self._txn.engine.row_lock}",
+                (digest,),
+            )
+            self._txn.fetchall()
 
     def authorization_code(self, code_hash: bytes) -> AuthorizationCodeRecord | None:
+        self._lock_family_of("authorization_codes", "code_hash", code_hash)
         self._txn.execute(
             f"SELECT {_FAMILY_COLUMNS}, c.redirect_uri, c.code_challenge,"
             " c.code_challenge_method, c.created_at, c.expires_at, c.used_at"
@@ -182,6 +193,7 @@ class TokenTransaction:
         return bool(self._txn.rowcount == 1)
 
     def refresh_token(self, token_hash: bytes) -> RefreshTokenRecord | None:
+        self._lock_family_of("refresh_tokens", "token_hash", token_hash)
         self._txn.execute(
             f"SELECT {_FAMILY_COLUMNS}, r.created_at, r.expires_at, r.rotated_at, r.revoked_at"
             " FROM refresh_tokens r JOIN token_families f ON f.family_id = r.family_id"
