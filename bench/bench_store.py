@@ -52,16 +52,12 @@ the order rotated each round.  Figures are medians over rounds.
 """
 
 # Every URL here is one this script built for 127.0.0.1.
-# ruff: noqa: S310
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import contextlib
-import hashlib
-import http.cookiejar
 import json
 import os
 import re
@@ -89,10 +85,9 @@ sys.path.insert(0, str(ROOT))
 # After the path tweak: the project's modules, bench/ and tests/ as packages.
 from bench.mcpload import (  # noqa: E402
     HOST,
-    REDIRECT,
     Meter,
+    OAuthFlow,
     Stack,
-    _NoRedirect,
     cpu_seconds,
     descendants,
     free_port,
@@ -231,122 +226,21 @@ def tree_cpu(root: int | None) -> float:
 # The OAuth flow, every request from a client address of its own
 
 
-class Flow:
+class Flow(OAuthFlow):
     """
-    The real OAuth flow against one broker (as bench.mcpload's
-    C{oauth_access_token}, for one registered client and many grants),
-    each request with its own X-Forwarded-For address so the per-address
-    limits never refuse it.
+    The OAuth flow with every request from a client address of its own (an
+    X-Forwarded-For the broker believes from 127.0.0.1), so the
+    per-address limits never refuse it.
     """
 
     def __init__(self, broker: str) -> None:
-        self.broker = broker
+        super().__init__(broker)
         self._sent = 0
 
-    def _open(
-        self,
-        opener: urllib.request.OpenerDirector,
-        url: str,
-        data: bytes | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> tuple[int, Any, bytes]:
+    def extra_headers(self) -> dict[str, str]:
         self._sent += 1
         n = self._sent
-        address = f"10.{n // 65536 % 100}.{n // 256 % 256}.{n % 256}"
-        request = urllib.request.Request(
-            url, data=data, headers={"X-Forwarded-For": address, **(headers or {})}
-        )
-        try:
-            with opener.open(request, timeout=30) as response:
-                return response.status, response.headers, response.read()
-        except urllib.error.HTTPError as e:
-            return e.code, e.headers, e.read()
-
-    def register(self) -> str:
-        """
-        A new public client (dynamic registration): its id.
-        """
-        opener = urllib.request.build_opener(_NoRedirect())
-        status, _, body = self._open(
-            opener,
-            self.broker + "/oauth/register",
-            json.dumps(
-                {
-                    "redirect_uris": [REDIRECT],
-                    "token_endpoint_auth_method": "none",
-                    "client_name": "bench_store",
-                }
-            ).encode(),
-            {"Content-Type": "application/json"},
-        )
-        if status != 201:
-            raise RuntimeError(f"registration failed: {status} {body[:300]!r}")
-        return str(json.loads(body)["client_id"])
-
-    def grant(self, client_id: str, login: str = "alice") -> tuple[str, str]:
-        """
-        A new grant to C{client_id}, through a new browser (consent, the
-        stand-in's login, the callback, the code redeemed): its access and
-        refresh tokens.
-        """
-        jar = http.cookiejar.CookieJar()
-        opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar), _NoRedirect())
-        verifier = secrets.token_urlsafe(48)
-        challenge = (
-            base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest())
-            .rstrip(b"=")
-            .decode()
-        )
-        params = {
-            "response_type": "code",
-            "client_id": client_id,
-            "redirect_uri": REDIRECT,
-            "code_challenge": challenge,
-            "code_challenge_method": "S256",
-            "state": "bench",
-            "scope": "claudeai offline_access",
-            "resource": self.broker + "/mcp",
-        }
-        status, _, body = self._open(
-            opener, self.broker + "/oauth/authorize?" + urllib.parse.urlencode(params)
-        )
-        page = body.decode()
-        if status != 200 or 'name="consent" value="' not in page:
-            raise RuntimeError(f"no consent page: {status} {page[:300]!r}")
-        consent = page.split('name="consent" value="')[1].split('"')[0]
-        status, headers, body = self._open(
-            opener,
-            self.broker + "/oauth/authorize",
-            urllib.parse.urlencode({"consent": consent, "decision": "approve"}).encode(),
-        )
-        if status not in (302, 303):
-            raise RuntimeError(f"consent not accepted: {status} {body[:300]!r}")
-        status, headers, body = self._open(
-            opener, headers["Location"], headers={"X-Standin-Login": login}
-        )
-        if status not in (302, 303):
-            raise RuntimeError(f"stand-in login failed: {status} {body[:300]!r}")
-        status, headers, body = self._open(opener, headers["Location"])
-        if status not in (302, 303):
-            raise RuntimeError(f"callback failed: {status} {body[:300]!r}")
-        code = urllib.parse.parse_qs(urllib.parse.urlsplit(headers["Location"]).query)["code"][0]
-        status, _, body = self._open(
-            opener,
-            self.broker + "/oauth/token",
-            urllib.parse.urlencode(
-                {
-                    "grant_type": "authorization_code",
-                    "code": code,
-                    "redirect_uri": REDIRECT,
-                    "code_verifier": verifier,
-                    "client_id": client_id,
-                }
-            ).encode(),
-        )
-        if status != 200:
-            raise RuntimeError(f"token endpoint refused: {status} {body[:300]!r}")
-        tokens = json.loads(body)
-        return str(tokens["access_token"]), str(tokens["refresh_token"])
+        return {"X-Forwarded-For": f"10.{n // 65536 % 100}.{n // 256 % 256}.{n % 256}"}
 
 
 # --------------------------------------------------------------------------
@@ -802,10 +696,10 @@ def main() -> None:
         for e in engines:
             progress(f"{chains + 1} grants through the OAuth flow on {e.name}")
             flow = Flow(e.stack.broker_url)
-            shared = flow.register()
+            shared = flow.register("bench_store")
             e.access_token, _ = flow.grant(shared)
             for _ in range(chains):
-                client = shared if args.shared_client else flow.register()
+                client = shared if args.shared_client else flow.register("bench_store")
                 e.chains.append((client, flow.grant(client)[1]))
         results = asyncio.run(run(args, engines, postmaster, progress))
     finally:

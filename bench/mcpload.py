@@ -295,73 +295,107 @@ def _open(
         return e.code, e.headers, e.read()
 
 
-def oauth_access_token(broker: str, login: str = "alice") -> str:
-    jar = http.cookiejar.CookieJar()
-    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar), _NoRedirect())
-    status, _, body = _open(
-        opener,
-        urllib.request.Request(
-            broker + "/oauth/register",
-            data=json.dumps(
+class OAuthFlow:
+    """
+    The broker's real OAuth flow as a person's browser and a public client
+    go through it (the Forgejo stand-in's C{X-Standin-Login} plays the
+    person): one registered client, as many grants as wanted.  Every
+    request carries L{extra_headers}.
+    """
+
+    def __init__(self, broker: str) -> None:
+        self.broker = broker
+
+    def extra_headers(self) -> dict[str, str]:
+        """
+        Headers for every request of the flow (none here).
+        """
+        return {}
+
+    def _open(
+        self,
+        opener: urllib.request.OpenerDirector,
+        url: str,
+        data: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, Any, bytes]:
+        request = urllib.request.Request(
+            url, data=data, headers={**self.extra_headers(), **(headers or {})}
+        )
+        return _open(opener, request)
+
+    def register(self, name: str = "bench") -> str:
+        """
+        A new public client (dynamic registration) called C{name}: its id.
+        """
+        opener = urllib.request.build_opener(_NoRedirect())
+        status, _, body = self._open(
+            opener,
+            self.broker + "/oauth/register",
+            json.dumps(
                 {
                     "redirect_uris": [REDIRECT],
                     "token_endpoint_auth_method": "none",
-                    "client_name": "bench",
+                    "client_name": name,
                 }
             ).encode(),
-            headers={"Content-Type": "application/json"},
-            method="POST",
-        ),
-    )
-    if status != 201:
-        raise RuntimeError(f"registration failed: {status} {body[:300]!r}")
-    client_id = json.loads(body)["client_id"]
-    verifier = secrets.token_urlsafe(48)
-    challenge = (
-        base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
-    )
-    params = {
-        "response_type": "code",
-        "client_id": client_id,
-        "redirect_uri": REDIRECT,
-        "code_challenge": challenge,
-        "code_challenge_method": "S256",
-        "state": "bench",
-        "scope": "claudeai offline_access",
-        "resource": broker + "/mcp",
-    }
-    status, _, body = _open(
-        opener,
-        urllib.request.Request(broker + "/oauth/authorize?" + urllib.parse.urlencode(params)),
-    )
-    page = body.decode()
-    if status != 200 or 'name="consent" value="' not in page:
-        raise RuntimeError(f"no consent page: {status} {page[:300]!r}")
-    consent = page.split('name="consent" value="')[1].split('"')[0]
-    status, headers, body = _open(
-        opener,
-        urllib.request.Request(
-            broker + "/oauth/authorize",
-            data=urllib.parse.urlencode({"consent": consent, "decision": "approve"}).encode(),
-            method="POST",
-        ),
-    )
-    if status not in (302, 303):
-        raise RuntimeError(f"consent not accepted: {status} {body[:300]!r}")
-    status, headers, body = _open(
-        opener, urllib.request.Request(headers["Location"], headers={"X-Standin-Login": login})
-    )
-    if status not in (302, 303):
-        raise RuntimeError(f"stand-in login failed: {status} {body[:300]!r}")
-    status, headers, body = _open(opener, urllib.request.Request(headers["Location"]))
-    if status not in (302, 303):
-        raise RuntimeError(f"callback failed: {status} {body[:300]!r}")
-    code = urllib.parse.parse_qs(urllib.parse.urlsplit(headers["Location"]).query)["code"][0]
-    status, _, body = _open(
-        opener,
-        urllib.request.Request(
-            broker + "/oauth/token",
-            data=urllib.parse.urlencode(
+            {"Content-Type": "application/json"},
+        )
+        if status != 201:
+            raise RuntimeError(f"registration failed: {status} {body[:300]!r}")
+        return str(json.loads(body)["client_id"])
+
+    def grant(self, client_id: str, login: str = "alice") -> tuple[str, str]:
+        """
+        A new grant to C{client_id}, through a new browser (consent, the
+        stand-in's login, the callback, the code redeemed): its access and
+        refresh tokens.
+        """
+        jar = http.cookiejar.CookieJar()
+        opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar), _NoRedirect())
+        verifier = secrets.token_urlsafe(48)
+        challenge = (
+            base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest())
+            .rstrip(b"=")
+            .decode()
+        )
+        params = {
+            "response_type": "code",
+            "client_id": client_id,
+            "redirect_uri": REDIRECT,
+            "code_challenge": challenge,
+            "code_challenge_method": "S256",
+            "state": "bench",
+            "scope": "claudeai offline_access",
+            "resource": self.broker + "/mcp",
+        }
+        status, _, body = self._open(
+            opener, self.broker + "/oauth/authorize?" + urllib.parse.urlencode(params)
+        )
+        page = body.decode()
+        if status != 200 or 'name="consent" value="' not in page:
+            raise RuntimeError(f"no consent page: {status} {page[:300]!r}")
+        consent = page.split('name="consent" value="')[1].split('"')[0]
+        status, headers, body = self._open(
+            opener,
+            self.broker + "/oauth/authorize",
+            urllib.parse.urlencode({"consent": consent, "decision": "approve"}).encode(),
+        )
+        if status not in (302, 303):
+            raise RuntimeError(f"consent not accepted: {status} {body[:300]!r}")
+        status, headers, body = self._open(
+            opener, headers["Location"], headers={"X-Standin-Login": login}
+        )
+        if status not in (302, 303):
+            raise RuntimeError(f"stand-in login failed: {status} {body[:300]!r}")
+        status, headers, body = self._open(opener, headers["Location"])
+        if status not in (302, 303):
+            raise RuntimeError(f"callback failed: {status} {body[:300]!r}")
+        code = urllib.parse.parse_qs(urllib.parse.urlsplit(headers["Location"]).query)["code"][0]
+        status, _, body = self._open(
+            opener,
+            self.broker + "/oauth/token",
+            urllib.parse.urlencode(
                 {
                     "grant_type": "authorization_code",
                     "code": code,
@@ -370,12 +404,19 @@ def oauth_access_token(broker: str, login: str = "alice") -> str:
                     "client_id": client_id,
                 }
             ).encode(),
-            method="POST",
-        ),
-    )
-    if status != 200:
-        raise RuntimeError(f"token endpoint refused: {status} {body[:300]!r}")
-    return str(json.loads(body)["access_token"])
+        )
+        if status != 200:
+            raise RuntimeError(f"token endpoint refused: {status} {body[:300]!r}")
+        tokens = json.loads(body)
+        return str(tokens["access_token"]), str(tokens["refresh_token"])
+
+
+def oauth_access_token(broker: str, login: str = "alice") -> str:
+    """
+    An access token of C{login}'s, through the broker's real OAuth flow.
+    """
+    flow = OAuthFlow(broker)
+    return flow.grant(flow.register(), login)[0]
 
 
 # --------------------------------------------------------------------------
