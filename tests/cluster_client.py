@@ -48,12 +48,10 @@ try:
     import anyio
     import httpx2 as httpx
     from fjmcp_dev.try_client import MemoryStorage
-    from mcp.client.auth import OAuthClientProvider
     from mcp.client.session import ClientSession
     from mcp.client.streamable_http import streamable_http_client
-    from mcp.shared.auth import OAuthClientMetadata
 
-    from tests.sdk_oauth_client import Browser, _describe, run_script
+    from tests.sdk_oauth_client import Browser, _describe, public_client, run_script
 except ImportError as e:  # an SDK older than this script expects
     print(json.dumps({"unsupported": f"{type(e).__name__}: {e}"}))
     sys.exit(3)
@@ -193,27 +191,14 @@ class Load:
             await anyio.sleep(options.interval)
 
 
-def _provider(
-    options: argparse.Namespace, storage: MemoryStorage, browser: Browser
-) -> OAuthClientProvider:
+def _provider(options: argparse.Namespace, storage: MemoryStorage, browser: Browser) -> Any:
     """
     The SDK's OAuth client, registering itself as a public client.
     """
-    return OAuthClientProvider(
-        server_url=options.mcp_url,
-        client_metadata=OAuthClientMetadata.model_validate(
-            {
-                "client_name": f"cluster test client ({options.login})",
-                "redirect_uris": [options.redirect_uri],
-                "grant_types": ["authorization_code", "refresh_token"],
-                "response_types": ["code"],
-                "token_endpoint_auth_method": "none",
-            }
-        ),
-        storage=storage,
-        redirect_handler=browser.redirect_handler,
-        callback_handler=browser.callback_handler,
-    )
+    return public_client(
+        options.mcp_url, f"cluster test client ({options.login})", options.redirect_uri,
+        storage, browser,
+    )  # fmt: skip
 
 
 async def run(options: argparse.Namespace, summary: dict[str, Any]) -> None:

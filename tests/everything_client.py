@@ -48,12 +48,10 @@ try:
     import anyio
     import httpx2 as httpx
     import mcp_types as types
-    from mcp.client.auth import OAuthClientProvider
     from mcp.client.session import ClientRequestContext, ClientSession, IncomingMessage
     from mcp.client.streamable_http import streamable_http_client
-    from mcp.shared.auth import OAuthClientMetadata
 
-    from tests.sdk_oauth_client import Browser, MemoryStorage, run_script
+    from tests.sdk_oauth_client import Browser, MemoryStorage, public_client, run_script
 except ImportError as e:  # an SDK older than this script expects
     print(json.dumps({"unsupported": f"{type(e).__name__}: {e}"}))
     sys.exit(3)
@@ -349,20 +347,8 @@ async def run(options: argparse.Namespace, summary: dict[str, Any]) -> None:
     browser = Browser(options.login, options.redirect_uri, "approve")
     recorder = StreamRecorder(httpx.URL(options.mcp_url).path)
     seen = Observer()
-    provider = OAuthClientProvider(
-        server_url=options.mcp_url,
-        client_metadata=OAuthClientMetadata.model_validate(
-            {
-                "client_name": "SDK Everything Client",
-                "redirect_uris": [options.redirect_uri],
-                "grant_types": ["authorization_code", "refresh_token"],
-                "response_types": ["code"],
-                "token_endpoint_auth_method": "none",
-            }
-        ),
-        storage=storage,
-        redirect_handler=browser.redirect_handler,
-        callback_handler=browser.callback_handler,
+    provider = public_client(
+        options.mcp_url, "SDK Everything Client", options.redirect_uri, storage, browser
     )
     client = httpx.AsyncClient(auth=provider, timeout=30.0, transport=recorder)
     summary["exchanges"] = recorder.exchanges

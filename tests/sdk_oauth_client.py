@@ -148,6 +148,31 @@ class Browser(HeadlessBrowser):
         super().__init__(login, redirect_uri, decision, test_login_header=True)
 
 
+def public_client(
+    mcp_url: str, name: str, redirect_uri: str, storage: Any, browser: Browser
+) -> Any:
+    """
+    The SDK's OAuth client (an C{OAuthClientProvider}) for C{mcp_url},
+    registering itself as the public client C{name}, with C{browser}
+    playing the person.
+    """
+    return OAuthClientProvider(
+        server_url=mcp_url,
+        client_metadata=OAuthClientMetadata.model_validate(
+            {
+                "client_name": name,
+                "redirect_uris": [redirect_uri],
+                "grant_types": ["authorization_code", "refresh_token"],
+                "response_types": ["code"],
+                "token_endpoint_auth_method": "none",
+            }
+        ),
+        storage=storage,
+        redirect_handler=browser.redirect_handler,
+        callback_handler=browser.callback_handler,
+    )
+
+
 async def run(options: argparse.Namespace, summary: dict[str, Any]) -> None:
     storage = MemoryStorage()
     browser = Browser(options.login, options.redirect_uri, options.decision)
