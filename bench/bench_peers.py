@@ -80,6 +80,7 @@ from bench.mcpload import (  # noqa: E402
     descendants,
     direct_setup_once,
     free_port,
+    load_and_runtime,
     machine_info,
     oauth_access_token,
     open_direct_sessions,
@@ -518,11 +519,7 @@ def report(
         f"Node {v['node']}; fjmcp {v['fjmcp']} at {info['revision']} (Twisted {v['twisted']}, "
         f"Klein {v['klein']}); supergateway {v['supergateway']}; mcp-proxy {v['mcp-proxy']} "
         f"(mcp SDK {v['mcp_sdk']}).",
-        "Load average at start "
-        + ", ".join(f"{x:.2f}" for x in info["loadavg_at_start"])
-        + "; at end "
-        + ", ".join(f"{x:.2f}" for x in info["loadavg_at_end"])
-        + f". Runtime {info['runtime_s']:.0f} s.",
+        load_and_runtime(info),
         "",
         f"Load: tools/call echo, closed loop (one request in flight per session), "
         f"{args.rounds} round(s); "

@@ -91,6 +91,7 @@ from bench.mcpload import (  # noqa: E402
     cpu_seconds,
     descendants,
     free_port,
+    load_and_runtime,
     machine_info,
     open_http_sessions,
     settle,
@@ -513,11 +514,7 @@ def report(
             if pg
             else f"no PostgreSQL ({info.get('postgres_missing')})."
         ),
-        "Load average at start "
-        + ", ".join(f"{x:.2f}" for x in info["loadavg_at_start"])
-        + "; at end "
-        + ", ".join(f"{x:.2f}" for x in info["loadavg_at_end"])
-        + f". Runtime {info['runtime_s']:.0f} s.",
+        load_and_runtime(info),
         "",
         f"{args.rounds} round(s), engines interleaved (order rotated each round); each phase "
         f"{args.warmup_seconds:g} s unrecorded then {args.seconds:g} s recorded, driven by wrk "

@@ -167,6 +167,20 @@ def revision() -> str:
     return head
 
 
+def load_and_runtime(info: dict[str, Any]) -> str:
+    """
+    The report's line on the machine's load around a run and its length
+    (C{info}: L{machine_info}'s, with C{loadavg_at_end} and C{runtime_s}).
+    """
+    return (
+        "Load average at start "
+        + ", ".join(f"{x:.2f}" for x in info["loadavg_at_start"])
+        + "; at end "
+        + ", ".join(f"{x:.2f}" for x in info["loadavg_at_end"])
+        + f". Runtime {info['runtime_s']:.0f} s."
+    )
+
+
 def machine_info() -> dict[str, Any]:
     model = "unknown"
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
